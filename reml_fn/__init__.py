@@ -1,0 +1,75 @@
+"""reml_fn: functional REML for linear mixed models on torch.func.
+
+Structures are immutable pytree dataclasses with a pure ``build(params)``; parameters are a
+separate nested dict of raw tensors; Jacobians have closed forms checked against autodiff; the REML
+log-likelihood is a pure function that composes with ``vmap`` and ``grad``.
+"""
+
+from reml_fn import transforms
+from reml_fn.combinators import Combinator, Propagate, Sum
+from reml_fn.jacobian import jacobian, jacobian_stack
+from reml_fn.params import (
+    ParamSpec,
+    all_param_names,
+    check_params,
+    constrain,
+    fix,
+    flatten_params,
+    init_params,
+    param_names,
+    unfix,
+    unflatten_params,
+)
+from reml_fn.structures import (
+    AR1,
+    CompoundSymmetric,
+    Custom,
+    Diagonal,
+    EqualEntry,
+    Equicorrelation,
+    Fixed,
+    Identity,
+    LowerTriangular,
+    Reparam,
+    Scalar,
+    Structure,
+    Unstructured,
+)
+from reml_fn.tree import replace, static, structure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transforms",
+    "structure",
+    "static",
+    "replace",
+    "ParamSpec",
+    "param_names",
+    "all_param_names",
+    "check_params",
+    "constrain",
+    "init_params",
+    "flatten_params",
+    "unflatten_params",
+    "fix",
+    "unfix",
+    "jacobian",
+    "jacobian_stack",
+    "Structure",
+    "Identity",
+    "Scalar",
+    "EqualEntry",
+    "Diagonal",
+    "Equicorrelation",
+    "CompoundSymmetric",
+    "AR1",
+    "Unstructured",
+    "LowerTriangular",
+    "Fixed",
+    "Custom",
+    "Reparam",
+    "Combinator",
+    "Sum",
+    "Propagate",
+]

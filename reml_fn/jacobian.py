@@ -1,0 +1,65 @@
+"""Jacobians dV/dθ of a structure with respect to its raw free parameters.
+
+``jacobian(s, params, method)`` returns a tree shaped like ``params`` whose leaves have the
+matrix's shape: leaf ``p`` is ∂V/∂θ_p. ``method`` chooses how it is computed:
+
+* ``"closed"`` (default): the structure's closed form (combinators compose their children's);
+* ``"fwd"``: ``torch.func.jacfwd`` of ``build`` (the autodiff default: few inputs, n² outputs);
+* ``"rev"``: ``torch.func.jacrev`` (far slower for n² outputs; for checks).
+
+``jacobian_stack`` gives the seed page's ``manual_grad`` format: a tensor of shape
+``(k, *matrix shape)`` with slices in :func:`~reml_fn.param_names` order, and the names.
+
+Example:
+    >>> import torch, reml_fn as rf
+    >>> s = rf.Sum(time=rf.AR1(4), noise=rf.Scalar(4))
+    >>> grad, names = rf.jacobian_stack(s, rf.unflatten_params(s, torch.tensor([0.5, 1.0, 1.0])))
+    >>> tuple(grad.shape), names
+    ((3, 4, 4), ['time/sigma^2', 'time/rho', 'noise/sigma^2'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from reml_fn.params import as_params, get_path, param_names
+
+__all__ = ["jacobian", "jacobian_stack", "METHODS"]
+
+METHODS = ("closed", "fwd", "rev")
+
+
+def jacobian(s, params: Mapping | Tensor | None = None, method: str = "closed") -> dict:
+    """dV/dθ as a tree shaped like ``params`` (leaves of shape ``s.shape``).
+
+    Args:
+        s: a structure.
+        params: a tree of raw free parameters, a flat tensor, or None (the defaults).
+        method: ``"closed"``, ``"fwd"`` or ``"rev"``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown Jacobian method {method!r}; expected one of {METHODS}")
+    params = as_params(s, params)
+    if method == "closed":
+        return s._jacobian(params)
+    if not param_names(s):
+        return {}
+    transform = torch.func.jacfwd if method == "fwd" else torch.func.jacrev
+    return transform(s._build)(dict(params))
+
+
+def jacobian_stack(s, params: Mapping | Tensor | None = None, method: str = "closed") -> tuple[Tensor, list[str]]:
+    """``(J, names)`` with J of shape ``(k, *s.shape)``, J[i] = ∂V/∂θ_{names[i]}.
+
+    With no free parameters J has shape ``(0, *s.shape)`` and names is ``[]``.
+    """
+    params = as_params(s, params)
+    tree = jacobian(s, params, method)
+    names = param_names(s)
+    if not names:
+        return torch.zeros((0, *s.shape)), []
+    return torch.stack([get_path(tree, name) for name in names]), names
+

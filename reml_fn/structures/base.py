@@ -1,0 +1,177 @@
+"""What every covariance structure shares, and the machinery of parametric (leaf) structures.
+
+A *structure* describes a matrix V(θ). It is an immutable ``@structure`` dataclass with
+
+* ``shape``: the matrix shape (static);
+* ``param_specs_tree()``: its parameters' :class:`~reml_fn.params.ParamSpec` as a nested dict;
+* ``build(params)``: the matrix, a pure function of a tree of raw free parameters;
+* ``jacobian(params)``: the closed-form Jacobian dV/dθ, a tree shaped like ``params`` whose
+  leaves have the matrix's shape;
+* ``init_params()``, ``constrain(params)`` and ``s(x)`` (``x`` a tree, a flat tensor or None).
+
+A *parametric* structure computes natural values ``x = t(θ)`` of its parameters (fixed ones from
+their defaults) and implements two small methods: ``_build_natural(x)`` and
+``_natural_jacobian(x, names)`` (dV/dx for the named parameters). The chain rule
+dV/dθ = dV/dx · t'(θ) is applied here, once for all structures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reml_fn import params as P
+from reml_fn.params import ParamSpec
+from reml_fn.tree import replace
+
+__all__ = ["Structure", "Parametric", "check_size", "first_leaf", "set_fields", "variance_spec"]
+
+
+def check_size(name: str, value: Any, minimum: int = 1) -> int:
+    """Validate a static size argument (a Python int ≥ ``minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"'{name}' must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"'{name}' must be at least {minimum}, got {value}")
+    return value
+
+
+def first_leaf(tree: Any) -> Tensor | None:
+    """The first tensor in a nested dict (used for the dtype and device of built matrices)."""
+    if isinstance(tree, Tensor):
+        return tree
+    if isinstance(tree, Mapping):
+        for value in tree.values():
+            leaf = first_leaf(value)
+            if leaf is not None:
+                return leaf
+    return None
+
+
+class Structure:
+    """Behaviour shared by every structure (base structures and combinators)."""
+
+    # -- to implement -------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def param_specs_tree(self) -> dict:
+        raise NotImplementedError
+
+    def with_spec(self, segments: tuple[str, ...], spec: ParamSpec) -> Structure:
+        raise NotImplementedError
+
+    def _build(self, params: Mapping) -> Tensor:
+        raise NotImplementedError
+
+    def _jacobian(self, params: Mapping) -> dict:
+        """Closed-form Jacobian; structures without one fall back to forward-mode autodiff."""
+        return torch.func.jacfwd(self._build)(dict(params))
+
+    # -- public, generic ----------------------------------------------------------------------
+    def init_params(self, dtype: torch.dtype | None = None, device=None) -> dict:
+        """Raw defaults of the free parameters, a nested dict of 0-d tensors."""
+        return P.init_params(self, dtype, device)
+
+    def build(self, params: Mapping) -> Tensor:
+        """The matrix V(θ) for a tree of raw free parameters."""
+        P.check_params(self, params)
+        return self._build(params)
+
+    def jacobian(self, params: Mapping) -> dict:
+        """Closed-form dV/dθ: a tree shaped like ``params``, leaves of shape ``self.shape``."""
+        P.check_params(self, params)
+        return self._jacobian(params)
+
+    def constrain(self, params: Mapping) -> dict:
+        """Natural-scale values of the free parameters (same paths as ``params``)."""
+        return P.constrain(self, params)
+
+    def __call__(self, x: Any = None) -> Tensor:
+        """Build from a parameter tree, a flat tensor of free raw values, or None (defaults)."""
+        return self._build(P.as_params(self, x))
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        parts = []
+        for name in cls._static_fields:
+            if name == "specs":
+                continue
+            parts.append(f"{name}={getattr(self, name)!r}")
+        for name in cls._data_fields:
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                parts.append(f"{name}=<tensor {tuple(value.shape)}>")
+            else:
+                parts.append(f"{name}={value!r}")
+        fixed = [f"{spec.name}={spec.default:g}" for spec in getattr(self, "specs", ()) if spec.fixed]
+        if fixed:
+            parts.append(f"fixed(raw)=[{', '.join(fixed)}]")
+        return f"{cls.__name__}({', '.join(parts)})"
+
+
+class Parametric(Structure):
+    """A leaf structure with its own scalar parameters in the static field ``specs``."""
+
+    specs: tuple[ParamSpec, ...]
+
+    def param_specs_tree(self) -> dict:
+        return {spec.name: spec for spec in self.specs}
+
+    def with_spec(self, segments: tuple[str, ...], spec: ParamSpec) -> Structure:
+        if len(segments) != 1 or segments[0] not in {s.name for s in self.specs}:
+            raise ValueError(f"{type(self).__name__} has no parameter {'/'.join(segments)!r}")
+        specs = tuple(spec if s.name == segments[0] else s for s in self.specs)
+        return replace(self, specs=specs)
+
+    def _natural(self, params: Mapping) -> dict[str, Tensor]:
+        """Natural values of all parameters (fixed ones from their raw defaults)."""
+        ref = first_leaf(params)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        device = ref.device if ref is not None else None
+        natural = {}
+        for spec in self.specs:
+            if spec.fixed:
+                raw = torch.tensor(spec.default, dtype=dtype, device=device)
+            else:
+                raw = params[spec.name]
+            natural[spec.name] = spec.transform.forward(raw)
+        return natural
+
+    def _build(self, params: Mapping) -> Tensor:
+        return self._build_natural(self._natural(params))
+
+    def _jacobian(self, params: Mapping) -> dict:
+        free = [spec for spec in self.specs if not spec.fixed]
+        if not free:
+            return {}
+        d_natural = self._natural_jacobian(self._natural(params), [spec.name for spec in free])
+        return {
+            spec.name: d_natural[spec.name] * spec.transform.derivative(params[spec.name])
+            for spec in free
+        }
+
+    # -- to implement -------------------------------------------------------------------------
+    def _build_natural(self, natural: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _natural_jacobian(self, natural: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+def set_fields(obj: Any, **fields: Any) -> None:
+    """Assign fields of a frozen dataclass inside a custom ``__init__``."""
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
+
+
+def variance_spec(name: str = "sigma^2") -> ParamSpec:
+    """σ² = e^{2θ} with raw default 0 (σ² = 1), torch-openreml's variance parameter."""
+    from reml_fn.transforms import ExpPow2
+
+    return ParamSpec(name, 0.0, ExpPow2())
+

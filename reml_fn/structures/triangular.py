@@ -1,0 +1,124 @@
+"""Unstructured (symmetric) and LowerTriangular matrices: one parameter per free entry.
+
+====================  =====================================  =================  ==================================
+structure             parameters (row-major lower triangle)  transform          V
+====================  =====================================  =================  ==================================
+Unstructured(n)       ``sigma^2_i_j``, 0 ≤ j ≤ i < n         diag ExpPow2,      V_ij = V_ji = x_ij
+                                                             off-diag Identity
+LowerTriangular(n,m)  ``L_i_j``, j ≤ i, j < m                Identity,          L_ij = x_ij (j ≤ i), 0 above
+                                                             raw default 1.0
+====================  =====================================  =================  ==================================
+
+dV/dx_ij is the unit matrix E_ij + E_ji (E_ii on the diagonal) for Unstructured and E_ij for
+LowerTriangular. Unstructured is symmetric but not guaranteed positive definite; for a PD
+parameterisation use ``Gram(LowerTriangular(n, n), gram_type="xxt")``.
+
+Example:
+    >>> import torch, reml_fn as rf
+    >>> rf.param_names(rf.Unstructured(2))
+    ['sigma^2_0_0', 'sigma^2_1_0', 'sigma^2_1_1']
+    >>> rf.Unstructured(2)(torch.tensor([0.0, 0.3, 0.0])).tolist()
+    [[1.0, 0.3], [0.3, 1.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reml_fn.params import ParamSpec
+from reml_fn.structures.base import Parametric, check_size, set_fields
+from reml_fn.transforms import ExpPow2, Identity
+from reml_fn.tree import static, structure
+
+__all__ = ["Unstructured", "LowerTriangular"]
+
+
+def _entries(self) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in (s.name.split("_")[-2:] for s in self.specs)]
+
+
+def _fill(self, natural, symmetric: bool):
+    values = torch.stack([natural[s.name] for s in self.specs])
+    rows, cols = zip(*_entries(self))
+    index = (torch.tensor(rows, device=values.device), torch.tensor(cols, device=values.device))
+    lower = values.new_zeros(self.shape).index_put(index, values)
+    if not symmetric:
+        return lower
+    return lower + lower.transpose(0, 1) - torch.diag_embed(torch.diagonal(lower))
+
+
+def _units(self, natural, names, symmetric: bool):
+    ref = next(iter(natural.values()))
+    out = {}
+    entries = dict(zip((s.name for s in self.specs), _entries(self)))
+    for name in names:
+        i, j = entries[name]
+        unit = torch.zeros(self.shape, dtype=ref.dtype, device=ref.device)
+        unit[i, j] = 1.0
+        if symmetric:
+            unit[j, i] = 1.0
+        out[name] = unit
+    return out
+
+
+@structure
+class Unstructured(Parametric):
+    """A general symmetric n×n matrix: V_ij = V_ji = x_ij (torch-openreml's UnconstrainedMatrix).
+
+    Diagonal entries ``sigma^2_i_i`` = e^{2θ}; off-diagonal ``sigma^2_i_j`` (i > j) are the
+    covariances themselves (Identity transform). All raw defaults 0 (V = I).
+    """
+
+    n: int = static()
+    specs: tuple[ParamSpec, ...] = static()
+
+    def __init__(self, n: int):
+        n = check_size("n", n)
+        specs = tuple(
+            ParamSpec(f"sigma^2_{i}_{j}", 0.0, ExpPow2() if i == j else Identity())
+            for i in range(n)
+            for j in range(i + 1)
+        )
+        set_fields(self, n=n, specs=specs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    def _build_natural(self, natural):
+        return _fill(self, natural, symmetric=True)
+
+    def _natural_jacobian(self, natural, names):
+        return _units(self, natural, names, symmetric=True)
+
+
+@structure
+class LowerTriangular(Parametric):
+    """An n×m lower-triangular matrix L with free entries ``L_i_j`` (j ≤ i, j < m), raw default 1.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> rf.param_names(rf.LowerTriangular(2, 3))
+        ['L_0_0', 'L_1_0', 'L_1_1']
+    """
+
+    n: int = static()
+    m: int = static()
+    specs: tuple[ParamSpec, ...] = static()
+
+    def __init__(self, n: int, m: int):
+        n, m = check_size("n", n), check_size("m", m)
+        specs = tuple(
+            ParamSpec(f"L_{i}_{j}", 1.0, Identity()) for i in range(n) for j in range(min(i + 1, m))
+        )
+        set_fields(self, n=n, m=m, specs=specs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.m)
+
+    def _build_natural(self, natural):
+        return _fill(self, natural, symmetric=False)
+
+    def _natural_jacobian(self, natural, names):
+        return _units(self, natural, names, symmetric=False)

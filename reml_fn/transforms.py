@@ -1,0 +1,276 @@
+"""Raw ↔ natural parameter maps.
+
+A transform maps a *raw* (unconstrained, optimiser-scale) value θ to the *natural* value that
+enters a covariance matrix. Every transform is an immutable, hashable dataclass (so it can live in
+a structure's static configuration) with three pure, elementwise, shape-preserving methods:
+
+* ``forward(θ)``   (also ``transform(θ)``): the natural value,
+* ``inverse(x)``:   the raw value whose forward is ``x``,
+* ``derivative(θ)``: d forward / dθ, evaluated at the raw value.
+
+The formulas follow torch-openreml 0.4.0a0 (``torch_openreml.covariance.transform``):
+
+============  ======================  =====================  ==========================
+transform     forward f(θ)            inverse f⁻¹(x)         derivative f'(θ)
+============  ======================  =====================  ==========================
+Identity      θ                       x                      1
+Exp           e^θ                     log x                  e^θ
+Exp2          2^θ                     log₂ x                 2^θ ln 2
+Exp10         10^θ                    log₁₀ x                10^θ ln 10
+ExpPow2       e^{2θ}                  ½ log x                2 e^{2θ}
+Sigmoid       1 / (1 + e^{-θ})        logit x                σ(θ)(1 − σ(θ))
+ScaleShift    a θ + b                 (x − b) / a            a   (same shape as θ)
+Pow           θ^p                     x^{1/p}                p θ^{p−1}
+Chain         f_k ∘ … ∘ f_1           f_1⁻¹ ∘ … ∘ f_k⁻¹      ∏ f_i'(θ_i)  (chain rule)
+============  ======================  =====================  ==========================
+
+Example:
+    >>> import torch
+    >>> from reml_fn.transforms import ExpPow2, Chain, Sigmoid, ScaleShift
+    >>> ExpPow2().forward(torch.tensor(0.5, dtype=torch.float64)).item()
+    2.718281828459045
+    >>> rho = Chain((Sigmoid(), ScaleShift(2.0, -1.0)))   # AR(1): ρ = 2σ(θ) − 1
+    >>> rho.forward(torch.tensor(0.0, dtype=torch.float64)).item()
+    0.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Transform",
+    "Identity",
+    "Exp",
+    "Exp2",
+    "Exp10",
+    "ExpPow2",
+    "Sigmoid",
+    "ScaleShift",
+    "Pow",
+    "Chain",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """Base class of raw → natural maps. Subclasses define ``forward``, ``inverse``, ``derivative``."""
+
+    domain = "ℝ"
+    codomain = "ℝ"
+
+    def forward(self, raw: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def inverse(self, natural: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def derivative(self, raw: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, raw: Tensor) -> Tensor:
+        return self.forward(raw)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}: {self.domain} ↦ {self.codomain}"
+
+
+def _as_float(x):
+    """Python numbers become float64 tensors so ``inverse(0.3)`` works; tensors pass through."""
+    return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity(Transform):
+    """f(θ) = θ."""
+
+    def forward(self, raw):
+        return _as_float(raw)
+
+    def inverse(self, natural):
+        return _as_float(natural)
+
+    def derivative(self, raw):
+        return torch.ones_like(_as_float(raw))
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp(Transform):
+    """f(θ) = e^θ, f'(θ) = e^θ."""
+
+    codomain = "ℝ⁺"
+
+    def forward(self, raw):
+        return torch.exp(_as_float(raw))
+
+    def inverse(self, natural):
+        return torch.log(_as_float(natural))
+
+    def derivative(self, raw):
+        return torch.exp(_as_float(raw))
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp2(Transform):
+    """f(θ) = 2^θ, f'(θ) = 2^θ ln 2."""
+
+    codomain = "ℝ⁺"
+
+    def forward(self, raw):
+        return torch.exp2(_as_float(raw))
+
+    def inverse(self, natural):
+        return torch.log2(_as_float(natural))
+
+    def derivative(self, raw):
+        return torch.exp2(_as_float(raw)) * math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp10(Transform):
+    """f(θ) = 10^θ, f'(θ) = 10^θ ln 10."""
+
+    codomain = "ℝ⁺"
+
+    def forward(self, raw):
+        return torch.exp(_as_float(raw) * math.log(10.0))
+
+    def inverse(self, natural):
+        return torch.log10(_as_float(natural))
+
+    def derivative(self, raw):
+        return torch.exp(_as_float(raw) * math.log(10.0)) * math.log(10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpPow2(Transform):
+    """σ² = f(θ) = e^{2θ} (θ = log σ), f'(θ) = 2 e^{2θ}. The variance transform of every structure."""
+
+    codomain = "ℝ⁺"
+
+    def forward(self, raw):
+        return torch.exp(2.0 * _as_float(raw))
+
+    def inverse(self, natural):
+        return 0.5 * torch.log(_as_float(natural))
+
+    def derivative(self, raw):
+        return 2.0 * torch.exp(2.0 * _as_float(raw))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sigmoid(Transform):
+    """f(θ) = 1 / (1 + e^{-θ}), f'(θ) = f(θ)(1 − f(θ))."""
+
+    codomain = "(0, 1)"
+
+    def forward(self, raw):
+        return torch.sigmoid(_as_float(raw))
+
+    def inverse(self, natural):
+        return torch.logit(_as_float(natural))
+
+    def derivative(self, raw):
+        s = torch.sigmoid(_as_float(raw))
+        return s * (1.0 - s)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleShift(Transform):
+    """f(θ) = a θ + b, f'(θ) = a (a tensor of θ's shape, unlike torch-openreml's shape-(1,) bug)."""
+
+    a: float
+    b: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.a, (int, float)) or not isinstance(self.b, (int, float)):
+            raise TypeError(f"ScaleShift(a, b) needs Python numbers, got a={self.a!r}, b={self.b!r}")
+        if self.a == 0:
+            raise ValueError("ScaleShift(a, b) needs a != 0 to be invertible")
+
+    def forward(self, raw):
+        return self.a * _as_float(raw) + self.b
+
+    def inverse(self, natural):
+        return (_as_float(natural) - self.b) / self.a
+
+    def derivative(self, raw):
+        return torch.full_like(_as_float(raw), float(self.a))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pow(Transform):
+    """f(θ) = θ^p, inverse x^{1/p}, f'(θ) = p θ^{p−1} (NaN for θ < 0 with non-integer p)."""
+
+    factor: float = 2.0
+
+    def __post_init__(self):
+        if not isinstance(self.factor, (int, float)) or self.factor == 0:
+            raise ValueError(f"Pow(factor) needs a non-zero Python number, got {self.factor!r}")
+
+    def forward(self, raw):
+        return torch.pow(_as_float(raw), self.factor)
+
+    def inverse(self, natural):
+        return torch.pow(_as_float(natural), 1.0 / self.factor)
+
+    def derivative(self, raw):
+        return self.factor * torch.pow(_as_float(raw), self.factor - 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain(Transform):
+    """Apply ``stages`` in order: f = f_k ∘ … ∘ f_1.
+
+    The derivative is the chain rule, ∏_i f_i'(θ_i), where θ_1 = θ and θ_{i+1} = f_i(θ_i).
+
+    Example:
+        >>> import torch
+        >>> t = Chain((Sigmoid(), ScaleShift(2.0, -1.0)))
+        >>> round(t.derivative(torch.tensor(0.0)).item(), 6)
+        0.5
+    """
+
+    stages: tuple[Transform, ...]
+
+    def __init__(self, stages):
+        if isinstance(stages, Transform):
+            stages = (stages,)
+        if not isinstance(stages, (list, tuple)) or not stages:
+            raise TypeError("Chain needs a non-empty list or tuple of Transform objects")
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Transform):
+                raise TypeError(f"Chain stage {i} must be a Transform, got {type(stage).__name__}")
+        object.__setattr__(self, "stages", tuple(stages))
+
+    @property
+    def domain(self):  # type: ignore[override]
+        return self.stages[0].domain
+
+    @property
+    def codomain(self):  # type: ignore[override]
+        return self.stages[-1].codomain
+
+    def forward(self, raw):
+        x = _as_float(raw)
+        for stage in self.stages:
+            x = stage.forward(x)
+        return x
+
+    def inverse(self, natural):
+        x = _as_float(natural)
+        for stage in reversed(self.stages):
+            x = stage.inverse(x)
+        return x
+
+    def derivative(self, raw):
+        x = _as_float(raw)
+        result = torch.ones_like(x)
+        for stage in self.stages:
+            result = result * stage.derivative(x)
+            x = stage.forward(x)
+        return result
