@@ -62,4 +62,3 @@ def jacobian_stack(s, params: Mapping | Tensor | None = None, method: str = "clo
     if not names:
         return torch.zeros((0, *s.shape)), []
     return torch.stack([get_path(tree, name) for name in names]), names
-

@@ -159,9 +159,7 @@ def _check(free: Mapping, full: Mapping, params: Any, prefix: str, problems: dic
             if not isinstance(value, Tensor):
                 raise TypeError(f"parameter '{path}' must be a 0-d tensor, got {_describe(value)}")
             if value.dim() != 0:
-                raise ValueError(
-                    f"parameter '{path}' must be a 0-d tensor, got shape {tuple(value.shape)}"
-                )
+                raise ValueError(f"parameter '{path}' must be a 0-d tensor, got shape {tuple(value.shape)}")
         else:
             _check(node, full[key], value, path + "/", problems)
     for key in params:
@@ -229,8 +227,7 @@ def unflatten_params(s, vector: Tensor) -> dict:
     names = param_names(s)
     if vector.shape[0] != len(names):
         raise ValueError(
-            f"flat parameters of {type(s).__name__} must have length {len(names)} "
-            f"({names}), got {vector.shape[0]}"
+            f"flat parameters of {type(s).__name__} must have length {len(names)} ({names}), got {vector.shape[0]}"
         )
     if not vector.is_floating_point():
         vector = vector.to(torch.get_default_dtype())

@@ -34,9 +34,7 @@ def named_children(
 ) -> tuple[tuple[str, ...], tuple[Structure, ...]]:
     """Parse a combinator's children into ``(names, structures)``, with clear errors."""
     if args and kwargs:
-        raise ValueError(
-            f"{kind}: give children either as keyword arguments or positionally, not both"
-        )
+        raise ValueError(f"{kind}: give children either as keyword arguments or positionally, not both")
     if len(args) == 1 and isinstance(args[0], Mapping):
         items = list(args[0].items())
     elif kwargs:
@@ -111,19 +109,11 @@ class Combinator(Structure):
 
     def _children_jacobians(self, params: Mapping) -> dict[str, dict]:
         """Each child's closed-form Jacobian tree, for children with free parameters."""
-        return {
-            name: child._jacobian(params[name])
-            for name, child in self.items()
-            if name in params and params[name]
-        }
+        return {name: child._jacobian(params[name]) for name, child in self.items() if name in params and params[name]}
 
     def __repr__(self) -> str:
-        inner = ",\n".join(
-            "  " + f"{name}={child!r}".replace("\n", "\n  ") for name, child in self.items()
-        )
-        extra = [
-            f"{k}={getattr(self, k)!r}" for k in type(self)._static_fields if k != "names"
-        ]
+        inner = ",\n".join("  " + f"{name}={child!r}".replace("\n", "\n  ") for name, child in self.items())
+        extra = [f"{k}={getattr(self, k)!r}" for k in type(self)._static_fields if k != "names"]
         tail = (",\n  " + ", ".join(extra)) if extra else ""
         return f"{type(self).__name__}(\n{inner}{tail}\n)"
 

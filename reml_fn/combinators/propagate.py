@@ -32,9 +32,7 @@ class Propagate(Combinator):
         names, children = named_children("Propagate", (), {"Z": Z, "G": G}, minimum=2, maximum=2)
         z, g = children
         if g.shape[0] != g.shape[1] or z.shape[1] != g.shape[0]:
-            raise ValueError(
-                f"Propagate needs Z (n×q) and G (q×q), got Z {tuple(z.shape)} and G {tuple(g.shape)}"
-            )
+            raise ValueError(f"Propagate needs Z (n×q) and G (q×q), got Z {tuple(z.shape)} and G {tuple(g.shape)}")
         set_fields(self, children=children, names=names)
 
     @property

@@ -150,10 +150,7 @@ class Parametric(Structure):
         if not free:
             return {}
         d_natural = self._natural_jacobian(self._natural(params), [spec.name for spec in free])
-        return {
-            spec.name: d_natural[spec.name] * spec.transform.derivative(params[spec.name])
-            for spec in free
-        }
+        return {spec.name: d_natural[spec.name] * spec.transform.derivative(params[spec.name]) for spec in free}
 
     # -- to implement -------------------------------------------------------------------------
     def _build_natural(self, natural: dict[str, Tensor]) -> Tensor:
@@ -174,4 +171,3 @@ def variance_spec(name: str = "sigma^2") -> ParamSpec:
     from reml_fn.transforms import ExpPow2
 
     return ParamSpec(name, 0.0, ExpPow2())
-

@@ -191,6 +191,4 @@ class Reparam(Parametric):
         child_tree = self.child._jacobian(self._child_params(natural))
         child_stack = torch.stack([get_path(child_tree, n) for n in param_names(self.child)])  # (m, *shape)
         index = {s.name: i for i, s in enumerate(self.specs)}
-        return {
-            name: torch.tensordot(map_jacobian[:, index[name]], child_stack, dims=1) for name in names
-        }
+        return {name: torch.tensordot(map_jacobian[:, index[name]], child_stack, dims=1) for name in names}

@@ -108,9 +108,7 @@ class LowerTriangular(Parametric):
 
     def __init__(self, n: int, m: int):
         n, m = check_size("n", n), check_size("m", m)
-        specs = tuple(
-            ParamSpec(f"L_{i}_{j}", 1.0, Identity()) for i in range(n) for j in range(min(i + 1, m))
-        )
+        specs = tuple(ParamSpec(f"L_{i}_{j}", 1.0, Identity()) for i in range(n) for j in range(min(i + 1, m)))
         set_fields(self, n=n, m=m, specs=specs)
 
     @property
