@@ -1,0 +1,135 @@
+"""FitResult: the immutable pytree a fit returns (batched fits give the same with a batch axis)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from reml_fn.tree import static, structure
+
+__all__ = ["FitResult", "STATUS", "status_message"]
+
+# Status codes (``FitResult.status``): an int per fit, so batched results can carry them.
+STATUS = {
+    0: "converged",
+    1: "iteration limit reached before convergence",
+    2: "line search failed: no step along the AI direction increases the log-likelihood",
+    3: "V is not positive definite at the starting point",
+    4: "the data contain NaN or inf",
+    5: "the AI matrix is singular: parameters are not identifiable from these data",
+}
+
+
+def status_message(code: int) -> str:
+    return STATUS.get(int(code), f"unknown status {int(code)}")
+
+
+def _leaves(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@structure
+class FitResult:
+    """Result of :func:`reml_fn.fit` (or, with a leading batch axis, :func:`reml_fn.fit_batched`).
+
+    Fields (k free covariance parameters, p fixed effects):
+
+    * ``params``: raw parameter tree; ``natural``: natural-scale tree (same paths); ``names`` (k);
+    * ``beta`` (p,), ``vcov_beta`` (p, p) = (XᵀV⁻¹X)⁻¹, ``se_beta`` (p,), ``beta_names`` (p);
+    * ``score`` (k,) and ``ai`` (k, k) at the returned point;
+    * ``loglik`` (REML, lme4's logLik), ``reml_criterion`` = −2 loglik, ``aic`` = −2ℓ + 2(p + k),
+      ``bic`` = −2ℓ + (p + k) log n;
+    * ``converged`` (bool), ``status`` (int, see :data:`STATUS`), ``at_boundary`` (k,) bool,
+      ``n_iter``;
+    * ``history``: ``{"loglik": (T,), "params": (T, k), "step": (T, k)}`` per iteration (the start
+      is row 0);
+    * ``engine``: which engine ran; ``n``, ``p``.
+
+    Every quantity belongs to the same point: the returned parameters.
+    """
+
+    params: dict
+    natural: dict
+    beta: Tensor
+    vcov_beta: Tensor
+    se_beta: Tensor
+    score: Tensor
+    ai: Tensor
+    loglik: Tensor
+    reml_criterion: Tensor
+    aic: Tensor
+    bic: Tensor
+    converged: Tensor
+    status: Tensor
+    at_boundary: Tensor
+    n_iter: Tensor
+    history: dict
+    names: tuple = static()
+    beta_names: tuple = static()
+    engine: str = static()
+    n: int = static()
+    p: int = static()
+
+    @property
+    def message(self) -> str | list[str]:
+        """Human-readable status (a list for batched results)."""
+        if self.status.dim() == 0:
+            return status_message(self.status)
+        return [status_message(code) for code in self.status.flatten().tolist()]
+
+    @property
+    def boundary_names(self) -> list[str]:
+        """Names of parameters that stopped at a bound (single fits)."""
+        return [name for name, flag in zip(self.names, self.at_boundary.tolist()) if flag]
+
+    def summary(self) -> str:
+        """An lme4-style summary: variance components, fixed effects, log-likelihood."""
+        if self.loglik.dim() != 0:
+            return (
+                f"FitResult of {self.loglik.shape[0]} datasets (engine {self.engine}): "
+                f"{int(self.converged.sum())} converged; mean REML logLik {float(self.loglik.mean()):.4f}"
+            )
+        lines = [f"Linear mixed model fit by REML (reml_fn, {self.engine} engine)"]
+        lines.append(f"REML criterion at convergence: {float(self.reml_criterion):.4f}")
+        lines.append("")
+        lines.append("Covariance parameters:")
+        width = max([len(name) for name in self.names] + [9])
+        lines.append(f" {'parameter':<{width}}  {'estimate':>12}  {'std.dev':>10}  {'raw':>10}")
+        raw = dict(_leaves(self.params))
+        for name, value in _leaves(self.natural):
+            v = float(value)
+            leaf = name.rsplit("/", 1)[-1]
+            is_var = leaf.startswith("sigma^2") and (leaf.count("_") < 2 or len(set(leaf.split("_")[-2:])) == 1)
+            sd = f"{math.sqrt(v):10.4f}" if is_var and v >= 0 else " " * 10
+            flag = "  (at boundary)" if name in self.boundary_names else ""
+            lines.append(f" {name:<{width}}  {v:12.6g}  {sd}  {float(raw[name]):10.4f}{flag}")
+        lines.append(f"Number of obs: {self.n}")
+        lines.append("")
+        lines.append("Fixed effects:")
+        bw = max([len(b) for b in self.beta_names] + [11])
+        lines.append(f" {'':<{bw}}  {'Estimate':>12}  {'Std. Error':>11}  {'t value':>8}")
+        for name, b, se in zip(self.beta_names, self.beta.tolist(), self.se_beta.tolist()):
+            lines.append(f" {name:<{bw}}  {b:12.6g}  {se:11.5g}  {b / se:8.3f}")
+        lines.append("")
+        lines.append(f"logLik (REML) {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}")
+        lines.append(f"{self.message} after {int(self.n_iter)} iterations")
+        if self.boundary_names:
+            lines.append(f"boundary (singular) fit: {', '.join(self.boundary_names)} at a bound")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        if self.loglik.dim() == 0:
+            return (
+                f"FitResult(loglik={float(self.loglik):.6f}, converged={bool(self.converged)}, "
+                f"n_iter={int(self.n_iter)}, engine={self.engine!r})"
+            )
+        return f"FitResult(batch={tuple(self.loglik.shape)}, converged={int(self.converged.sum())}, engine={self.engine!r})"

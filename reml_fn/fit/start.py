@@ -1,0 +1,156 @@
+"""Starting values, raw-scale bounds and input checks for AI-REML fits.
+
+Default start (no hand-tuning needed for real models):
+
+* every *variance* parameter (a positive transform: ExpPow2, Exp, Exp2, Exp10) starts at an equal
+  share of the OLS residual variance s² in natural units: σ²_k = s² / (m · a_k), where m is the
+  number of variance parameters and a_k = tr(∂V/∂σ²_k)/n is how much one unit of σ²_k adds to
+  the average diagonal of V (1 for a random intercept or a residual; mean(x²) for a slope on x);
+* every correlation ``rho`` starts at 0 when 0 is in its range;
+* everything else (covariances, Cholesky entries, user parameters) keeps its raw default.
+
+Bounds: a variance may shrink to 1e-10 of its start (REML boundary fits such as Dyestuff2 stop
+there, flagged ``at_boundary``, instead of drifting to −∞ on the log scale); a sigmoid-bounded
+parameter (a correlation) lives in raw [−20, 20] (|ρ| ≤ 1 − 4·10⁻⁹); others are unbounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from reml_fn.params import ParamSpec, param_specs
+from reml_fn.reml.dense import dV_stack
+from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
+
+__all__ = [
+    "is_variance",
+    "is_bounded",
+    "ols_residual_variance",
+    "default_init",
+    "raw_bounds",
+    "check_inputs",
+    "dependent_columns",
+    "VARIANCE_FLOOR",
+    "CORRELATION_RAW_LIMIT",
+]
+
+VARIANCE_FLOOR = 1e-10
+CORRELATION_RAW_LIMIT = 20.0
+
+
+def is_variance(transform: Transform) -> bool:
+    """True for positive (log-scale) transforms: the parameter is a variance-like quantity."""
+    return isinstance(transform, (ExpPow2, Exp, Exp2, Exp10))
+
+
+def is_bounded(transform: Transform) -> bool:
+    """True for sigmoid-based transforms (a bounded natural range, e.g. a correlation)."""
+    if isinstance(transform, Sigmoid):
+        return True
+    return isinstance(transform, Chain) and any(isinstance(t, Sigmoid) for t in transform.stages)
+
+
+def _free_specs(s) -> list[ParamSpec]:
+    return [spec for _, spec in param_specs(s) if not spec.fixed]
+
+
+def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
+    """s² = ‖y − X β̂_OLS‖² / (n − p)."""
+    beta = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
+    residual = y - X @ beta
+    return (residual**2).sum(-1) / (y.shape[-1] - X.shape[-1])
+
+
+def default_init(s, y: Tensor, X: Tensor, jacobian: str = "closed") -> Tensor:
+    """The default raw starting vector (flat, in ``param_names(s)`` order); see the module doc.
+
+    Pure and vmappable over y and X (used per dataset by batched fits).
+    """
+    specs = _free_specs(s)
+    if not specs:
+        return y.new_zeros(0)
+    params = s.init_params(dtype=y.dtype, device=y.device)
+    defaults = [torch.tensor(spec.default, dtype=y.dtype, device=y.device) for spec in specs]
+    s2 = ols_residual_variance(y, X)
+    dV = dV_stack(s, params, jacobian)  # raw-scale derivatives at the defaults
+    n = y.shape[-1]
+    variance = [k for k, spec in enumerate(specs) if is_variance(spec.transform)]
+    # a_k = tr(∂V/∂σ²_k)/n: what one natural unit of σ²_k adds to the average diagonal of V.
+    scale = {k: torch.diagonal(dV[k]).sum() / n / specs[k].transform.derivative(defaults[k]) for k in variance}
+    usable = sum((scale[k] > 0).to(y.dtype) for k in variance) if variance else None
+    theta = []
+    for k, spec in enumerate(specs):
+        value = defaults[k]
+        if k in scale:
+            share = s2 / (usable.clamp(min=1.0) * scale[k].clamp(min=torch.finfo(y.dtype).tiny))
+            value = torch.where(scale[k] > 0, spec.transform.inverse(share), value)
+        elif spec.name == "rho" and is_bounded(spec.transform):
+            zero = spec.transform.inverse(torch.zeros((), dtype=y.dtype, device=y.device))
+            if math.isfinite(float(zero)):  # a constant of the transform, not of the data
+                value = zero
+        theta.append(value)
+    return torch.stack(theta)
+
+
+def raw_bounds(s, theta0: Tensor) -> tuple[Tensor, Tensor]:
+    """Raw-scale lower and upper bounds (k,) for the free parameters, given the start θ₀ (k,).
+
+    Pure and vmappable over θ₀.
+    """
+    lower, upper = [], []
+    inf = theta0.new_full((), math.inf)
+    for k, spec in enumerate(_free_specs(s)):
+        t = theta0[k]
+        if is_variance(spec.transform):
+            floor = spec.transform.inverse(spec.transform.forward(t) * VARIANCE_FLOOR)
+            lower.append(torch.minimum(floor, t))
+            upper.append(inf)
+        elif is_bounded(spec.transform):
+            limit = torch.full_like(t, CORRELATION_RAW_LIMIT)
+            lower.append(torch.minimum(-limit, t))
+            upper.append(torch.maximum(limit, t))
+        else:
+            lower.append(-inf)
+            upper.append(inf)
+    if not lower:
+        return theta0.new_zeros(0), theta0.new_zeros(0)
+    return torch.stack(lower), torch.stack(upper)
+
+
+def dependent_columns(X: Tensor) -> list[int]:
+    """Indices of columns of X that are linear combinations of the columns before them."""
+    dependent = []
+    rank = 0
+    for j in range(X.shape[1]):
+        new_rank = int(torch.linalg.matrix_rank(X[:, : j + 1]))
+        if new_rank == rank:
+            dependent.append(j)
+        rank = new_rank
+    return dependent
+
+
+def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) -> None:
+    """Value checks done once before fitting (never inside vmapped code)."""
+    from reml_fn.reml.likelihood import check_data
+
+    check_data(s, y, X)
+    if not bool(torch.isfinite(y).all()):
+        bad = torch.nonzero(~torch.isfinite(y)).flatten().tolist()
+        raise ValueError(f"y contains NaN or inf at positions {bad[:10]}{' …' if len(bad) > 10 else ''}")
+    if not bool(torch.isfinite(X).all()):
+        rows, cols = torch.nonzero(~torch.isfinite(X), as_tuple=True)
+        raise ValueError(f"X contains NaN or inf (rows {rows[:10].tolist()}, columns {sorted(set(cols.tolist()))})")
+    if x_names is not None and len(x_names) != X.shape[1]:
+        raise ValueError(f"x_names has {len(x_names)} names but X has {X.shape[1]} columns")
+    dependent = dependent_columns(X)
+    if dependent:
+        labels = [x_names[j] if x_names is not None else str(j) for j in dependent]
+        raise ValueError(
+            f"X is rank deficient: column(s) {labels} are linear combinations of earlier columns; drop them"
+        )
+    if not bool(ols_residual_variance(y, X) > 0):
+        raise ValueError("y is an exact linear function of X (zero residual variance): nothing to estimate")

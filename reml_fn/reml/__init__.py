@@ -1,0 +1,20 @@
+"""REML: pure log-likelihood, score/AI terms and post-estimation, per engine."""
+
+from reml_fn.reml.dense import AITerms
+from reml_fn.reml.engines import ENGINES, register_engine, select_engine
+from reml_fn.reml.likelihood import ai_terms, blue, blup, check_data, predict, reml_loglik, residuals, vcov_beta
+
+__all__ = [
+    "AITerms",
+    "ENGINES",
+    "register_engine",
+    "select_engine",
+    "reml_loglik",
+    "ai_terms",
+    "blue",
+    "vcov_beta",
+    "blup",
+    "predict",
+    "residuals",
+    "check_data",
+]
