@@ -5,8 +5,24 @@ separate nested dict of raw tensors; Jacobians have closed forms checked against
 log-likelihood is a pure function that composes with ``vmap`` and ``grad``.
 """
 
-from reml_fn import transforms
-from reml_fn.combinators import Combinator, Propagate, Sum
+from reml_fn import design, transforms
+from reml_fn.combinators import (
+    Augment,
+    BlockDiagonal,
+    Combinator,
+    Gram,
+    Grouped,
+    Hadamard,
+    Inverse,
+    Kronecker,
+    Product,
+    Propagate,
+    Stack,
+    Sum,
+    Transpose,
+    mixed_model,
+)
+from reml_fn.fit import FitResult, fit
 from reml_fn.jacobian import jacobian, jacobian_stack
 from reml_fn.params import (
     ParamSpec,
@@ -17,9 +33,11 @@ from reml_fn.params import (
     flatten_params,
     init_params,
     param_names,
+    unconstrain,
     unfix,
     unflatten_params,
 )
+from reml_fn.reml import ai_terms, blue, blup, predict, reml_loglik, residuals, vcov_beta
 from reml_fn.structures import (
     AR1,
     CompoundSymmetric,
@@ -41,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transforms",
+    "design",
     "structure",
     "static",
     "replace",
@@ -49,6 +68,7 @@ __all__ = [
     "all_param_names",
     "check_params",
     "constrain",
+    "unconstrain",
     "init_params",
     "flatten_params",
     "unflatten_params",
@@ -72,4 +92,24 @@ __all__ = [
     "Combinator",
     "Sum",
     "Propagate",
+    "Grouped",
+    "BlockDiagonal",
+    "Kronecker",
+    "Hadamard",
+    "Product",
+    "Transpose",
+    "Gram",
+    "Augment",
+    "Stack",
+    "Inverse",
+    "reml_loglik",
+    "ai_terms",
+    "blue",
+    "vcov_beta",
+    "blup",
+    "predict",
+    "residuals",
+    "fit",
+    "mixed_model",
+    "FitResult",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "unflatten_params",
     "as_params",
     "constrain",
+    "unconstrain",
     "fix",
     "unfix",
     "get_path",
@@ -72,6 +73,8 @@ class ParamSpec:
             raise ValueError(f"invalid parameter name {self.name!r}: '/' is not allowed")
         if isinstance(self.default, bool) or not isinstance(self.default, (int, float)):
             raise TypeError(f"default of {self.name!r} must be a Python float, got {self.default!r}")
+        if not math.isfinite(self.default):
+            raise ValueError(f"default of {self.name!r} must be finite, got {self.default!r}")
         object.__setattr__(self, "default", float(self.default))
         if not isinstance(self.transform, Transform):
             raise TypeError(f"transform of {self.name!r} must be a Transform, got {self.transform!r}")
@@ -92,9 +95,16 @@ def _spec_items(spec_tree: Mapping[str, Any], prefix: str = "") -> Iterable[tupl
             yield from _spec_items(node, path + "/")
 
 
+def _spec_tree(s) -> Mapping[str, Any]:
+    """``s.param_specs_tree()``, with a clear error when ``s`` is not a structure."""
+    if not callable(getattr(s, "param_specs_tree", None)):
+        raise TypeError(f"expected a reml_fn structure, got {_describe(s)}")
+    return s.param_specs_tree()
+
+
 def param_specs(s) -> list[tuple[str, ParamSpec]]:
     """All parameters of ``s`` (free and fixed) as ``(path, ParamSpec)`` pairs, in order."""
-    return list(_spec_items(s.param_specs_tree()))
+    return list(_spec_items(_spec_tree(s)))
 
 
 def param_names(s) -> list[str]:
@@ -130,7 +140,7 @@ def init_params(s, dtype: torch.dtype | None = None, device=None) -> dict:
     dtype = dtype or torch.get_default_dtype()
     return _map_tree(
         lambda spec: torch.tensor(spec.default, dtype=dtype, device=device),
-        _free_tree(s.param_specs_tree()),
+        _free_tree(_spec_tree(s)),
     )
 
 
@@ -160,6 +170,9 @@ def _check(free: Mapping, full: Mapping, params: Any, prefix: str, problems: dic
                 raise TypeError(f"parameter '{path}' must be a 0-d tensor, got {_describe(value)}")
             if value.dim() != 0:
                 raise ValueError(f"parameter '{path}' must be a 0-d tensor, got shape {tuple(value.shape)}")
+            # torch.func differentiates floating-point inputs only (jacfwd rejects int64 primals).
+            if not value.is_floating_point():
+                raise TypeError(f"parameter '{path}' must be a floating-point tensor, got {value.dtype}")
         else:
             _check(node, full[key], value, path + "/", problems)
     for key in params:
@@ -175,7 +188,7 @@ def check_params(s, params: Any) -> None:
     """Raise a ``TypeError``/``ValueError`` naming every missing or unexpected path when ``params``
     is not a parameter tree of ``s``'s free parameters (raw 0-d tensors)."""
     problems: dict[str, list[str]] = {"missing": [], "unexpected": []}
-    full = s.param_specs_tree()
+    full = _spec_tree(s)
     _check(_free_tree(full), full, params, "", problems)
     if problems["missing"] or problems["unexpected"]:
         parts = []
@@ -258,6 +271,29 @@ def constrain(s, params: Mapping) -> dict:
     return out
 
 
+def unconstrain(s, natural: Mapping) -> dict:
+    """Raw parameters from natural-scale values (the inverse of :func:`constrain`).
+
+    Example:
+        >>> import reml_fn as rf
+        >>> s = rf.AR1(3)
+        >>> p = rf.unconstrain(s, {"sigma^2": 4.0, "rho": 0.5})
+        >>> {k: round(float(v), 6) for k, v in rf.constrain(s, p).items()}
+        {'sigma^2': 4.0, 'rho': 0.5}
+    """
+    free = [(path, spec) for path, spec in param_specs(s) if not spec.fixed]
+    out: dict = {}
+    for path, spec in free:
+        try:
+            value = get_path(natural, path)
+        except (KeyError, TypeError):
+            raise ValueError(f"natural values miss {path!r}; free parameters are {param_names(s)}") from None
+        value = torch.as_tensor(value, dtype=value.dtype if isinstance(value, Tensor) else torch.get_default_dtype())
+        _set(out, path, spec.transform.inverse(value))
+    check_params(s, out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Fixing parameters
 
@@ -294,6 +330,19 @@ def _to_raw(spec: ParamSpec, value: Any, scale: str) -> float:
             f"{spec.transform!r} (raw value {raw})"
         )
     return raw
+
+
+def _with_value(targets, value):
+    """Merge ``fix``/``unfix``'s ``(targets, value)`` into the form ``_update_specs`` takes."""
+    if value is None:
+        return targets
+    if isinstance(targets, Mapping):
+        raise TypeError("give either a dict {path: value} or a path and a value, not both")
+    if isinstance(targets, str):
+        return {targets: value}
+    if isinstance(targets, (list, tuple)):
+        return {t: value for t in targets}
+    raise TypeError(f"expected a path, a list of paths or a dict path -> value, got {_describe(targets)}")
 
 
 def _update_specs(s, targets, fixed: bool, scale: str):
@@ -335,15 +384,9 @@ def fix(s, targets, value: Any = None, *, scale: str = "natural"):
         >>> round(float(s.build(s.init_params())[0, 1]), 6)
         0.5
     """
-    if value is not None:
-        if isinstance(targets, Mapping):
-            raise TypeError("give either a dict {path: value} or a path and a value, not both")
-        targets = {targets: value} if isinstance(targets, str) else {t: value for t in targets}
-    return _update_specs(s, targets, True, scale)
+    return _update_specs(s, _with_value(targets, value), True, scale)
 
 
 def unfix(s, targets, value: Any = None, *, scale: str = "natural"):
     """A new structure with some parameters free again (optionally with a new starting default)."""
-    if value is not None:
-        targets = {targets: value} if isinstance(targets, str) else {t: value for t in targets}
-    return _update_specs(s, targets, False, scale)
+    return _update_specs(s, _with_value(targets, value), False, scale)

@@ -79,6 +79,11 @@ class Transform:
         return f"{type(self).__name__}: {self.domain} ↦ {self.codomain}"
 
 
+def _is_number(x) -> bool:
+    """A real Python number, not a bool (True would silently mean 1)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _as_float(x):
     """Python numbers become float64 tensors so ``inverse(0.3)`` works; tensors pass through."""
     return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
@@ -187,8 +192,10 @@ class ScaleShift(Transform):
     b: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.a, (int, float)) or not isinstance(self.b, (int, float)):
+        if not (_is_number(self.a) and _is_number(self.b)):
             raise TypeError(f"ScaleShift(a, b) needs Python numbers, got a={self.a!r}, b={self.b!r}")
+        if not (math.isfinite(self.a) and math.isfinite(self.b)):
+            raise ValueError(f"ScaleShift(a, b) needs finite numbers, got a={self.a!r}, b={self.b!r}")
         if self.a == 0:
             raise ValueError("ScaleShift(a, b) needs a != 0 to be invertible")
 
@@ -209,8 +216,10 @@ class Pow(Transform):
     factor: float = 2.0
 
     def __post_init__(self):
-        if not isinstance(self.factor, (int, float)) or self.factor == 0:
-            raise ValueError(f"Pow(factor) needs a non-zero Python number, got {self.factor!r}")
+        if not _is_number(self.factor):
+            raise TypeError(f"Pow(factor) needs a Python number, got {self.factor!r}")
+        if not math.isfinite(self.factor) or self.factor == 0:
+            raise ValueError(f"Pow(factor) needs a finite non-zero number, got {self.factor!r}")
 
     def forward(self, raw):
         return torch.pow(_as_float(raw), self.factor)

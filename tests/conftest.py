@@ -6,6 +6,9 @@ import torch
 from hypothesis import HealthCheck, settings
 
 torch.set_default_dtype(torch.float64)
+# The test matrices are small: one thread avoids OpenMP hand-off costs that make 2-thread
+# factorisations of 200×200 matrices ~10× slower on a loaded 2-core machine.
+torch.set_num_threads(1)
 
 settings.register_profile(
     "ci",

@@ -59,6 +59,9 @@ def named_children(
         if name in names:
             raise ValueError(f"{kind}: duplicate operand name {name!r}")
         if isinstance(child, Tensor):
+            # Checked here, not left to Fixed, so the message names the operand.
+            if child.dim() != 2:
+                raise ValueError(f"{kind}: operand {name!r} must be a matrix, got shape {tuple(child.shape)}")
             child = Fixed(child)
         elif not isinstance(child, Structure):
             raise TypeError(

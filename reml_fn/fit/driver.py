@@ -7,8 +7,11 @@ Each iteration at θ (raw free parameters) computes the score s and average info
 2. solves AI_ff Δ_f = s_f for the others (the AI-REML / Fisher-scoring direction) and measures
    the Newton decrement d = s_fᵀ Δ_f (≈ twice the log-likelihood still to gain);
 3. stops as converged when d < ``tol``;
-4. otherwise caps the step (max |Δ| ≤ ``max_step``), clamps θ + tΔ to the bounds and halves t
-   until the log-likelihood does not decrease (and V stays positive definite).
+4. otherwise clamps each log/logit-scale step to ±``max_step``, clamps
+   θ + Δ to the bounds and accepts it if the log-likelihood does not decrease (and V stays
+   positive definite); else tries block steps (identity-scale parameters such as covariances
+   held, then moved alone), then retries all with Marquardt damping (AI + λ diag AI) Δ = s, λ growing tenfold;
+   λ shrinks again after each accepted step.
 
 The returned parameters, β̂, log-likelihood, score and AI all belong to the same point.
 """
@@ -26,24 +29,45 @@ from reml_fn.fit.start import check_inputs, default_init, raw_bounds
 from reml_fn.params import as_params, constrain, flatten_params, param_names, unflatten_params
 from reml_fn.reml.engines import select_engine
 
-__all__ = ["fit", "ai_direction"]
+__all__ = ["fit", "ai_direction", "capped"]
+
+# A Newton decrement this small cannot be realised in float64 log-likelihoods of ordinary size.
+ROUNDOFF_DECREMENT = 1e-8
 
 
-def ai_direction(score: Tensor, ai: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve AI_ff Δ_f = s_f with the active parameters held (Δ = 0 there). Pure.
+def ai_direction(score: Tensor, ai: Tensor, active: Tensor, damping: Tensor | float = 0.0):
+    """Solve (AI_ff + λ diag(AI_ff)) Δ_f = s_f with the active parameters held (Δ = 0). Pure.
 
-    Returns ``(delta, decrement, ok)``; ``ok`` is False when the reduced AI is singular.
-    The active rows/columns are replaced by identity rows, so the system keeps its size and the
-    function works under ``vmap`` with a different active set per dataset.
+    λ = ``damping`` = 0 gives the AI-REML (Fisher scoring) step; λ > 0 is Marquardt's scale-invariant
+    damping, which bends the step towards the diagonally scaled score when the full step fails
+    (badly scaled parameters, such as a covariance next to a huge variance).
+
+    Returns ``(delta, decrement, ok)``: the decrement s_fᵀΔ_f is ≈ twice the log-likelihood
+    still to gain (for λ = 0); ``ok`` is False when the reduced system is singular. Active rows
+    and columns are replaced by identity rows, so the system keeps its size and the function works
+    under ``vmap`` with a different active set per dataset.
     """
     free = (~active).to(score.dtype)
     eye = torch.eye(score.shape[-1], dtype=score.dtype, device=score.device)
-    reduced = ai * free.unsqueeze(-1) * free.unsqueeze(-2) + eye * (1.0 - free).unsqueeze(-1)
+    diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
+    damped = ai + torch.as_tensor(damping, dtype=score.dtype).unsqueeze(-1).unsqueeze(-1) * torch.diag_embed(diagonal)
+    reduced = damped * free.unsqueeze(-1) * free.unsqueeze(-2) + eye * (1.0 - free).unsqueeze(-1)
     delta, info = torch.linalg.solve_ex(reduced, (score * free).unsqueeze(-1))
     delta = delta.squeeze(-1) * free
     ok = (info == 0) & torch.isfinite(delta).all(-1)
     delta = torch.where(ok.unsqueeze(-1), delta, torch.zeros_like(delta))
     return delta, (score * delta).sum(-1), ok
+
+
+def capped(delta: Tensor, scaled: Tensor, max_step: float) -> Tensor:
+    """Clamp each log/logit-scale component (``scaled``) of Δ to [−max_step, max_step]. Pure.
+
+    Elementwise, so one parameter whose Newton step explodes (a variance with a negligible effect
+    on V, where AI is nearly singular) cannot shrink everybody else's step. Raw steps of
+    identity-scale parameters (covariances, user parameters) have no common unit and are left to
+    the block step, the damping and the line search.
+    """
+    return torch.where(scaled, delta.clamp(-max_step, max_step), delta)
 
 
 def _active(theta, score, lower, upper):
@@ -60,7 +84,7 @@ def fit(
     jacobian: str = "closed",
     engine: str = "auto",
     max_iter: int = 200,
-    tol: float = 1e-10,
+    tol: float = 1e-12,
     max_step: float = 3.0,
     max_halvings: int = 30,
     verbose: int = 0,
@@ -77,7 +101,8 @@ def fit(
         engine: ``"auto"``, ``"dense"``, ``"mme"``, …
         max_iter: iteration limit. tol: convergence threshold on the Newton decrement
             sᵀ AI⁻¹ s (≈ twice the log-likelihood still to gain).
-        max_step: cap on max |Δθ| per iteration (raw scale). max_halvings: line-search halvings.
+        max_step: cap on each |Δθ_k| per iteration for log/logit-scale parameters.
+        max_halvings: how many increasingly damped steps to try per iteration.
         verbose: 0 silent; 1 a tqdm progress bar with the log-likelihood; 2 also a line per
             iteration.
 
@@ -107,6 +132,15 @@ def fit(
     else:
         theta = flatten_params(s, as_params(s, init)).to(dtype=y.dtype, device=y.device)
     lower, upper = raw_bounds(s, theta)
+    scaled = torch.isfinite(lower) | torch.isfinite(upper)  # log- or logit-scale parameters
+
+    def holds(active: Tensor):
+        # The full step first; then block steps: identity-scale parameters (covariances) held,
+        # which cannot push G out of the PD cone while variances are far off; then those alone.
+        yield active
+        if bool(scaled.any()) and not bool(scaled.all()):
+            yield active | ~scaled
+            yield active | scaled
 
     def loglik(t: Tensor) -> Tensor:
         return chosen.loglik(s, unflatten_params(s, t), y, X)
@@ -127,29 +161,34 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_iter, desc="AI-REML", leave=False)
+    damping = 0.0
     for _ in range(max_iter):
         active = _active(theta, current.score, lower, upper)
-        delta, decrement, ok = ai_direction(current.score, current.ai, active)
+        _, decrement, ok = ai_direction(current.score, current.ai, active)
         if not bool(ok):
             status = 5
             break
         if float(decrement) < tol:
             status = 0
             break
-        largest = float(delta.abs().max())
-        step = min(1.0, max_step / largest) if largest > 0 else 1.0
         accepted = None
         ll_now = float(current.loglik)
         for _ in range(max_halvings):
-            candidate = torch.clamp(theta + step * delta, lower, upper)
-            ll_candidate = float(loglik(candidate))
-            # Round-off allowance: near the optimum the log-likelihood is flat to ~1e-13 relative.
-            if math.isfinite(ll_candidate) and ll_candidate >= ll_now - 1e-11 * (1.0 + abs(ll_now)):
-                accepted = candidate
+            for held in holds(active):
+                delta, _, ok = ai_direction(current.score, current.ai, held, damping)
+                candidate = torch.clamp(theta + capped(delta, scaled, max_step), lower, upper)
+                ll_candidate = float(loglik(candidate)) if bool(ok) else -math.inf
+                # Round-off allowance: near the optimum the log-likelihood is flat to ~1e-13 relative.
+                if math.isfinite(ll_candidate) and ll_candidate >= ll_now - 1e-11 * (1.0 + abs(ll_now)):
+                    accepted = candidate
+                    break
+            if accepted is not None:
+                damping = damping / 10.0 if damping > 1e-6 else 0.0
                 break
-            step *= 0.5
+            damping = max(10.0 * damping, 1e-3)
         if accepted is None:
-            status = 2
+            # No step gains anything: at the optimum up to round-off, or genuinely stuck.
+            status = 0 if float(decrement) < ROUNDOFF_DECREMENT else 2
             break
         history_step.append(accepted - theta)
         theta = accepted
@@ -162,7 +201,7 @@ def fit(
             if verbose >= 2:
                 bar.write(
                     f"iter {len(history_ll) - 1:3d}  logLik {float(current.loglik):.8f}  "
-                    f"|score| {float(current.score.abs().max()):.3e}  step {step:.3g}  "
+                    f"|score| {float(current.score.abs().max()):.3e}  damping {damping:.1e}  "
                     f"decrement {float(decrement):.3e}"
                 )
     if bar is not None:

@@ -3,9 +3,11 @@
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import ENGINES, register_engine, select_engine
 from reml_fn.reml.likelihood import ai_terms, blue, blup, check_data, predict, reml_loglik, residuals, vcov_beta
+from reml_fn.reml.mme import MMEEngine  # registers the "mme" engine
 
 __all__ = [
     "AITerms",
+    "MMEEngine",
     "ENGINES",
     "register_engine",
     "select_engine",

@@ -16,19 +16,73 @@ from torch import Tensor
 
 from reml_fn.reml.dense import AITerms, ai_terms_dense, dV_stack, factorize, loglik_from_factor
 
-__all__ = ["DenseEngine", "ENGINES", "register_engine", "select_engine", "propagate_terms"]
+__all__ = [
+    "DenseEngine",
+    "ENGINES",
+    "register_engine",
+    "select_engine",
+    "random_terms",
+    "propagate_terms",
+    "term_effects",
+    "term_fitted",
+]
+
+
+def random_terms(s, params: Mapping, prefix: str = "") -> Iterator[tuple[str, object, Mapping]]:
+    """``(path, term, term_params)`` for every Propagate or Grouped term reachable from ``s``
+    through (nested) Sums, in order; ``term_params`` is the term's own parameter sub-tree."""
+    from reml_fn.combinators import Grouped, Propagate, Sum
+
+    if isinstance(s, (Propagate, Grouped)):
+        yield prefix.rstrip("/"), s, params
+    elif isinstance(s, Sum):
+        for name, child in s.items():
+            yield from random_terms(child, params.get(name, {}), f"{prefix}{name}/")
 
 
 def propagate_terms(s, params: Mapping, prefix: str = "") -> Iterator[tuple[str, Tensor, Tensor]]:
-    """``(path, Z, G)`` for every Propagate term reachable from ``s`` through Sums."""
-    from reml_fn.combinators import Propagate, Sum
+    """``(path, Z, G)`` for every Propagate or Grouped term reachable from ``s`` through Sums.
 
-    if isinstance(s, Propagate):
-        (z_name, g_name), (z, g) = s.names, s.children
-        yield prefix.rstrip("/"), z._build(params.get(z_name, {})), g._build(params.get(g_name, {}))
-    elif isinstance(s, Sum):
-        for name, child in s.items():
-            yield from propagate_terms(child, params.get(name, {}), f"{prefix}{name}/")
+    Dense matrices: for a Grouped term Z is its (n, m·k) design and G = I_m ⊗ Σ (for checks; the
+    engines use :func:`term_effects` and :func:`term_fitted`, which never form them).
+    """
+    from reml_fn.combinators import Grouped
+    from reml_fn.combinators.products import kron
+
+    for path, term, term_params in random_terms(s, params, prefix):
+        if isinstance(term, Grouped):
+            sigma = term.cov._build(term_params.get("cov", {}))
+            eye = torch.eye(term.num_groups, dtype=sigma.dtype, device=sigma.device)
+            yield path, term.design().to(sigma.dtype), kron(eye, sigma)
+        else:
+            (z_name, g_name), (z, g) = term.names, term.children
+            yield path, z._build(term_params.get(z_name, {})), g._build(term_params.get(g_name, {}))
+
+
+def term_effects(term, term_params: Mapping, Py: Tensor) -> Tensor:
+    """The BLUP û = G Zᵀ P y of one random term from P y (n,).
+
+    Shapes: (m, k) for a Grouped term (row g: the effects of group g, lme4's ``ranef`` layout);
+    (q,) for a Propagate term.
+    """
+    from reml_fn.combinators import Grouped
+
+    if isinstance(term, Grouped):
+        sigma = term.cov._build(term_params.get("cov", {}))
+        return term.sum_by_group(Py) @ sigma.transpose(-1, -2)
+    (z_name, g_name), (z, g) = term.names, term.children
+    Z, G = z._build(term_params.get(z_name, {})), g._build(term_params.get(g_name, {}))
+    return G @ (Z.transpose(-1, -2) @ Py)
+
+
+def term_fitted(term, term_params: Mapping, effects: Tensor) -> Tensor:
+    """Z û (n,) of one random term, with û shaped as :func:`term_effects` returns it."""
+    from reml_fn.combinators import Grouped
+
+    if isinstance(term, Grouped):
+        return term.expand(effects)
+    z_name, z = term.names[0], term.children[0]
+    return z._build(term_params.get(z_name, {})) @ effects
 
 
 class DenseEngine:
@@ -51,19 +105,20 @@ class DenseEngine:
         return factor.beta, torch.cholesky_inverse(factor.chol_xvx)
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
-        """û_i = G_i Z_iᵀ P y for every Propagate term, keyed by its path."""
+        """û_i = G_i Z_iᵀ P y for every Propagate or Grouped term, keyed by its path
+        ((m, k) for a Grouped term, (q,) for a Propagate term)."""
         factor = factorize(s._build(params), y, X)
         Py = torch.linalg.solve_triangular(
             factor.chol_v.transpose(-1, -2), factor.whitened_residual.unsqueeze(-1), upper=True
         ).squeeze(-1)
-        return {path: G @ (Z.transpose(-1, -2) @ Py) for path, Z, G in propagate_terms(s, params)}
+        return {path: term_effects(term, p, Py) for path, term, p in random_terms(s, params)}
 
     def fitted_random(self, s, params, y, X) -> Tensor:
         """Σ_i Z_i û_i, the random part of the conditional prediction."""
         effects = self.random_effects(s, params, y, X)
         total = torch.zeros_like(y)
-        for path, Z, _ in propagate_terms(s, params):
-            total = total + Z @ effects[path]
+        for path, term, p in random_terms(s, params):
+            total = total + term_fitted(term, p, effects[path])
         return total
 
 

@@ -139,7 +139,10 @@ class Parametric(Structure):
                 raw = torch.tensor(spec.default, dtype=dtype, device=device)
             else:
                 raw = params[spec.name]
-            natural[spec.name] = spec.transform.forward(raw)
+            # copy=True also casts the forward-mode tangent: under torch.func.jvp/jacfwd a Python float
+            # times a 0-d float32 tensor gets a float64 tangent (pytorch/functorch#1073), which leaks
+            # float64 Jacobians and breaks dtype-strict ops such as index_put (Unstructured).
+            natural[spec.name] = spec.transform.forward(raw).to(raw.dtype, copy=True)
         return natural
 
     def _build(self, params: Mapping) -> Tensor:

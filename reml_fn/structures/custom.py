@@ -40,11 +40,15 @@ def _make_specs(num_params, names, defaults, transforms) -> tuple[ParamSpec, ...
     k = len(names)
     if isinstance(defaults, (int, float)) and not isinstance(defaults, bool):
         defaults = [float(defaults)] * k
+    if not isinstance(defaults, (list, tuple)):
+        raise TypeError(f"defaults must be a number or a list of {k} numbers, got {type(defaults).__name__}")
     defaults = list(defaults)
     if len(defaults) != k:
         raise ValueError(f"expected {k} defaults, got {len(defaults)}")
     if transforms is None or isinstance(transforms, Transform):
         transforms = [transforms or Identity()] * k
+    if not isinstance(transforms, (list, tuple)):
+        raise TypeError(f"transforms must be a Transform or a list of {k}, got {type(transforms).__name__}")
     transforms = list(transforms)
     if len(transforms) != k:
         raise ValueError(f"expected {k} transforms, got {len(transforms)}")
@@ -121,6 +125,10 @@ class Custom(Parametric):
         if self.jacobian_function is not None:
             stacked = self.jacobian_function(x)
             expected = (len(self.specs), *self.out_shape)
+            if not isinstance(stacked, Tensor):
+                raise TypeError(
+                    f"Custom jacobian must return a tensor of shape {expected}, got {type(stacked).__name__}"
+                )
             if tuple(stacked.shape) != expected:
                 raise ValueError(f"Custom jacobian must return shape {expected}, got {tuple(stacked.shape)}")
         else:
