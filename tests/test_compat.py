@@ -445,6 +445,21 @@ def test_dtype_and_device_follow_the_input():
     assert op().dtype == F64
 
 
+@pytest.mark.parametrize("make, functional", CASES, ids=[type(f).__name__ for _, f in CASES])
+def test_float32_auto_grad_stays_float32(make, functional):
+    """Under jacfwd, a Python float times a 0-d float32 tensor has a float64 tangent
+    (pytorch/functorch#1073): Diagonal leaked float64 Jacobians and Unstructured crashed in
+    index_put before the core cast the natural parameters (structures/base.py)."""
+    m = make()
+    x = torch.linspace(-0.3, 0.4, m.num_free_params, dtype=torch.float32)
+    manual, _ = m.manual_grad(x)
+    for method in ("jacfwd", "jacrev"):
+        m.jacobian_method = method
+        auto, _ = m.auto_grad(x)
+        assert auto.dtype == torch.float32, method
+        torch.testing.assert_close(auto, manual, rtol=1e-4, atol=1e-5)
+
+
 def test_requires_grad_flows_through():
     x = t(0.5, 1.0, 1.0).requires_grad_()
     seed_op()(x).sum().backward()

@@ -6,12 +6,12 @@ Each iteration at θ (raw free parameters) computes the score s and average info
    floor with s_k < 0, a correlation at its limit pushing further);
 2. solves AI_ff Δ_f = s_f for the others (the AI-REML / Fisher-scoring direction) and measures
    the Newton decrement d = s_fᵀ Δ_f (≈ twice the log-likelihood still to gain);
-3. stops as converged when d < ``tol``;
-4. otherwise clamps each log/logit-scale step to ±``max_step``, clamps
-   θ + Δ to the bounds and accepts it if the log-likelihood does not decrease (and V stays
-   positive definite); else tries block steps (identity-scale parameters such as covariances
-   held, then moved alone), then retries all with Marquardt damping (AI + λ diag AI) Δ = s, λ growing tenfold;
-   λ shrinks again after each accepted step.
+3. stops as converged when d < ``tol``, after one last full AI step that polishes the digits;
+4. otherwise clamps each log/logit-scale step to ±``max_step`` and tries θ + tΔ (clamped to the
+   bounds) for t = 1, ½, ¼, then block steps (identity-scale parameters such as covariances held,
+   then moved alone) — :func:`candidate_steps` — accepting the first that does not decrease the
+   log-likelihood (and keeps V positive definite); if none does, all are retried with
+   Marquardt damping (AI + λ diag AI) Δ = s, λ growing tenfold; λ shrinks after each success.
 
 The returned parameters, β̂, log-likelihood, score and AI all belong to the same point.
 """
@@ -29,7 +29,7 @@ from reml_fn.fit.start import check_inputs, default_init, raw_bounds
 from reml_fn.params import as_params, constrain, flatten_params, param_names, unflatten_params
 from reml_fn.reml.engines import select_engine
 
-__all__ = ["fit", "ai_direction", "capped"]
+__all__ = ["fit", "ai_direction", "capped", "candidate_steps"]
 
 # A Newton decrement this small cannot be realised in float64 log-likelihoods of ordinary size.
 ROUNDOFF_DECREMENT = 1e-8
@@ -70,6 +70,29 @@ def capped(delta: Tensor, scaled: Tensor, max_step: float) -> Tensor:
     return torch.where(scaled, delta.clamp(-max_step, max_step), delta)
 
 
+# Backtracking fractions of the full (possibly damped) AI step tried before the block steps.
+STEP_FRACTIONS = (1.0, 0.5, 0.25)
+
+
+def candidate_steps(score: Tensor, ai: Tensor, active: Tensor, scaled: Tensor, damping, max_step: float):
+    """The steps one damping level tries, in order (pure; the same sequence for fit and
+    fit_batched): the capped AI step Δ(λ) at fractions 1, ½, ¼; then, when the model mixes
+    log/logit-scale and identity-scale parameters, the block step with the identity-scale ones
+    (covariances) held, which cannot push G out of the positive-definite cone while variances
+    are far off, and the block step moving those alone.
+
+    Yields ``(step, ok)`` pairs; ``ok`` is False where the reduced system was singular.
+    """
+    delta, _, ok = ai_direction(score, ai, active, damping)
+    delta = capped(delta, scaled, max_step)
+    for fraction in STEP_FRACTIONS:
+        yield fraction * delta, ok
+    mixed = scaled.any(-1) & ~scaled.all(-1)
+    for held in (active | ~scaled, active | scaled):
+        block, _, block_ok = ai_direction(score, ai, held, damping)
+        yield capped(block, scaled, max_step), block_ok & mixed
+
+
 def _active(theta, score, lower, upper):
     return ((theta <= lower) & (score < 0)) | ((theta >= upper) & (score > 0))
 
@@ -84,9 +107,9 @@ def fit(
     jacobian: str = "closed",
     engine: str = "auto",
     max_iter: int = 200,
-    tol: float = 1e-12,
+    tol: float = 1e-14,
     max_step: float = 3.0,
-    max_halvings: int = 30,
+    max_tries: int = 30,
     verbose: int = 0,
 ) -> FitResult:
     """Fit the REML linear mixed model y ~ N(Xβ, V(θ)) by AI-REML.
@@ -102,7 +125,8 @@ def fit(
         max_iter: iteration limit. tol: convergence threshold on the Newton decrement
             sᵀ AI⁻¹ s (≈ twice the log-likelihood still to gain).
         max_step: cap on each |Δθ_k| per iteration for log/logit-scale parameters.
-        max_halvings: how many increasingly damped steps to try per iteration.
+        max_tries: how many damping levels (each trying the steps of :func:`candidate_steps`)
+            per iteration before giving up.
         verbose: 0 silent; 1 a tqdm progress bar with the log-likelihood; 2 also a line per
             iteration.
 
@@ -134,14 +158,6 @@ def fit(
     lower, upper = raw_bounds(s, theta)
     scaled = torch.isfinite(lower) | torch.isfinite(upper)  # log- or logit-scale parameters
 
-    def holds(active: Tensor):
-        # The full step first; then block steps: identity-scale parameters (covariances) held,
-        # which cannot push G out of the PD cone while variances are far off; then those alone.
-        yield active
-        if bool(scaled.any()) and not bool(scaled.all()):
-            yield active | ~scaled
-            yield active | scaled
-
     def loglik(t: Tensor) -> Tensor:
         return chosen.loglik(s, unflatten_params(s, t), y, X)
 
@@ -164,20 +180,32 @@ def fit(
     damping = 0.0
     for _ in range(max_iter):
         active = _active(theta, current.score, lower, upper)
-        _, decrement, ok = ai_direction(current.score, current.ai, active)
+        step_now, decrement, ok = ai_direction(current.score, current.ai, active)
         if not bool(ok):
             status = 5
             break
         if float(decrement) < tol:
+            # One last full AI step polishes the estimates (AI-REML converges fast here; the
+            # decrement bounds the log-likelihood gap, not the parameters' last digits).
+            polished = torch.clamp(theta + step_now, lower, upper)
+            final = terms(polished)
+            if bool(torch.isfinite(final.loglik)) and float(final.loglik) >= float(current.loglik) - 1e-11 * (
+                1.0 + abs(float(current.loglik))
+            ):
+                history_step.append(polished - theta)
+                theta, current = polished, final
+                history_ll.append(current.loglik)
+                history_theta.append(theta)
             status = 0
             break
         accepted = None
         ll_now = float(current.loglik)
-        for _ in range(max_halvings):
-            for held in holds(active):
-                delta, _, ok = ai_direction(current.score, current.ai, held, damping)
-                candidate = torch.clamp(theta + capped(delta, scaled, max_step), lower, upper)
-                ll_candidate = float(loglik(candidate)) if bool(ok) else -math.inf
+        for _ in range(max_tries):
+            for step, ok in candidate_steps(current.score, current.ai, active, scaled, damping, max_step):
+                if not bool(ok):
+                    continue
+                candidate = torch.clamp(theta + step, lower, upper)
+                ll_candidate = float(loglik(candidate))
                 # Round-off allowance: near the optimum the log-likelihood is flat to ~1e-13 relative.
                 if math.isfinite(ll_candidate) and ll_candidate >= ll_now - 1e-11 * (1.0 + abs(ll_now)):
                     accepted = candidate
