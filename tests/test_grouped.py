@@ -64,7 +64,9 @@ def test_build_and_jacobian_equal_the_dense_propagate_form(case):
 def grouped_with_params(draw):
     k = draw(st.integers(1, 3))
     kinds = ["Scalar", "Diagonal", "Unstructured"] if k == 1 else ["Diagonal", "Unstructured"]
-    s = make(draw(st.integers(0, 10_000)), draw(st.integers(1, 9)), draw(st.integers(1, 4)), k, draw(st.sampled_from(kinds)))
+    s = make(
+        draw(st.integers(0, 10_000)), draw(st.integers(1, 9)), draw(st.integers(1, 4)), k, draw(st.sampled_from(kinds))
+    )
     values = draw(st.lists(st.floats(-1.5, 1.5), min_size=len(rf.param_names(s)), max_size=len(rf.param_names(s))))
     return s, rf.unflatten_params(s, torch.tensor(values))
 

@@ -76,52 +76,62 @@ def models() -> dict:
     t = torch.randn(n, 1, generator=generator)
     slope = torch.cat([torch.ones(n, 1), t], dim=1)
     Z = torch.randn(n, 3, generator=generator)
-    y = X @ torch.tensor([1.0, -0.5, 0.3]) + torch.randn(6, generator=generator)[g] + torch.randn(n, generator=generator)
-    return {
-        "random_intercept": (rf.Sum(subject=rf.Grouped(g), residual=rf.Scalar(n)), [0.2, -0.1]),
-        "intercept_and_slope": (
-            rf.Sum(subject=rf.Grouped(g, rf.Unstructured(2), covariates=slope), residual=rf.Scalar(n)),
-            [0.3, 0.25, -0.4, -0.2],
-        ),
-        "independent_slopes": (
-            rf.Sum(subject=rf.Grouped(g, rf.Diagonal(2), covariates=slope), residual=rf.Scalar(n)),
-            [0.3, -0.4, -0.2],
-        ),
-        "crossed": (rf.Sum(a=rf.Grouped(g), b=rf.Grouped(h), residual=rf.Scalar(n)), [0.3, -0.5, 0.1]),
-        "diagonal_residual": (
-            rf.Sum(subject=rf.Grouped(g), residual=rf.Diagonal(n)),
-            [0.1] + torch.linspace(-0.5, 0.5, n).tolist(),
-        ),
-        "scalar_plus_diagonal_residual": (
-            rf.Sum(subject=rf.Grouped(g), noise=rf.Scalar(n), residual=rf.Diagonal(n)),
-            [0.1, -1.0] + torch.linspace(-0.8, 0.2, n).tolist(),
-        ),
-        "propagate_and_grouped": (
-            rf.Sum(
-                subject=rf.Grouped(g, rf.Unstructured(2), covariates=slope),
-                marker=rf.Propagate(Z=Z, G=rf.Diagonal(3)),
-                block=rf.Grouped(h),
-                residual=rf.Scalar(n),
-                fixed_noise=rf.Identity(n),
+    y = (
+        X @ torch.tensor([1.0, -0.5, 0.3])
+        + torch.randn(6, generator=generator)[g]
+        + torch.randn(n, generator=generator)
+    )
+    return (
+        {
+            "random_intercept": (rf.Sum(subject=rf.Grouped(g), residual=rf.Scalar(n)), [0.2, -0.1]),
+            "intercept_and_slope": (
+                rf.Sum(subject=rf.Grouped(g, rf.Unstructured(2), covariates=slope), residual=rf.Scalar(n)),
+                [0.3, 0.25, -0.4, -0.2],
             ),
-            [0.2, 0.1, -0.3, -0.5, 0.0, -0.2, 0.1, -0.3],
-        ),
-        "propagate_only": (rf.Sum(marker=rf.Propagate(Z=Z, G=rf.Unstructured(3)), residual=rf.Scalar(n)), None),
-        "nested_sums_and_fixed": (
-            rf.fix(
-                rf.Sum(outer=rf.Sum(a=rf.Grouped(g), b=rf.Grouped(h)), residual=rf.Scalar(n)), "outer/b/cov/sigma^2", 0.7
+            "independent_slopes": (
+                rf.Sum(subject=rf.Grouped(g, rf.Diagonal(2), covariates=slope), residual=rf.Scalar(n)),
+                [0.3, -0.4, -0.2],
             ),
-            [0.3, 0.1],
-        ),
-        "large_propagate_block": (
-            rf.Sum(
-                subject=rf.Grouped(g),
-                marker=rf.Propagate(Z=torch.randn(n, 10, generator=generator), G=rf.CompoundSymmetric(10)),
-                residual=rf.Scalar(n),
+            "crossed": (rf.Sum(a=rf.Grouped(g), b=rf.Grouped(h), residual=rf.Scalar(n)), [0.3, -0.5, 0.1]),
+            "diagonal_residual": (
+                rf.Sum(subject=rf.Grouped(g), residual=rf.Diagonal(n)),
+                [0.1] + torch.linspace(-0.5, 0.5, n).tolist(),
             ),
-            [0.1, -0.3, 0.4, 0.0],
-        ),
-    }, y, X
+            "scalar_plus_diagonal_residual": (
+                rf.Sum(subject=rf.Grouped(g), noise=rf.Scalar(n), residual=rf.Diagonal(n)),
+                [0.1, -1.0] + torch.linspace(-0.8, 0.2, n).tolist(),
+            ),
+            "propagate_and_grouped": (
+                rf.Sum(
+                    subject=rf.Grouped(g, rf.Unstructured(2), covariates=slope),
+                    marker=rf.Propagate(Z=Z, G=rf.Diagonal(3)),
+                    block=rf.Grouped(h),
+                    residual=rf.Scalar(n),
+                    fixed_noise=rf.Identity(n),
+                ),
+                [0.2, 0.1, -0.3, -0.5, 0.0, -0.2, 0.1, -0.3],
+            ),
+            "propagate_only": (rf.Sum(marker=rf.Propagate(Z=Z, G=rf.Unstructured(3)), residual=rf.Scalar(n)), None),
+            "nested_sums_and_fixed": (
+                rf.fix(
+                    rf.Sum(outer=rf.Sum(a=rf.Grouped(g), b=rf.Grouped(h)), residual=rf.Scalar(n)),
+                    "outer/b/cov/sigma^2",
+                    0.7,
+                ),
+                [0.3, 0.1],
+            ),
+            "large_propagate_block": (
+                rf.Sum(
+                    subject=rf.Grouped(g),
+                    marker=rf.Propagate(Z=torch.randn(n, 10, generator=generator), G=rf.CompoundSymmetric(10)),
+                    residual=rf.Scalar(n),
+                ),
+                [0.1, -0.3, 0.4, 0.0],
+            ),
+        },
+        y,
+        X,
+    )
 
 
 MODELS_, Y, XMAT = models()
@@ -282,7 +292,11 @@ def test_vmap_of_grad_over_y():
     Ys = torch.stack([Y, 2.0 * Y, Y - 1.0])
     grads = torch.func.vmap(torch.func.grad(lambda p, y: MME.loglik(s, p, y, XMAT)), in_dims=(None, 0))(params, Ys)
     for b in range(3):
-        close(rf.flatten_params(s, tree_map(lambda v, b=b: v[b], grads)), MME.ai_terms(s, params, Ys[b], XMAT).score, 1e-10)
+        close(
+            rf.flatten_params(s, tree_map(lambda v, b=b: v[b], grads)),
+            MME.ai_terms(s, params, Ys[b], XMAT).score,
+            1e-10,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,7 +395,11 @@ def test_two_hundred_thousand_observations_in_linear_memory():
     n, m = 200_000, 500
     generator, X = simulate(11, n, p=3)
     group = codes(generator, n, m)
-    y = X @ torch.tensor([2.0, 1.0, -1.0]) + 0.7 * torch.randn(m, generator=generator)[group] + torch.randn(n, generator=generator)
+    y = (
+        X @ torch.tensor([2.0, 1.0, -1.0])
+        + 0.7 * torch.randn(m, generator=generator)[group]
+        + torch.randn(n, generator=generator)
+    )
     s = rf.Sum(subject=rf.Grouped(group), residual=rf.Scalar(n))
     assert select_engine(s).name == "mme"
     params = rf.unflatten_params(s, torch.tensor([math.log(0.7), 0.05]))

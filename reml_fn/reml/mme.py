@@ -108,7 +108,7 @@ def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
     columns: list[Tensor] = []
     for j in range(k):
         v = A[..., :, j]
-        for l, column in enumerate(columns):
+        for column in columns:
             v = v - column * column[..., j : j + 1]
         pivot = v[..., j]
         positive = pivot > tolerance
@@ -600,98 +600,151 @@ def _diag_p(fac: _Factor, n: int) -> Tensor:
     return fac.w - fac.w**2 * quadratic
 
 
+class _Variates(NamedTuple):
+    """The working variates v_j = V̇_j P y of the random-term parameters, v_j = Z a_j, by their
+    random-effect-space coefficients a_j: ``blocked`` (m, k, K) and ``rest`` (q_rest, K)."""
+
+    blocked: Tensor | None
+    rest: Tensor
+
+
+def _stack_columns(columns: list[Tensor], shape: tuple, like: Tensor) -> Tensor:
+    if not columns:
+        return like.new_zeros((*shape, 0))
+    return torch.stack(columns, dim=-1)
+
+
 def _score_and_ai(fac: _Factor, s, params: Mapping, y: Tensor, method: str) -> tuple[Tensor, Tensor]:
     n, p = y.shape[-1], fac.p
-    e = fac.e
-    quadratic, traces, variates = {}, {}, {}
+    e, w = fac.e, fac.w
+    q_rest = _rest_sizes(fac.rest)
+    quadratic, traces = {}, {}
+    random_names, blocked_columns, rest_columns = [], [], []
     trace_g_ztpz = torch.zeros((), dtype=y.dtype, device=y.device)  # Σ_t tr(G_t Z_tᵀPZ_t)
-
-    terms = ([fac.blocked] if fac.blocked is not None else []) + list(fac.rest)
+    ze_blocked, ze_rest = None, []  # Z_tᵀ P y = Z_tᵀ e per term
     rest_ztpz = _ztpz_rest(fac) if fac.rest else None
     offset = 0
-    for t in terms:
+    for t in ([fac.blocked] if fac.blocked is not None else []) + list(fac.rest):
         c = t.columns
         if t is fac.blocked:
             ztpz = _ztpz_blocked(fac)
+            ze = _segment_sum(c.codes, c.x * e.unsqueeze(-1), c.m)  # (m, k)
+            ze_blocked = ze
         else:
-            block = rest_ztpz[..., offset : offset + c.size, offset : offset + c.size]
-            offset += c.size
-            if t.grouped:
-                block = torch.diagonal(block.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
-            ztpz = block
+            ztpz = rest_ztpz[..., offset : offset + c.size, offset : offset + c.size]
+            if t.grouped:  # Σ over groups of the k×k diagonal blocks
+                ztpz = torch.diagonal(ztpz.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
+            ze = _transpose_times(c, e)  # (q_t,)
+            ze_rest.append(ze)
         trace_g_ztpz = trace_g_ztpz + (t.block * ztpz.transpose(-1, -2)).sum((-1, -2))
         derivatives = list(_flatten_tree(_child_derivatives(t.child, t.child_params, method), t.prefix))
-        if not derivatives:
-            continue
-        names = [name for name, _ in derivatives]
-        stack = torch.stack([dv.to(y.dtype) for _, dv in derivatives])  # (K_t, k, k) or (K_t, q, q)
-        if t.grouped:
-            ze = _segment_sum(c.codes, c.x * e.unsqueeze(-1), c.m)  # (m, k) = Z_tᵀ e by group
-            projected = torch.einsum("gk,jkl->jgl", ze, stack)  # (K_t, m, k)
-            quad = (projected * ze).sum((-1, -2))
-            work = (c.x * projected[:, c.codes]).sum(-1)  # (K_t, n)
-        else:
-            ze = c.dense.transpose(-1, -2) @ e
-            projected = stack @ ze  # (K_t, q)
-            quad = projected @ ze
-            work = projected @ c.dense.transpose(-1, -2)  # (K_t, n)
-        trace = (stack * ztpz.transpose(-1, -2)).sum((-1, -2))
-        for j, name in enumerate(names):
-            quadratic[name], traces[name], variates[name] = quad[j], trace[j], work[j]
+        for name, derivative in derivatives:
+            derivative = derivative.to(y.dtype)
+            if t.grouped:
+                blocks = ze.reshape(c.m, c.k)
+                a = blocks @ derivative.transpose(-1, -2)  # row g: Σ̇ ze_g, (m, k)
+                quadratic[name] = (a * blocks).sum((-1, -2))
+            else:
+                a = derivative @ ze
+                quadratic[name] = (a * ze).sum(-1)
+            traces[name] = (derivative * ztpz.transpose(-1, -2)).sum((-1, -2))
+            random_names.append(name)
+            if t is fac.blocked:
+                blocked_columns.append(a)
+                rest_columns.append(y.new_zeros(q_rest))
+            else:
+                if fac.blocked is not None:
+                    blocked_columns.append(y.new_zeros(fac.blocked.columns.m, fac.blocked.columns.k))
+                rest_columns.append(F.pad(a.reshape(c.size), (offset, q_rest - offset - c.size)))
+        if t is not fac.blocked:
+            offset += c.size
+    blocked_shape = (fac.blocked.columns.m, fac.blocked.columns.k) if fac.blocked is not None else ()
+    variates = _Variates(
+        _stack_columns(blocked_columns, blocked_shape, y) if fac.blocked is not None else None,
+        _stack_columns(rest_columns, (q_rest,), y),
+    )
 
     residual = fac.residual
-    if residual.derivatives:
-        if residual.r.dim() == 0:
-            # R = σ²I: tr(P) from tr(PV) = n − p, no diagonal of P needed.
-            trace_p = (n - p - trace_g_ztpz) / torch.where(residual.r > 0, residual.r, torch.ones_like(residual.r))
-            squares = (e * e).sum(-1)
-        else:
-            diag_p = _diag_p(fac, n)
+    residual_names = [name for name, _ in residual.derivatives]
+    if residual.r.dim() == 0:
+        # R = σ²I: every residual variate is a multiple ṙ_j e of e = Py; tr(P) from tr(PV) = n − p.
+        trace_p = (n - p - trace_g_ztpz) / torch.where(residual.r > 0, residual.r, torch.ones_like(residual.r))
+        squares = (e * e).sum(-1)
         for name, dr in residual.derivatives:
-            if dr.dim() == 0:
-                quadratic[name], traces[name] = dr * squares, dr * trace_p
-            else:
-                quadratic[name], traces[name] = (dr * e * e).sum(-1), (dr * diag_p).sum(-1)
-            variates[name] = dr * e
+            quadratic[name], traces[name] = dr * squares, dr * trace_p
+        residual_vectors = e.unsqueeze(-1)
+        ze_r_blocked = ze_blocked.unsqueeze(-1) * w if ze_blocked is not None else None
+        ze_r_rest = torch.cat([z * w for z in ze_rest]).unsqueeze(-1) if ze_rest else y.new_zeros(0, 1)
+        gram_rr = (squares * w).reshape(1, 1)
+        mixing_residual = [dr.reshape(1) for _, dr in residual.derivatives]
+    else:
+        diag_p = _diag_p(fac, n) if residual.derivatives else None
+        for name, dr in residual.derivatives:
+            quadratic[name], traces[name] = (dr * e * e).sum(-1), (dr * diag_p).sum(-1)
+        residual_vectors = _stack_columns([dr * e for _, dr in residual.derivatives], (n,), y)
+        weighted = w.unsqueeze(-1) * residual_vectors
+        ze_r_blocked, ze_r_rest = None, y.new_zeros(0, residual_vectors.shape[-1])
+        if fac.blocked is not None:
+            b = fac.blocked.columns
+            ze_r_blocked = _segment_sum(b.codes, b.x.unsqueeze(-1) * weighted.unsqueeze(-2), b.m)
+        if fac.rest:
+            ze_r_rest = torch.cat([_transpose_times(t.columns, weighted) for t in fac.rest], dim=-2)
+        gram_rr = residual_vectors.transpose(-1, -2) @ weighted
+        count = len(residual.derivatives)
+        mixing_residual = [F.one_hot(torch.tensor(j), count).to(y.dtype) for j in range(count)]
 
     names = param_names(s)
     if not names:
         return y.new_zeros(0), y.new_zeros(0, 0)
     score = 0.5 * (torch.stack([quadratic[k] for k in names]) - torch.stack([traces[k] for k in names]))
-    ai = 0.5 * _p_inner_products(fac, torch.stack([variates[k] for k in names], dim=-1))
+    inner = _p_inner_products(fac, variates, residual_vectors, ze_r_blocked, ze_r_rest, gram_rr)
+    # Each parameter's working variate as a combination of the columns [Z a_1 … Z a_K, residual vectors].
+    K_random, K_columns = len(random_names), inner.shape[-1]
+    rows = {name: F.one_hot(torch.tensor(j), K_columns).to(y.dtype) for j, name in enumerate(random_names)}
+    for name, mix in zip(residual_names, mixing_residual):
+        rows[name] = F.pad(mix, (K_random, 0))
+    mixing = torch.stack([rows[k] for k in names])  # (K, K_columns)
+    ai = 0.5 * mixing @ inner @ mixing.transpose(-1, -2)
     ai = 0.5 * (ai + ai.transpose(-1, -2))
     return score, ai
 
 
-def _p_inner_products(fac: _Factor, V: Tensor) -> Tensor:
-    """Vᵀ P V (K×K) for V (n, K), as ρᵀR⁻¹ρ + ũᵀũ with the MME solution for each column."""
-    w = fac.w
-    weighted = _weigh(w, V)
-    q_rest = _rest_sizes(fac.rest)
-    rs_parts = [_lam_full(t).transpose(-1, -2) @ _transpose_times(t.columns, weighted) for t in fac.rest]
-    rs_parts.append(fac.xy.dense[..., : fac.p].transpose(-1, -2) @ weighted)
-    rs = _rescale(w, torch.cat(rs_parts, dim=-2))  # (d, K)
+def _p_inner_products(fac: _Factor, variates: _Variates, residual_vectors, ze_r_blocked, ze_r_rest, gram_rr) -> Tensor:
+    """SᵀPS for the columns S = [Z A, V_r] (random-term variates by their coefficients A, then the
+    residual variates V_r (n, K_r)) as SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², from q-space quantities:
+    ZᵀR⁻¹Z A from the cross products, and ZᵀR⁻¹V_r (``ze_r_*``), V_rᵀR⁻¹V_r (``gram_rr``) given."""
+    q_rest, d, p = _rest_sizes(fac.rest), fac.L_ss.shape[-1], fac.p
+    A_b, A_r = variates
+    C_rr = fac.C_ss[..., :q_rest, :q_rest]
+    C_xr = fac.C_ss[..., q_rest:d, :q_rest]
+    CA_r = C_rr @ A_r  # ZᵀR⁻¹Z A, rest rows
+    XA = C_xr @ A_r  # XᵀR⁻¹Z A
+    if fac.blocked is not None:
+        C_b_rest, C_b_x = fac.C_bs[..., :q_rest], fac.C_bs[..., q_rest:d]
+        CA_b = fac.C_bb @ A_b + torch.einsum("gkc,cj->gkj", C_b_rest, A_r)
+        CA_r = CA_r + torch.einsum("gkc,gkj->cj", C_b_rest, A_b)
+        XA = XA + torch.einsum("gkx,gkj->xj", C_b_x, A_b)
+    gram_aa = A_r.transpose(-1, -2) @ CA_r
+    gram_ar = A_r.transpose(-1, -2) @ ze_r_rest
+    if fac.blocked is not None:
+        gram_aa = gram_aa + torch.einsum("gkj,gkl->jl", A_b, CA_b)
+        gram_ar = gram_ar + torch.einsum("gkj,gkl->jl", A_b, ze_r_blocked)
+    gram = torch.cat(
+        [torch.cat([gram_aa, gram_ar], dim=-1), torch.cat([gram_ar.transpose(-1, -2), gram_rr], dim=-1)], dim=-2
+    )
+    x = fac.xy.dense[..., :p]
+    x_r = _rescale(fac.w, x.transpose(-1, -2) @ _weigh(fac.w, residual_vectors))  # XᵀR⁻¹V_r
+    rs = fac.lam_s.transpose(-1, -2) @ torch.cat(
+        [torch.cat([CA_r, ze_r_rest], dim=-1), torch.cat([XA, x_r], dim=-1)], dim=-2
+    )
     rb = None
     if fac.blocked is not None:
-        b = fac.blocked
-        sums = _segment_sum(b.columns.codes, b.columns.x.unsqueeze(-1) * weighted.unsqueeze(-2), b.columns.m)
-        rb = b.lam.transpose(-1, -2) @ _rescale(w, sums)
+        rb = fac.blocked.lam.transpose(-1, -2) @ torch.cat([CA_b, ze_r_blocked], dim=-1)
     ab, as_ = _forward(fac, rb, rs)
-    zb, zs = _backward(fac, ab, as_)
-    fitted = fac.xy.dense[..., : fac.p] @ zs[..., q_rest:, :]
-    penalty = zs[..., :q_rest, :].transpose(-1, -2) @ zs[..., :q_rest, :]
-    offset = 0
-    for t in fac.rest:
-        size = t.columns.size
-        fitted = fitted + _times(t.columns, _lam_full(t) @ zs[..., offset : offset + size, :])
-        offset += size
-    if fac.blocked is not None:
-        b = fac.blocked
-        effects = b.lam @ zb  # (m, k, K)
-        fitted = fitted + _times(b.columns, effects.reshape(b.columns.size, -1))
-        penalty = penalty + torch.einsum("gkc,gke->ce", zb, zb)
-    rho = V - fitted
-    return _rescale(w, rho.transpose(-1, -2) @ _weigh(w, rho)) + penalty
+    projection = as_.transpose(-1, -2) @ as_
+    if ab is not None:
+        projection = projection + torch.einsum("gkj,gkl->jl", ab, ab)
+    return gram - projection
 
 
 # ------------------------------------------------------------------------------------------------

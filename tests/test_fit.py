@@ -1,0 +1,136 @@
+"""The AI-REML driver: default starts, AR(1) from ρ = 0, FitResult, verbose output, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import optree
+import pytest
+import torch
+import torch.utils._pytree as torch_pytree
+
+import reml_fn as rf
+from reml_fn import datasets
+from reml_fn.design import indicator_matrix
+
+
+def peer_sim():
+    d = datasets.load("peer_sim")
+    y, n = d["y"], len(d["y"])
+    X = torch.stack([torch.ones(n), d["x1"]], 1)
+    Z1, _ = indicator_matrix(d["g1"])
+    return y, X, Z1
+
+
+def test_ar1_residual_fit_from_the_default_start():
+    """torch-openreml crashes here (NaN AR(1) Jacobian at ρ = 0); its fit from a hand-picked start
+    (inventory §8.1) gives θ̂ = [0.0011996, −0.2856694, 0.6949833], loglik −24.673456 (no constant,
+    with its 1e-6 jitter)."""
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), R=rf.AR1(60))
+    result = rf.fit(s, y, X)
+    assert bool(result.converged)
+    theta = rf.flatten_params(s, result.params)
+    assert torch.allclose(
+        theta, torch.tensor([0.0011996470393052276, -0.28566938397818625, 0.6949832615524528]), atol=2e-4
+    )
+    constant = 0.5 * (60 - 2) * math.log(2 * math.pi)
+    assert float(result.loglik) == pytest.approx(-24.67345646420823 - constant, abs=1e-5)
+    assert result.engine == "dense"
+
+
+def test_fit_result_is_a_pytree_and_prints_a_summary():
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), residual=rf.Scalar(60))
+    result = rf.fit(s, y, X, x_names=["(Intercept)", "x1"])
+    leaves, spec = torch_pytree.tree_flatten(result)
+    again = torch_pytree.tree_unflatten(leaves, spec)
+    assert again.names == result.names and again.engine == result.engine and torch.equal(again.beta, result.beta)
+    assert len(optree.tree_leaves(result, namespace="reml_fn")) == len(leaves)
+    text = str(result)
+    for piece in ("REML criterion at convergence", "g/G/sigma^2", "residual/sigma^2", "(Intercept)", "x1", "logLik"):
+        assert piece in text
+    assert repr(result).startswith("FitResult(loglik=")
+    assert result.natural["g"]["G"]["sigma^2"] == pytest.approx(
+        float(rf.constrain(s, result.params)["g"]["G"]["sigma^2"])
+    )
+    assert torch.allclose(result.se_beta, torch.diagonal(result.vcov_beta).sqrt())
+    assert float(result.aic) == pytest.approx(float(result.reml_criterion) + 2 * (2 + 2))
+    assert float(result.bic) == pytest.approx(float(result.reml_criterion) + 4 * math.log(60))
+
+
+def test_verbose_levels(capsys):
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), residual=rf.Scalar(60))
+    rf.fit(s, y, X, verbose=2)
+    captured = capsys.readouterr()
+    assert "iter   1  logLik" in captured.out + captured.err
+    rf.fit(s, y, X, verbose=0)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_init_tree_and_flat_give_the_same_fit():
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), residual=rf.Scalar(60))
+    flat = torch.tensor([0.3, -0.4])
+    a = rf.fit(s, y, X, init=flat)
+    b = rf.fit(s, y, X, init=rf.unflatten_params(s, flat))
+    assert torch.equal(a.history["params"][0], flat)
+    assert torch.equal(a.beta, b.beta)
+
+
+def test_iteration_limit_is_reported():
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), residual=rf.Scalar(60))
+    result = rf.fit(s, y, X, max_iter=1)
+    assert not bool(result.converged) and int(result.status) == 1
+    assert "iteration limit" in result.message and int(result.n_iter) == 1
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ("nan_y", ValueError, r"y contains NaN or inf at positions \[3\]"),
+        ("inf_X", ValueError, r"X contains NaN or inf \(rows \[5\], columns \[1\]\)"),
+        ("short_y", ValueError, "rows but y has"),
+        ("rank", ValueError, r"rank deficient: column\(s\) \['x1 copy'\]"),
+        ("exact", ValueError, "exact linear function"),
+        ("names", ValueError, "x_names has 1 names"),
+        ("init_tree", ValueError, r"missing \['residual/sigma\^2'\]"),
+        ("init_length", ValueError, "length 2"),
+        ("not_pd", ValueError, "not positive definite at the starting point.*init="),
+    ],
+)
+def test_bad_input_is_rejected_before_iterating(change, error, match):
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), residual=rf.Scalar(60))
+    kwargs = {}
+    names = ["(Intercept)", "x1"]
+    if change == "nan_y":
+        y = y.clone()
+        y[3] = float("nan")
+    elif change == "inf_X":
+        X = X.clone()
+        X[5, 1] = float("inf")
+    elif change == "short_y":
+        y = y[:-1]
+    elif change == "rank":
+        X = torch.cat([X, X[:, 1:] * 2.0], 1)
+        names = ["(Intercept)", "x1", "x1 copy"]
+    elif change == "exact":
+        y = X @ torch.tensor([1.0, 2.0])
+    elif change == "names":
+        names = ["(Intercept)"]
+    elif change == "init_tree":
+        kwargs["init"] = {"g": {"G": {"sigma^2": torch.tensor(0.0)}}}
+    elif change == "init_length":
+        kwargs["init"] = torch.zeros(3)
+    elif change == "not_pd":
+        s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Unstructured(10)), residual=rf.Scalar(60))
+        init = rf.flatten_params(s, s.init_params())
+        init[-1] = -30.0  # residual variance e^{-60}; G's covariance drives V indefinite
+        init[1] = 5.0
+        kwargs["init"] = init
+    with pytest.raises(error, match=match):
+        rf.fit(s, y, X, x_names=names, **kwargs)
