@@ -156,7 +156,12 @@ def _loglik_delta(result: dict[str, Any], reference: dict[str, Any]) -> str:
     if mine is not None and theirs is not None:
         m = min(len(mine), len(theirs))
         delta = np.abs(mine[:m] - theirs[:m])
-        return f"max {delta.max():.1e} ({int((delta > LOGLIK_TOL).sum())}/{m} > {LOGLIK_TOL:g})"
+        ok = np.isfinite(delta)
+        if not ok.any():
+            return "all failed"
+        text = f"max {delta[ok].max():.1e} ({int((delta[ok] > LOGLIK_TOL).sum())}/{m} > {LOGLIK_TOL:g}"
+        failed = int((~np.isfinite(mine[:m])).sum())
+        return text + (f", {failed} failed)" if failed else ")")
     if "loglik" in result and "loglik" in reference:
         return f"{result['loglik'] - reference['loglik']:+.1e}"
     return "–"
@@ -216,15 +221,25 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json", help="raw results (JSON)")
     parser.add_argument("--no-reml-fn", action="store_true", help="peers only")
+    parser.add_argument(
+        "--update", action="store_true", help="merge into an existing --out file (rerun some peers/cases only)"
+    )
     args = parser.parse_args()
 
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     columns = ([] if args.no_reml_fn else ["reml_fn"]) + peers
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine_info(), "args": vars(args) | {"out": str(args.out)}, "cases": {}}
+    if args.update and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        report["cases"] = previous.get("cases", {})
+        report["earlier_runs"] = previous.get("earlier_runs", []) + [
+            {"machine": previous.get("machine"), "args": previous.get("args")}
+        ]
     for name in resolve_cases(args.cases):
         case = make_case(name)
-        row: dict[str, Any] = {"n": case.n, "q": case.q, "p": case.p, "description": case.description}
+        row: dict[str, Any] = report["cases"].get(name, {})
+        row |= {"n": case.n, "q": case.q, "p": case.p, "description": case.description}
         if not args.no_reml_fn:
             wait_for_idle(args.wait_idle)
             row["reml_fn"] = time_reml_fn(case, args.repeats)
@@ -236,7 +251,8 @@ def main() -> None:
             print(f"[{name}] {PEER_LABELS.get(peer, peer)}: {status}", file=sys.stderr, flush=True)
         report["cases"][name] = row
         args.out.write_text(json.dumps(report, indent=1, default=str))
-    print(tables(report["cases"], columns))
+    all_columns = [c for c in ["reml_fn", *PEERS] if any(c in row for row in report["cases"].values())]
+    print(tables(report["cases"], all_columns if args.update else columns))
 
 
 def _run_one(peer: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from reml_fn.combinators import (
     Transpose,
     mixed_model,
 )
-from reml_fn.fit import FitResult, fit
+from reml_fn.fit import FitResult, fit, fit_batched
 from reml_fn.jacobian import jacobian, jacobian_stack
 from reml_fn.params import (
     ParamSpec,
@@ -110,6 +110,7 @@ __all__ = [
     "predict",
     "residuals",
     "fit",
+    "fit_batched",
     "mixed_model",
     "FitResult",
 ]

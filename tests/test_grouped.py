@@ -94,6 +94,7 @@ def test_labels_are_coded_by_sorted_levels():
     assert s.codes.tolist() == [1, 2, 0, 1]
     numeric = rf.Grouped(np.array([30, 10, 30]))
     assert numeric.levels == (10, 30) and numeric.codes.tolist() == [1, 0, 1]
+    assert_pytree_roundtrip(s)
     tensor_codes = rf.Grouped(torch.tensor([2, 0]), num_groups=5)
     assert tensor_codes.levels is None and tensor_codes.num_groups == 5 and tensor_codes.q == 5
     close(tensor_codes(), torch.eye(2))

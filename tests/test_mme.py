@@ -6,8 +6,10 @@ n = 200,000 where the dense V would need 320 GB."""
 from __future__ import annotations
 
 import math
-import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +150,7 @@ def test_mme_equals_dense(name):
         close(other.score, terms.score, 1e-12)
         close(other.ai, terms.ai, 1e-12)
     close(rf.ai_terms(s, params, Y, XMAT, trace="hutchpp", engine="mme").score, terms.score, 0)
+    close(MME.jacobian_traces(s, params), DENSE.jacobian_traces(s, params), 1e-12)
 
 
 def test_blup_shapes():
@@ -276,6 +279,41 @@ def test_vmap_over_params_and_diagonal_residual_equals_a_loop():
         close(batched.loglik[b], single.loglik, 1e-12)
         close(batched.score[b], single.score, 1e-12)
         close(batched.ai[b], single.ai, 1e-12)
+
+
+def test_vmap_over_the_structure_data_leaves():
+    s, values = MODELS_["crossed"]
+    params = rf.unflatten_params(s, torch.tensor(values))
+    generator = torch.Generator().manual_seed(5)
+    n = Y.shape[0]
+    codes_a = torch.randint(0, 6, (3, n), generator=generator)
+    covariates_b = 1.0 + torch.rand(3, n, 1, generator=generator)
+
+    def loglik(codes_a, covariates_b):
+        a = rf.replace(s["a"], codes=codes_a)
+        b = rf.replace(s["b"], covariates=covariates_b)
+        return MME.ai_terms(rf.Sum(a=a, b=b, residual=s["residual"]), params, Y, XMAT)
+
+    batched = torch.func.vmap(loglik)(codes_a, covariates_b)
+    for i in range(3):
+        single = loglik(codes_a[i], covariates_b[i])
+        close(batched.loglik[i], single.loglik, 1e-12)
+        close(batched.ai[i], single.ai, 1e-12)
+        structure = rf.Sum(
+            a=rf.replace(s["a"], codes=codes_a[i]),
+            b=rf.replace(s["b"], covariates=covariates_b[i]),
+            residual=s["residual"],
+        )
+        close(single.loglik, DENSE.loglik(structure, params, Y, XMAT))
+
+
+def test_float32_follows_the_data():
+    s, values = MODELS_["intercept_and_slope"]
+    params = tree_map(lambda v: v.float(), rf.unflatten_params(s, torch.tensor(values)))
+    terms = rf.ai_terms(s, params, Y.float(), XMAT.float())
+    assert terms.loglik.dtype == terms.ai.dtype == torch.float32
+    expected = rf.ai_terms(s, rf.unflatten_params(s, torch.tensor(values)), Y, XMAT)
+    close(terms.loglik.double(), expected.loglik, 1e-5)
 
 
 @pytest.mark.parametrize("name", ["intercept_and_slope", "crossed", "propagate_and_grouped", "diagonal_residual"])
@@ -414,5 +452,30 @@ def test_two_hundred_thousand_observations_in_linear_memory():
     gradient = torch.func.grad(lambda p: MME.loglik(s, p, y, X))(params)
     close(rf.flatten_params(s, gradient), terms.score, 1e-8)
     assert elapsed < 20.0
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-    assert peak_gb < 4.0, f"peak RSS {peak_gb:.1f} GB"
+
+
+MEMORY_SCRIPT = """
+import resource, torch, reml_fn as rf
+torch.set_default_dtype(torch.float64)
+n, m = 200_000, 500
+g = torch.Generator().manual_seed(0)
+group = torch.randint(0, m, (n,), generator=g)
+X = torch.cat([torch.ones(n, 1), torch.randn(n, 2, generator=g)], dim=1)
+y = X.sum(1) + torch.randn(m, generator=g)[group] + torch.randn(n, generator=g)
+s = rf.Sum(subject=rf.Grouped(group), residual=rf.Scalar(n))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rf.reml_loglik(s, None, y, X)
+rf.ai_terms(s, None, y, X)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3)  # kB -> MB
+"""
+
+
+def test_memory_stays_linear_in_n():
+    # A fresh process: the peak RSS of this one reflects whatever ran before.
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=120, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    growth_mb = float(result.stdout.strip().splitlines()[-1])
+    assert growth_mb < 500, f"peak RSS grew by {growth_mb:.0f} MB (a dense V would need 320 GB)"

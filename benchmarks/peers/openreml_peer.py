@@ -183,18 +183,27 @@ def main() -> None:
         }
     else:
         responses = torch.tensor(peer_io.read_responses(args.responses))
-        iterations: list[int] = []
+        iterations: dict[int, int] = {}
+        failures: dict[int, str] = {}
 
         def fit_one(b: int) -> float:
-            result = fit(model, responses[b], x, theta0)
-            iterations.append(result["n_iter"])
+            # AI steps without step control can leave the PD region (inventory §9.9): record, go on.
+            try:
+                result = fit(model, responses[b], x, theta0)
+            except (torch.linalg.LinAlgError, RuntimeError) as exc:
+                failures[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                return float("nan")
+            iterations[b] = result["n_iter"]
             return result["loglik"]
 
         batch = peer_io.time_batch(fit_one, responses.shape[0], args.budget)
         out |= peer_io.finish_batch(batch, args.logliks_out)
         out["loop"] = "one MarginalREML model, optimize(y_b, X, θ₀) per response"
-        out["n_iter_mean"] = float(np.mean(iterations[1:])) if len(iterations) > 1 else None
-        out["n_iter_max"] = max(iterations)
+        out["n_iter_mean"] = float(np.mean(list(iterations.values()))) if iterations else None
+        out["n_iter_max"] = max(iterations.values(), default=None)
+        out["n_iter_at_max_iter"] = sum(it >= 200 for it in iterations.values())
+        out["failed_fits"] = sorted(failures)
+        out["failure_messages"] = sorted(set(failures.values()))[:5]
     out["peak_rss_mb"] = peer_io.proc_status_mb("VmHWM")
     peer_io.emit(out)
 

@@ -160,13 +160,18 @@ def time_batch(fit_one: Callable[[int], float], n_fits: int, budget: float, prob
 
 
 def finish_batch(result: dict[str, Any], logliks_out: Path | None) -> dict[str, Any]:
-    """Move the logLik list out of ``result`` into a summary (and into ``logliks_out`` when given)."""
+    """Move the logLik list out of ``result`` into a summary (and into ``logliks_out`` when given).
+
+    Failed fits are NaN in the list and the file; the summary statistics skip them.
+    """
     logliks = np.asarray(result.pop("logliks"), dtype=np.float64)
+    finite = logliks[np.isfinite(logliks)]
     result["logliks_summary"] = {
         "first": float(logliks[0]),
-        "mean": float(logliks.mean()),
-        "min": float(logliks.min()),
-        "max": float(logliks.max()),
+        "mean": float(finite.mean()) if finite.size else None,
+        "min": float(finite.min()) if finite.size else None,
+        "max": float(finite.max()) if finite.size else None,
+        "n_failed": int(logliks.size - finite.size),
     }
     if logliks_out is not None:
         np.savetxt(logliks_out, logliks, fmt="%.17g")

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from reml_fn.params import ParamSpec
-from reml_fn.structures.base import Structure
+from reml_fn.structures.base import Structure, first_leaf
 from reml_fn.structures.fixed import Fixed
 from reml_fn.tree import replace
 
@@ -109,6 +109,15 @@ class Combinator(Structure):
     def items(self):
         """``(name, child)`` pairs in order."""
         return zip(self.names, self.children)
+
+    def _build_child(self, name: str, child: Structure, params: Mapping) -> Tensor:
+        """Build one child; a child without parameters of its own (Identity, Fixed, a tensor
+        operand) follows the dtype and device of the parent's parameters, as if it had some."""
+        value = child._build(child_params(params, name))
+        reference = first_leaf(params)
+        if reference is not None and (value.dtype != reference.dtype or value.device != reference.device):
+            value = value.to(dtype=reference.dtype, device=reference.device)
+        return value
 
     def _children_jacobians(self, params: Mapping) -> dict[str, dict]:
         """Each child's closed-form Jacobian tree, for children with free parameters."""

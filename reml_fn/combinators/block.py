@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reml_fn.combinators.base import Combinator, child_params, named_children, shapes_text, tree_map
+from reml_fn.combinators.base import Combinator, named_children, shapes_text, tree_map
 from reml_fn.structures.base import Structure, set_fields
 from reml_fn.tree import static, structure
 
@@ -40,7 +40,7 @@ class _Blocks(Combinator):
         return F.pad(block, self._padding()[index])
 
     def _build(self, params: Mapping) -> Tensor:
-        blocks = [child._build(child_params(params, name)) for name, child in self.items()]
+        blocks = [self._build_child(name, child, params) for name, child in self.items()]
         return self._assemble(blocks)
 
     def _assemble(self, blocks: list[Tensor]) -> Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from reml_fn.combinators.base import Combinator, child_params, named_children, shapes_text, tree_map
+from reml_fn.combinators.base import Combinator, named_children, shapes_text, tree_map
 from reml_fn.structures.base import Structure, set_fields
 from reml_fn.tree import static, structure
 
@@ -57,7 +57,7 @@ class _Bilinear(Combinator):
         raise NotImplementedError
 
     def _operands(self, params: Mapping) -> list[Tensor]:
-        return [child._build(child_params(params, name)) for name, child in self.items()]
+        return [self._build_child(name, child, params) for name, child in self.items()]
 
     def _build(self, params):
         a, b = self._operands(params)

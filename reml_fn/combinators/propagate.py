@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from reml_fn.combinators.base import Combinator, child_params, named_children, tree_map
+from reml_fn.combinators.base import Combinator, named_children, tree_map
 from reml_fn.structures.base import Structure, set_fields
 from reml_fn.tree import static, structure
 
@@ -51,14 +51,14 @@ class Propagate(Combinator):
 
     def _build(self, params):
         (z_name, g_name), (z_struct, g_struct) = self.names, self.children
-        Z = z_struct._build(child_params(params, z_name))
-        G = g_struct._build(child_params(params, g_name))
+        Z = self._build_child(z_name, z_struct, params)
+        G = self._build_child(g_name, g_struct, params)
         return Z @ G @ Z.transpose(-1, -2)
 
     def _jacobian(self, params):
         (z_name, g_name), (z_struct, g_struct) = self.names, self.children
-        Z = z_struct._build(child_params(params, z_name))
-        G = g_struct._build(child_params(params, g_name))
+        Z = self._build_child(z_name, z_struct, params)
+        G = self._build_child(g_name, g_struct, params)
         children = self._children_jacobians(params)
         out = {}
         if z_name in children:

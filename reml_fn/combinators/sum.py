@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reml_fn.combinators.base import Combinator, child_params, named_children, shapes_text
+from reml_fn.combinators.base import Combinator, named_children, shapes_text
 from reml_fn.structures.base import Structure, set_fields
 from reml_fn.tree import static, structure
 
@@ -40,7 +40,7 @@ class Sum(Combinator):
     def _build(self, params):
         total = None
         for name, child in self.items():
-            value = child._build(child_params(params, name))
+            value = self._build_child(name, child, params)
             total = value if total is None else total + value
         return total
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from reml_fn.combinators.base import Combinator, child_params, named_children, shapes_text, tree_map
+from reml_fn.combinators.base import Combinator, named_children, shapes_text, tree_map
 from reml_fn.structures.base import Structure, set_fields
 from reml_fn.tree import static, structure
 
@@ -28,7 +28,7 @@ class _Unary(Combinator):
 
     def _operand(self, params: Mapping) -> Tensor:
         (name,), (child,) = self.names, self.children
-        return child._build(child_params(params, name))
+        return self._build_child(name, child, params)
 
     def _build(self, params):
         return self._apply(self._operand(params))

@@ -29,7 +29,7 @@ from reml_fn.fit.start import check_inputs, default_init, raw_bounds
 from reml_fn.params import as_params, constrain, flatten_params, param_names, unflatten_params
 from reml_fn.reml.engines import select_engine
 
-__all__ = ["fit", "ai_direction", "capped", "candidate_steps"]
+__all__ = ["fit", "ai_direction", "capped", "candidate_steps", "accepts", "relaxed", "stiffened", "stalled_status"]
 
 # A Newton decrement this small cannot be realised in float64 log-likelihoods of ordinary size.
 ROUNDOFF_DECREMENT = 1e-8
@@ -97,6 +97,31 @@ def _active(theta, score, lower, upper):
     return ((theta <= lower) & (score < 0)) | ((theta >= upper) & (score > 0))
 
 
+# Round-off allowance of the acceptance test: near the optimum ℓ is flat to ~1e-13 relative.
+ACCEPT_SLACK = 1e-11
+
+
+def accepts(ll_candidate: Tensor, ll_now: Tensor) -> Tensor:
+    """Whether a candidate with log-likelihood ``ll_candidate`` may replace the current point:
+    finite and not below ``ll_now`` by more than round-off. Pure and elementwise (bool tensor)."""
+    return torch.isfinite(ll_candidate) & (ll_candidate >= ll_now - ACCEPT_SLACK * (1.0 + ll_now.abs()))
+
+
+def relaxed(damping: Tensor) -> Tensor:
+    """Marquardt λ after an accepted step: λ/10, or 0 once it is small. Pure, elementwise."""
+    return torch.where(damping > 1e-6, damping / 10.0, torch.zeros_like(damping))
+
+
+def stiffened(damping: Tensor) -> Tensor:
+    """Marquardt λ after a damping level without an acceptable step: max(10λ, 10⁻³). Pure."""
+    return torch.clamp(10.0 * damping, min=1e-3)
+
+
+def stalled_status(decrement: Tensor) -> Tensor:
+    """Status when no step is acceptable: 0 (optimum up to round-off) or 2 (stuck). Pure."""
+    return torch.where(decrement < ROUNDOFF_DECREMENT, 0, 2)
+
+
 def fit(
     s,
     y: Tensor,
@@ -152,7 +177,7 @@ def fit(
     names = param_names(s)
     chosen = select_engine(s, engine)
     if init is None:
-        theta = default_init(s, y, X, jacobian)
+        theta = default_init(s, y, X, jacobian, engine)
     else:
         theta = flatten_params(s, as_params(s, init)).to(dtype=y.dtype, device=y.device)
     lower, upper = raw_bounds(s, theta)
@@ -177,7 +202,7 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_iter, desc="AI-REML", leave=False)
-    damping = 0.0
+    damping = torch.zeros((), dtype=theta.dtype, device=theta.device)
     for _ in range(max_iter):
         active = _active(theta, current.score, lower, upper)
         step_now, decrement, ok = ai_direction(current.score, current.ai, active)
@@ -189,9 +214,7 @@ def fit(
             # decrement bounds the log-likelihood gap, not the parameters' last digits).
             polished = torch.clamp(theta + step_now, lower, upper)
             final = terms(polished)
-            if bool(torch.isfinite(final.loglik)) and float(final.loglik) >= float(current.loglik) - 1e-11 * (
-                1.0 + abs(float(current.loglik))
-            ):
+            if bool(accepts(final.loglik, current.loglik)):
                 history_step.append(polished - theta)
                 theta, current = polished, final
                 history_ll.append(current.loglik)
@@ -199,24 +222,21 @@ def fit(
             status = 0
             break
         accepted = None
-        ll_now = float(current.loglik)
         for _ in range(max_tries):
             for step, ok in candidate_steps(current.score, current.ai, active, scaled, damping, max_step):
                 if not bool(ok):
                     continue
                 candidate = torch.clamp(theta + step, lower, upper)
-                ll_candidate = float(loglik(candidate))
-                # Round-off allowance: near the optimum the log-likelihood is flat to ~1e-13 relative.
-                if math.isfinite(ll_candidate) and ll_candidate >= ll_now - 1e-11 * (1.0 + abs(ll_now)):
+                if bool(accepts(loglik(candidate), current.loglik)):
                     accepted = candidate
                     break
             if accepted is not None:
-                damping = damping / 10.0 if damping > 1e-6 else 0.0
+                damping = relaxed(damping)
                 break
-            damping = max(10.0 * damping, 1e-3)
+            damping = stiffened(damping)
         if accepted is None:
             # No step gains anything: at the optimum up to round-off, or genuinely stuck.
-            status = 0 if float(decrement) < ROUNDOFF_DECREMENT else 2
+            status = int(stalled_status(decrement))
             break
         history_step.append(accepted - theta)
         theta = accepted
@@ -229,7 +249,7 @@ def fit(
             if verbose >= 2:
                 bar.write(
                     f"iter {len(history_ll) - 1:3d}  logLik {float(current.loglik):.8f}  "
-                    f"|score| {float(current.score.abs().max()):.3e}  damping {damping:.1e}  "
+                    f"|score| {float(current.score.abs().max()):.3e}  damping {float(damping):.1e}  "
                     f"decrement {float(decrement):.3e}"
                 )
     if bar is not None:

@@ -19,6 +19,8 @@ STATUS = {
     3: "V is not positive definite at the starting point",
     4: "the data contain NaN or inf",
     5: "the AI matrix is singular: parameters are not identifiable from these data",
+    6: "y is an exact linear function of X (zero residual variance): nothing to estimate",
+    7: "X is rank deficient",
 }
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.params import ParamSpec, param_specs
-from reml_fn.reml.dense import dV_stack
+from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
 
 __all__ = [
@@ -65,7 +65,7 @@ def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
     return (residual**2).sum(-1) / (y.shape[-1] - X.shape[-1])
 
 
-def default_init(s, y: Tensor, X: Tensor, jacobian: str = "closed") -> Tensor:
+def default_init(s, y: Tensor, X: Tensor, jacobian: str = "closed", engine: str = "auto") -> Tensor:
     """The default raw starting vector (flat, in ``param_names(s)`` order); see the module doc.
 
     Pure and vmappable over y and X (used per dataset by batched fits).
@@ -76,11 +76,12 @@ def default_init(s, y: Tensor, X: Tensor, jacobian: str = "closed") -> Tensor:
     params = s.init_params(dtype=y.dtype, device=y.device)
     defaults = [torch.tensor(spec.default, dtype=y.dtype, device=y.device) for spec in specs]
     s2 = ols_residual_variance(y, X)
-    dV = dV_stack(s, params, jacobian)  # raw-scale derivatives at the defaults
+    # tr(∂V/∂θ_k) at the defaults, from the engine (the MME engine needs no n×n matrix).
+    traces = select_engine(s, engine).jacobian_traces(s, params, jacobian)
     n = y.shape[-1]
     variance = [k for k, spec in enumerate(specs) if is_variance(spec.transform)]
     # a_k = tr(∂V/∂σ²_k)/n: what one natural unit of σ²_k adds to the average diagonal of V.
-    scale = {k: torch.diagonal(dV[k]).sum() / n / specs[k].transform.derivative(defaults[k]) for k in variance}
+    scale = {k: traces[k] / n / specs[k].transform.derivative(defaults[k]) for k in variance}
     usable = sum((scale[k] > 0).to(y.dtype) for k in variance) if variance else None
     theta = []
     for k, spec in enumerate(specs):

@@ -99,6 +99,11 @@ class DenseEngine:
     def ai_terms(self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None) -> AITerms:
         return ai_terms_dense(s._build(params), dV_stack(s, params, jacobian), y, X, trace, generator, probes)
 
+    def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
+        """tr(∂V/∂θ_k) for every free parameter, in ``param_names`` order (k,); e.g. for default
+        starting values (how much a unit of θ_k adds to the average variance)."""
+        return torch.diagonal(dV_stack(s, params, jacobian), dim1=-2, dim2=-1).sum(-1)
+
     def gls(self, s, params, y, X) -> tuple[Tensor, Tensor]:
         """β̂ and its covariance (XᵀV⁻¹X)⁻¹."""
         factor = factorize(s._build(params), y, X)
