@@ -50,8 +50,8 @@ PEERS = RESULTS / "peers.json"
 LOGLIK_TOL = 1e-6
 
 
-def b1_problem(n_responses: int):
-    """The B1 structure, responses Y (B, 180) and design X (180, 2), float64."""
+def b1_problem(n_responses: int, device: str = "cpu"):
+    """The B1 structure, responses Y (B, 180) and design X (180, 2), float64, on ``device``."""
     base = sleepstudy()
     codes, _ = pd.factorize(base["g"], sort=True)
     days = torch.tensor(base["x1"].to_numpy(), dtype=torch.float64)
@@ -59,7 +59,8 @@ def b1_problem(n_responses: int):
     subject = torch.tensor(codes, dtype=torch.int64)
     s = rf.Sum(Subject=rf.Grouped(subject, rf.Unstructured(2), covariates=X), residual=rf.Scalar(len(days)))
     Y = torch.tensor(sleepstudy_responses()[:n_responses], dtype=torch.float64)
-    return s, Y, X
+    s = torch.utils._pytree.tree_map(lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf, s)
+    return s, Y.to(device), X.to(device)
 
 
 def lme4_reference(path: Path | None, n: int):
@@ -77,18 +78,26 @@ def lme4_reference(path: Path | None, n: int):
     return logliks, seconds
 
 
+def synchronize(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize()
+
+
 def time_fit(s, Y, X, engine: str, threads: int, repeats: int):
     torch.set_num_threads(threads)
     rf.fit_batched(s, Y[:20], X, engine=engine)  # warm-up: first-call costs of torch and the engine
     times, result = [], None
     for _ in range(repeats):
+        synchronize(Y)
         start = time.perf_counter()
         result = rf.fit_batched(s, Y, X, engine=engine)
+        synchronize(Y)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, result
 
 
 def summarise(result, seconds: float, lme4_logliks, lme4_seconds) -> dict:
+    result = torch.utils._pytree.tree_map(lambda leaf: leaf.cpu() if isinstance(leaf, torch.Tensor) else leaf, result)
     B = result.loglik.shape[0]
     status = {int(code): int(count) for code, count in zip(*torch.unique(result.status, return_counts=True))}
     out = {
@@ -167,6 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lme4-logliks", type=Path, default=DEFAULT_LME4)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cpu", help="torch device of the data (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
@@ -176,18 +186,20 @@ def main() -> None:
         "cores": os.cpu_count(),
         "load_at_start": os.getloadavg()[0],
         "torch": torch.__version__,
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "python": platform.python_version(),
     }
     print(f"machine: {machine}")
     results = {"machine": machine, "runs": []}
     for engine in args.engines.split(","):
         n = args.responses if engine != "dense" else min(args.responses, args.dense_responses)
-        s, Y, X = b1_problem(n)
+        s, Y, X = b1_problem(n, args.device)
         lme4_logliks, lme4_seconds = lme4_reference(args.lme4_logliks, n)
         for threads in (int(t) for t in args.threads.split(",")):
             seconds, times, result = time_fit(s, Y, X, engine, threads, args.repeats)
             summary = summarise(result, seconds, lme4_logliks, lme4_seconds)
-            summary |= {"engine": result.engine, "threads": threads, "times": times}
+            summary |= {"engine": result.engine, "threads": threads, "times": times, "device": args.device}
+            summary["logliks"] = result.loglik.cpu().tolist()
             results["runs"].append(summary)
             line = (
                 f"{engine:6s} threads={threads} B={n:5d}: {seconds:7.3f} s  {summary['per_fit_ms']:7.3f} ms/fit  "
@@ -200,7 +212,7 @@ def main() -> None:
             if "loglik_minus_lme4" in summary:
                 print(f"        logLik − lme4: {summary['loglik_minus_lme4']}")
     if args.profile:
-        s, Y, X = b1_problem(args.responses)
+        s, Y, X = b1_problem(args.responses, args.device)
         profile(s, Y, X, "mme", int(args.threads.split(",")[0]))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))

@@ -54,12 +54,87 @@ def time_reml_fn(case: Case, repeats: int = 5) -> dict[str, Any]:
     random slope on ``case.slope`` when set (sleepstudy cases, 2×2 unstructured G); residual σ² I.
     """
     try:
-        import reml_fn
+        import torch
+
+        import reml_fn as rf
     except ImportError as exc:
-        return {"skipped": f"not yet wired (import reml_fn failed: {exc})"}
-    if not hasattr(reml_fn, "fit"):
-        return {"skipped": "not yet wired (reml_fn has no fit)"}
-    return {"skipped": "not yet wired (write time_reml_fn in benchmarks/run.py)"}
+        return {"skipped": f"reml_fn is not importable: {exc}"}
+    structure, X, x_names = reml_fn_model(case)
+    if case.is_batch:
+        Y = torch.as_tensor(case.responses, dtype=torch.float64)
+        if not hasattr(rf, "fit_batched"):
+            return {"skipped": "reml_fn has no fit_batched"}
+        rf.fit_batched(structure, Y[:8], X)  # warm-up
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = rf.fit_batched(structure, Y, X)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return {
+            "time_s": wall,
+            "cpu_s": cpu,
+            "per_fit_s": wall / Y.shape[0],
+            "logliks": result.loglik.tolist(),
+            "converged": int(result.converged.sum()),
+            "at_boundary": int(result.at_boundary.any(-1).sum()),
+            "engine": result.engine,
+            "threads": torch.get_num_threads(),
+        }
+    y = torch.as_tensor(case.data["y"].to_numpy(), dtype=torch.float64)
+    rf.fit(structure, y, X)  # warm-up
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = rf.fit(structure, y, X, x_names=x_names)
+        times.append(time.perf_counter() - wall)
+        cpu_times.append(time.process_time() - cpu)
+    natural = result.natural
+    cov = natural["g"]["cov"]
+    if "sigma^2" in cov:
+        varcomp = {"g:(Intercept)": float(cov["sigma^2"])}
+    else:
+        varcomp = {
+            "g:(Intercept)": float(cov["sigma^2_0_0"]),
+            f"g:{case.slope}": float(cov["sigma^2_1_1"]),
+            f"g:(Intercept),{case.slope}": float(cov["sigma^2_1_0"]),
+        }
+    varcomp["Residual"] = float(natural["residual"]["sigma^2"])
+    return {
+        "time_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu_times),
+        "times_s": times,
+        "loglik": float(result.loglik),
+        "beta": dict(zip(x_names, result.beta.tolist())),
+        "varcomp": varcomp,
+        "n_iter": int(result.n_iter),
+        "converged": bool(result.converged),
+        "engine": result.engine,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def reml_fn_model(case: Case):
+    """The case's model in reml_fn: ``Sum(g=Grouped(groups, covariates, cov), residual=Scalar(n))``
+    with a random intercept (``Scalar(1)``) or a correlated intercept and slope
+    (``Unstructured(2)``), lme4's ``(1 | g)`` or ``(x | g)``."""
+    import torch
+
+    import reml_fn as rf
+    from reml_fn.design import indicator_codes
+
+    X = torch.as_tensor(case.design(), dtype=torch.float64)
+    codes, _ = indicator_codes([str(g) for g in case.data["g"].tolist()])
+    if case.slope is not None:
+        covariates = torch.stack(
+            [
+                torch.ones(case.n, dtype=torch.float64),
+                torch.as_tensor(case.data[case.slope].to_numpy(), dtype=torch.float64),
+            ],
+            1,
+        )
+        term = rf.Grouped(groups=codes, covariates=covariates, cov=rf.Unstructured(2))
+    else:
+        term = rf.Grouped(groups=codes, cov=rf.Scalar(1))
+    structure = rf.Sum(g=term, residual=rf.Scalar(case.n))
+    return structure, X, ["(Intercept)", *case.covariates]
 
 
 def resolve_cases(spec: str) -> list[str]:
@@ -114,9 +189,9 @@ def cpu_busy_fraction(interval_s: float = 2.0) -> float:
 def wait_for_idle(max_wait_s: float, busy_threshold: float = 0.25) -> float:
     """Wait (at most ``max_wait_s``) until other processes use less than ``busy_threshold`` of the CPUs.
 
-    The machine is shared with other work, and a peer timed next to a busy process is slowed (OpenMP
-    threads of torch suffer most), so the runner can wait for a quiet moment. Returns the last busy
-    fraction measured (None-free: 0.0 when not measured).
+    The machine may be shared with other work, and a peer timed next to a busy process is slowed
+    (torch's OpenMP threads suffer most, up to 60× here), so the runner can wait for a quiet moment.
+    Returns the last busy fraction measured (0.0 when ``max_wait_s`` ≤ 0: nothing measured).
     """
     if max_wait_s <= 0:
         return 0.0

@@ -25,6 +25,8 @@ from reml_fn.design import design_matrix, indicator_codes
 from reml_fn.fit.result import status_message
 
 torch.set_default_dtype(torch.float64)
+# Batched fits of small models are many small tensor operations: one thread is fastest.
+torch.set_num_threads(1)
 
 G = torch.tensor([[612.09, 9.60], [9.60, 35.07]])
 RESIDUAL_VARIANCE = 654.94

@@ -181,6 +181,15 @@ def test_init_as_tree_flat_or_per_dataset():
     assert_same_as_alone(a, 1, rf.fit(s, Y[1], X, init=flat))
 
 
+def test_structure_without_free_parameters():
+    groups, X, Y = random_intercept_batch(B=3)
+    s = rf.fix(grouped_model(groups, Y.shape[1]), ["group/cov/sigma^2", "residual/sigma^2"], 1.0)
+    result = rf.fit_batched(s, Y, X)
+    assert result.params == {} and tuple(result.score.shape) == (3, 0)
+    for b in range(3):
+        assert_same_as_alone(result, b, rf.fit(s, Y[b], X))
+
+
 def test_closed_and_forward_jacobians_agree_in_batches():
     groups, X, Y = random_intercept_batch(B=3)
     s = dense_model(groups, Y.shape[1])
@@ -360,3 +369,34 @@ def test_vmap_of_grad_of_reml_loglik_is_the_batched_score():
     close(scores, terms.score, tol=1e-10)
     for b in range(4):
         close(terms.ai[b], rf.ai_terms(s, theta[b], Y[b], X).ai, tol=1e-12)
+
+
+# ----------------------------------------------------------------------------- docs and example
+
+
+def test_docs_batched_md_code_blocks_run():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "batched.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(block, "docs/batched.md", "exec"), namespace)
+    assert namespace["flagged"].status.tolist() == [0, 4, 6, 0]
+    assert bool(namespace["per_design"].converged.all())
+
+
+def test_batched_sleepstudy_example_runs(capsys):
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "batched_sleepstudy.py"
+    module = runpy.run_path(str(path))
+    threads = torch.get_num_threads()
+    try:
+        result = module["main"](n_responses=40)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "40 fits" in out and "var(Days)" in out and "residual variance" in out
+    assert result.loglik.shape == (40,)

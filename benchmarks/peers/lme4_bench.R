@@ -8,10 +8,12 @@
 # fitted by lmer(..., REML = TRUE) with lme4's default control (nloptwrap/BOBYQA, calc.derivs = TRUE).
 #
 # Single-response cases: one untimed warm-up fit, then REPEATS timed fits (fewer when the warm-up
-# shows they would exceed --budget seconds, default 300); time_s is their median.
+# shows they would exceed --budget seconds, default 300); time_s is their median wall time and cpu_s
+# the median CPU time of the R process (proc.time() user + system).
 # Batch case (--responses, one response per row, no header): an untimed warm-up fit, then the timed
 # loop "fit once with lmer() on response 1, then refit(fit, y_b) for b = 1..B" (lme4's fastest loop);
-# time_s is the whole loop, per_fit_s = time_s / B, and the B REML logLiks go to --logliks-out.
+# time_s is the whole loop, per_fit_s = time_s / B, and the B REML logLiks go to --logliks-out
+# (fits with convergence messages or singular fits are listed, 0-based, in the JSON).
 #
 # Prints one JSON line on stdout. Memory:
 #   peak_rss_mb   VmHWM of this R process from /proc/self/status, reset (clear_refs = 5) after the data

@@ -14,12 +14,16 @@ status). In every iteration
 1. the AI direction, active set and Newton decrement are computed for all running datasets at once
    (batched k×k solves); datasets with decrement < ``tol`` are polished and stop (status 0), those
    with a singular AI stop (status 5);
-2. the line search is a per-dataset state machine (damping level, position in the candidate
-   sequence): every dataset still searching evaluates its next candidate in one vmapped call, those
-   that accept leave the search, the others move on; a dataset that exhausts ``max_tries`` damping
-   levels stops (status 0 at round-off, else 2);
-3. the first evaluation of each iteration computes the full AI terms (not just ℓ), so a dataset that
-   accepts its first candidate — the usual case — needs no second engine call.
+2. the line search is a per-dataset state machine over the candidate sequence of ``fit`` (damping
+   level, slot): each round evaluates a window of the next candidates of every dataset still
+   searching in one vmapped call and keeps, per dataset, the first acceptable one — exactly the
+   candidate the sequential search of ``fit`` accepts; datasets that accept leave the search, the
+   others continue after their window; one that exhausts ``max_tries`` damping levels stops
+   (status 0 at round-off, else 2);
+3. a dataset whose previous line search accepted its first candidate (the usual case) evaluates its
+   next first candidate as full AI terms, so an accepted step needs no second engine call; the
+   others start with a window as long as their previous search, then 2, 4, 8, … candidates
+   (``LOOKAHEAD_BUDGET`` bounds the evaluations per round).
 
 Only the datasets still running (or still searching) enter each vmapped call; finished datasets stop
 moving. Nothing inside vmapped code raises on values (``cholesky_ex``, ``solve_ex``, masks): V not
@@ -56,6 +60,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -84,7 +89,9 @@ from reml_fn.structures.base import Structure
 __all__ = ["fit_batched", "stack_structures", "dataset_structure"]
 
 RUNNING = -1  # internal status of a dataset still iterating
-STEP_SLOTS = range(len(STEP_FRACTIONS) + 2)  # candidates per damping level: fractions, then two block steps
+# Candidates per damping level in candidate_steps (fractions, then two block steps): only sizes the
+# windows; the bookkeeping uses the number candidate_steps actually yields.
+SLOTS_PER_LEVEL = len(STEP_FRACTIONS) + 2
 _JACOBIANS = ("closed", "fwd", "rev")
 
 
@@ -377,7 +384,7 @@ class _Engine(NamedTuple):
         return self.chosen.loglik(s, unflatten_params(s, theta), y, X)
 
     def start(self, s, y, X):
-        return default_init(s, y, X, self.jacobian)
+        return default_init(s, y, X, self.jacobian, self.chosen.name)
 
     def bounds(self, s, y, X, theta):
         return raw_bounds(s, theta)
@@ -432,7 +439,7 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
     lower, upper, scaled, ll_now = state["lower"], state["upper"], state["scaled"], state["loglik"]
     damping, hint = state["damping"], state["searched"]
     R, k = theta.shape
-    J = len(STEP_SLOTS)
+    J = SLOTS_PER_LEVEL  # corrected below to what candidate_steps yields
     device = theta.device
     active = _active(theta, score, lower, upper)
     step_now, decrement, solvable = ai_direction(score, ai, active)
@@ -448,7 +455,8 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
     new_theta = theta.clone()
     new_ll, new_score, new_ai = ll_now.clone(), score.clone(), ai.clone()
     needs_terms = torch.zeros(R, dtype=torch.bool, device=device)
-    for round_ in range(max_tries * J + 1):
+    # Terminates: every round, each open dataset evaluates a candidate or passes a damping level.
+    for round_ in itertools.count():
         open_ = torch.nonzero(searching & ~moved).flatten()
         polish = torch.nonzero(polishing).flatten() if round_ == 0 else open_[:0]
         if open_.numel() == 0 and polish.numel() == 0:
@@ -462,6 +470,7 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
         steps, oks, lambdas = _sequence(
             score[open_], ai[open_], active[open_], scaled[open_], damping[open_], levels, max_step
         )
+        J = steps.shape[1] // levels
         order = torch.arange(steps.shape[1], device=device)
         level_of = order // J
         eligible = oks & (order >= position[open_].unsqueeze(-1))
@@ -620,10 +629,13 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
     if fitted.numel():
         b_fit, v_fit = batch.take(fitted).map(engine.gls, theta[fitted])
         beta, vcov = _put(beta, fitted, b_fit), _put(vcov, fitted, v_fit)
-    params = torch.func.vmap(lambda t: unflatten_params(s_template, t))(theta)
+    params, natural = {}, {}  # a structure without free parameters
+    if k:
+        params = torch.func.vmap(lambda t: unflatten_params(s_template, t))(theta)
+        natural = torch.func.vmap(lambda tree: constrain(s_template, tree))(params)
     return {
         "params": params,
-        "natural": torch.func.vmap(lambda tree: constrain(s_template, tree))(params),
+        "natural": natural,
         "beta": beta,
         "vcov_beta": vcov,
         "score": state["score"],

@@ -50,7 +50,8 @@ def ai_direction(score: Tensor, ai: Tensor, active: Tensor, damping: Tensor | fl
     free = (~active).to(score.dtype)
     eye = torch.eye(score.shape[-1], dtype=score.dtype, device=score.device)
     diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
-    damped = ai + torch.as_tensor(damping, dtype=score.dtype).unsqueeze(-1).unsqueeze(-1) * torch.diag_embed(diagonal)
+    damping = torch.as_tensor(damping, dtype=score.dtype, device=score.device)  # on score's device: CUDA too
+    damped = ai + damping.unsqueeze(-1).unsqueeze(-1) * torch.diag_embed(diagonal)
     reduced = damped * free.unsqueeze(-1) * free.unsqueeze(-2) + eye * (1.0 - free).unsqueeze(-1)
     delta, info = torch.linalg.solve_ex(reduced, (score * free).unsqueeze(-1))
     delta = delta.squeeze(-1) * free
