@@ -53,7 +53,7 @@ def main(out_dir: str) -> int:
         m = model(name)
         cpu, cpu_time = timed(lambda m=m: rf.fit(m.structure, m.y, m.X), repeats=1)
         s, y, X = to(m.structure, device), m.y.to(device), m.X.to(device)
-        gpu, gpu_time = timed(lambda: rf.fit(s, y, X), repeats=1)
+        gpu, gpu_time = timed(lambda s=s, y=y, X=X: rf.fit(s, y, X), repeats=1)
         theta_cpu = rf.flatten_params(m.structure, cpu.params)
         theta_gpu = rf.flatten_params(s, gpu.params).cpu()
         agree = (
@@ -72,21 +72,35 @@ def main(out_dir: str) -> int:
         }
         if not agree:
             failures.append(name)
-        print(f"{name:18s} {'ok ' if agree else 'BAD'} {float(cpu.loglik):.10f} {float(gpu.loglik):.10f} "
-              f"cpu {cpu_time * 1e3:7.1f} ms  gpu {gpu_time * 1e3:7.1f} ms  ({gpu.engine})", flush=True)
+        print(
+            f"{name:18s} {'ok ' if agree else 'BAD'} {float(cpu.loglik):.10f} {float(gpu.loglik):.10f} "
+            f"cpu {cpu_time * 1e3:7.1f} ms  gpu {gpu_time * 1e3:7.1f} ms  ({gpu.engine})",
+            flush=True,
+        )
 
     # L1: n = 100,000, 1,000 groups, random intercept, 3 covariates.
     g = torch.Generator().manual_seed(1)
     n, groups = 100_000, 1_000
     codes = torch.randint(0, groups, (n,), generator=g)
     X = torch.cat([torch.ones(n, 1), torch.randn(n, 3, generator=g)], 1)
-    y = X @ torch.tensor([1.0, 0.5, -0.3, 0.2]) + torch.randn(groups, generator=g)[codes] + 0.7 * torch.randn(n, generator=g)
+    y = (
+        X @ torch.tensor([1.0, 0.5, -0.3, 0.2])
+        + torch.randn(groups, generator=g)[codes]
+        + 0.7 * torch.randn(n, generator=g)
+    )
     s = rf.Sum(g=rf.Grouped(groups=codes), residual=rf.Scalar(n))
     cpu, cpu_time = timed(lambda: rf.fit(s, y, X))
     sg, yg, Xg = to(s, device), y.to(device), X.to(device)
     gpu, gpu_time = timed(lambda: rf.fit(sg, yg, Xg))
-    report["L1"] = {"cpu_s": cpu_time, "gpu_s": gpu_time, "loglik_cpu": float(cpu.loglik), "loglik_gpu": float(gpu.loglik)}
-    print(f"L1 n=100k: cpu {cpu_time:.3f} s, gpu {gpu_time:.3f} s, loglik {float(cpu.loglik):.6f} / {float(gpu.loglik):.6f}")
+    report["L1"] = {
+        "cpu_s": cpu_time,
+        "gpu_s": gpu_time,
+        "loglik_cpu": float(cpu.loglik),
+        "loglik_gpu": float(gpu.loglik),
+    }
+    print(
+        f"L1 n=100k: cpu {cpu_time:.3f} s, gpu {gpu_time:.3f} s, loglik {float(cpu.loglik):.6f} / {float(gpu.loglik):.6f}"
+    )
     if abs(float(cpu.loglik) - float(gpu.loglik)) > 1e-8 * abs(float(cpu.loglik)):
         failures.append("L1")
 
@@ -99,10 +113,16 @@ def main(out_dir: str) -> int:
         sg = to(m.structure, device)
         gpu_b, gpu_time = timed(lambda: rf.fit_batched(sg, Y.to(device), m.X.to(device)), repeats=1)
         diff = float((cpu_b.loglik - gpu_b.loglik.cpu()).abs().max())
-        report["B1"] = {"cpu_s": cpu_time, "gpu_s": gpu_time, "max_loglik_diff": diff,
-                        "converged_gpu": int(gpu_b.converged.sum())}
-        print(f"B1 1000 fits: cpu {cpu_time:.3f} s, gpu {gpu_time:.3f} s, max |Δloglik| {diff:.2e}, "
-              f"converged {int(gpu_b.converged.sum())}")
+        report["B1"] = {
+            "cpu_s": cpu_time,
+            "gpu_s": gpu_time,
+            "max_loglik_diff": diff,
+            "converged_gpu": int(gpu_b.converged.sum()),
+        }
+        print(
+            f"B1 1000 fits: cpu {cpu_time:.3f} s, gpu {gpu_time:.3f} s, max |Δloglik| {diff:.2e}, "
+            f"converged {int(gpu_b.converged.sum())}"
+        )
         if diff > 1e-7:
             failures.append("B1")
 
