@@ -71,10 +71,13 @@ from torch import Tensor
 
 from reml_fn.fit.driver import (
     STEP_FRACTIONS,
-    _active,
     accepts,
     ai_direction,
+    at_correlation_limit,
+    boundary_system,
     candidate_steps,
+    correlation_pairs,
+    propose,
     relaxed,
     stalled_status,
     stiffened,
@@ -441,8 +444,10 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
     R, k = theta.shape
     J = SLOTS_PER_LEVEL  # corrected below to what candidate_steps yields
     device = theta.device
-    active = _active(theta, score, lower, upper)
-    step_now, decrement, solvable = ai_direction(score, ai, active)
+    pairs = state["pairs"]
+    # Held bounds in reduced coordinates, as in fit; the line search runs on this system.
+    active, score_r, ai_r, boundary = boundary_system(theta, score, ai, lower, upper, pairs)
+    step_now, decrement, solvable = ai_direction(score_r, ai_r, active)
     polishing = solvable & (decrement < tol)
     searching = solvable & ~polishing
     status = torch.where(solvable, RUNNING, 5)
@@ -468,7 +473,7 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
             window = torch.full_like(open_, min(2**round_, share))
         levels = min(max_tries, (int(window.max()) + J - 1) // J + 1) if open_.numel() else 1
         steps, oks, lambdas = _sequence(
-            score[open_], ai[open_], active[open_], scaled[open_], damping[open_], levels, max_step
+            score_r[open_], ai_r[open_], active[open_], scaled[open_], damping[open_], levels, max_step
         )
         J = steps.shape[1] // levels
         order = torch.arange(steps.shape[1], device=device)
@@ -479,8 +484,8 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
         chosen = eligible & (rank < window.unsqueeze(-1))  # the next `window` eligible candidates
         rows, cols = torch.nonzero(chosen, as_tuple=True)
         who = open_[rows]
-        proposals = torch.clamp(theta[who] + steps[rows, cols], lower[who], upper[who])
-        polished = torch.clamp(theta[polish] + step_now[polish], lower[polish], upper[polish])
+        proposals = propose(theta[who], steps[rows, cols], lower[who], upper[who], pairs, boundary[who])
+        polished = propose(theta[polish], step_now[polish], lower[polish], upper[polish], pairs, boundary[polish])
 
         # Evaluate: AI terms for single-candidate windows of round 0 (and polishing), ℓ otherwise.
         with_terms = (window[rows] == 1) if round_ == 0 else torch.zeros_like(rows, dtype=torch.bool)
@@ -585,6 +590,7 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
             state[key] = _put(state[key], good, value)
         status = _put(status, good, torch.where(torch.isfinite(first.loglik), RUNNING, 3))
     state["scaled"] = torch.isfinite(state["lower"]) | torch.isfinite(state["upper"])  # as in fit
+    pairs = correlation_pairs(s_template)
     state["damping"] = torch.zeros(C, dtype=dtype, device=device)
     state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration
     n_iter = torch.zeros(C, dtype=torch.long, device=device)
@@ -600,6 +606,7 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
         if running.numel() == 0:
             break
         rows = {key: value[running] for key, value in state.items()}
+        rows["pairs"] = pairs  # shared by every dataset, not indexed
         step = _iteration(batch.take(running), engine, rows, max_step, max_tries, tol)
         previous = state["theta"]
         for key in ("theta", "loglik", "score", "ai", "damping"):
@@ -642,7 +649,7 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
         "ai": state["ai"],
         "loglik": state["loglik"],
         "status": status,
-        "at_boundary": (theta <= state["lower"]) | (theta >= state["upper"]),
+        "at_boundary": (theta <= state["lower"]) | (theta >= state["upper"]) | at_correlation_limit(theta, pairs),
         "n_iter": n_iter,
         "history": {name: torch.stack(rows, 1) for name, rows in history.items()},
     }

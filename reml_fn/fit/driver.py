@@ -3,7 +3,8 @@
 Each iteration at θ (raw free parameters) computes the score s and average information AI, then
 
 1. holds *active* parameters: those at a bound whose score points outward (a variance at its
-   floor with s_k < 0, a correlation at its limit pushing further);
+   floor with s_k < 0, a correlation at its limit pushing further; an unstructured covariance at
+   |ρ| = 1 − 10⁻¹⁰ holds ρ while its variances move, :func:`boundary_system`);
 2. solves AI_ff Δ_f = s_f for the others (the AI-REML / Fisher-scoring direction) and measures
    the Newton decrement d = s_fᵀ Δ_f (≈ twice the log-likelihood still to gain);
 3. stops as converged when d < ``tol``, after one last full AI step that polishes the digits;
@@ -19,17 +20,34 @@ The returned parameters, β̂, log-likelihood, score and AI all belong to the sa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from reml_fn.fit.result import FitResult
 from reml_fn.fit.start import check_inputs, default_init, raw_bounds
-from reml_fn.params import as_params, constrain, flatten_params, param_names, unflatten_params
+from reml_fn.params import as_params, constrain, flatten_params, param_names, param_specs, unflatten_params
 from reml_fn.reml.engines import select_engine
+from reml_fn.transforms import ExpPow2
+from reml_fn.transforms import Identity as IdentityTransform
 
-__all__ = ["fit", "ai_direction", "capped", "candidate_steps", "accepts", "relaxed", "stiffened", "stalled_status"]
+__all__ = [
+    "fit",
+    "ai_direction",
+    "capped",
+    "candidate_steps",
+    "accepts",
+    "relaxed",
+    "stiffened",
+    "stalled_status",
+    "correlation_pairs",
+    "boundary_system",
+    "propose",
+    "at_correlation_limit",
+]
 
 # A Newton decrement this small cannot be realised in float64 log-likelihoods of ordinary size.
 ROUNDOFF_DECREMENT = 1e-8
@@ -96,6 +114,98 @@ def candidate_steps(score: Tensor, ai: Tensor, active: Tensor, scaled: Tensor, d
 
 def _active(theta, score, lower, upper):
     return ((theta <= lower) & (score < 0)) | ((theta >= upper) & (score > 0))
+
+
+# |ρ| of an unstructured covariance stops here (the edge of the positive semi-definite cone).
+CORRELATION_LIMIT = 1.0 - 1e-10
+_COVARIANCE_NAME = re.compile(r"sigma\^2_(\d+)_(\d+)$")
+
+
+def correlation_pairs(s) -> Tensor:
+    """Flat indices ``(i, j, c)`` (m, 3) of every free covariance c = ``…/sigma^2_a_b`` (a ≠ b,
+    Identity transform) whose variances ``…/sigma^2_a_a`` and ``…/sigma^2_b_b`` are free ExpPow2
+    parameters: the entries of :class:`~reml_fn.Unstructured` blocks, where
+    c = ρ·e^{θ_i + θ_j} with correlation |ρ| ≤ 1."""
+    specs = {path: spec for path, spec in param_specs(s) if not spec.fixed}
+    index = {name: k for k, name in enumerate(specs)}
+    pairs = []
+    for name, spec in specs.items():
+        match = _COVARIANCE_NAME.search(name)
+        if not match or match.group(1) == match.group(2) or not isinstance(spec.transform, IdentityTransform):
+            continue
+        prefix = name[: match.start()]
+        a, b = (f"{prefix}sigma^2_{g}_{g}" for g in match.groups())
+        if all(v in specs and isinstance(specs[v].transform, ExpPow2) for v in (a, b)):
+            pairs.append((index[a], index[b], index[name]))
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)
+
+
+def at_correlation_limit(theta: Tensor, pairs: Tensor) -> Tensor:
+    """(…, k) flags: the covariances of ``pairs`` whose |ρ| reached the limit. Pure."""
+    flags = torch.zeros_like(theta, dtype=torch.bool)
+    if pairs.shape[0] == 0:
+        return flags
+    i, j, c = pairs.to(theta.device).unbind(-1)
+    reached = theta[..., c].abs() >= CORRELATION_LIMIT * torch.exp(theta[..., i] + theta[..., j]) * (1.0 - 1e-12)
+    columns = torch.arange(theta.shape[-1], device=theta.device) == c.unsqueeze(-1)
+    return flags | (reached.unsqueeze(-1) & columns).any(-2)
+
+
+class BoundarySystem(NamedTuple):
+    """The AI-REML system with parameters at bounds held: ``active`` (…, k) flags, the score and
+    AI in reduced coordinates, and ``boundary`` (…, m): correlations held at |ρ| = limit."""
+
+    active: Tensor
+    score: Tensor
+    ai: Tensor
+    boundary: Tensor
+
+
+def boundary_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, upper: Tensor, pairs: Tensor):
+    """Hold what sits at a bound and pushes outward. Pure; works on batches (…, k).
+
+    Box bounds (variance floors, correlation limits of sigmoid parameters) hold the parameter. A
+    covariance at the correlation limit whose score pushes |ρ| further holds ρ instead: the
+    system moves to coordinates (θ_i, θ_j) with c = ρ e^{θ_i + θ_j}, i.e. s ← Jᵀs, AI ← JᵀAI J
+    with ∂c/∂θ_i = ∂c/∂θ_j = c, and :func:`propose` keeps ρ fixed along every step.
+    """
+    active = _active(theta, score, lower, upper)
+    if pairs.shape[0] == 0:
+        return BoundarySystem(
+            active, score, ai, torch.zeros((*theta.shape[:-1], 0), dtype=torch.bool, device=theta.device)
+        )
+    i, j, c = pairs.to(theta.device).unbind(-1)
+    cov = theta[..., c]
+    limit = CORRELATION_LIMIT * torch.exp(theta[..., i] + theta[..., j])
+    boundary = (cov.abs() >= limit * (1.0 - 1e-12)) & (torch.sign(cov) * score[..., c] > 0)
+    k = theta.shape[-1]
+    eye = torch.eye(k, dtype=theta.dtype, device=theta.device)
+    J = eye.expand(*theta.shape[:-1], k, k)
+    for p in range(pairs.shape[0]):
+        weight = (boundary[..., p].to(theta.dtype) * cov[..., p]).unsqueeze(-1).unsqueeze(-1)
+        e_i, e_j, e_c = eye[int(i[p])], eye[int(j[p])], eye[int(c[p])]
+        J = J + weight * (e_c[:, None] * (e_i + e_j)[None, :])
+        J = J - boundary[..., p].to(theta.dtype).unsqueeze(-1).unsqueeze(-1) * (e_c[:, None] * e_c[None, :])
+    held = active | (boundary.unsqueeze(-1) & (torch.arange(k, device=theta.device) == c.unsqueeze(-1))).any(-2)
+    score_r = (J.transpose(-1, -2) @ score.unsqueeze(-1)).squeeze(-1)
+    ai_r = J.transpose(-1, -2) @ ai @ J
+    return BoundarySystem(held, score_r, 0.5 * (ai_r + ai_r.transpose(-1, -2)), boundary)
+
+
+def propose(theta: Tensor, step: Tensor, lower: Tensor, upper: Tensor, pairs: Tensor, boundary: Tensor) -> Tensor:
+    """The candidate θ + Δ: clamped to the box bounds, with every covariance of ``pairs`` kept
+    inside |ρ| ≤ limit, and the held ones (``boundary``) moved so that ρ stays fixed. Pure."""
+    new = torch.clamp(theta + step, lower, upper)
+    if pairs.shape[0] == 0:
+        return new
+    i, j, c = pairs.to(theta.device).unbind(-1)
+    scale = torch.exp(new[..., i] + new[..., j])
+    rho = theta[..., c] / torch.exp(theta[..., i] + theta[..., j])
+    bound = CORRELATION_LIMIT * scale
+    covariance = torch.where(boundary, rho * scale, torch.maximum(torch.minimum(new[..., c], bound), -bound))
+    columns = torch.arange(theta.shape[-1], device=theta.device) == c.unsqueeze(-1)  # (m, k)
+    replaced = (covariance.unsqueeze(-1) * columns).sum(-2)
+    return torch.where(columns.any(-2), replaced, new)
 
 
 # Round-off allowance of the acceptance test: near the optimum ℓ is flat to ~1e-13 relative.
@@ -183,6 +293,7 @@ def fit(
         theta = flatten_params(s, as_params(s, init)).to(dtype=y.dtype, device=y.device)
     lower, upper = raw_bounds(s, theta)
     scaled = torch.isfinite(lower) | torch.isfinite(upper)  # log- or logit-scale parameters
+    pairs = correlation_pairs(s)
 
     def loglik(t: Tensor) -> Tensor:
         return chosen.loglik(s, unflatten_params(s, t), y, X)
@@ -205,15 +316,15 @@ def fit(
         bar = tqdm(total=max_iter, desc="AI-REML", leave=False)
     damping = torch.zeros((), dtype=theta.dtype, device=theta.device)
     for _ in range(max_iter):
-        active = _active(theta, current.score, lower, upper)
-        step_now, decrement, ok = ai_direction(current.score, current.ai, active)
+        system = boundary_system(theta, current.score, current.ai, lower, upper, pairs)
+        step_now, decrement, ok = ai_direction(system.score, system.ai, system.active)
         if not bool(ok):
             status = 5
             break
         if float(decrement) < tol:
             # One last full AI step polishes the estimates (AI-REML converges fast here; the
             # decrement bounds the log-likelihood gap, not the parameters' last digits).
-            polished = torch.clamp(theta + step_now, lower, upper)
+            polished = propose(theta, step_now, lower, upper, pairs, system.boundary)
             final = terms(polished)
             if bool(accepts(final.loglik, current.loglik)):
                 history_step.append(polished - theta)
@@ -224,10 +335,10 @@ def fit(
             break
         accepted = None
         for _ in range(max_tries):
-            for step, ok in candidate_steps(current.score, current.ai, active, scaled, damping, max_step):
+            for step, ok in candidate_steps(system.score, system.ai, system.active, scaled, damping, max_step):
                 if not bool(ok):
                     continue
-                candidate = torch.clamp(theta + step, lower, upper)
+                candidate = propose(theta, step, lower, upper, pairs, system.boundary)
                 if bool(accepts(loglik(candidate), current.loglik)):
                     accepted = candidate
                     break
@@ -260,7 +371,7 @@ def fit(
     beta, vcov = chosen.gls(s, params, y, X)
     loglik_value = current.loglik
     k, n, p = len(names), y.shape[0], X.shape[1]
-    at_boundary = (theta <= lower) | (theta >= upper)
+    at_boundary = (theta <= lower) | (theta >= upper) | at_correlation_limit(theta, pairs)
     return FitResult(
         params=params,
         natural=constrain(s, params),
