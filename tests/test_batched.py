@@ -400,3 +400,24 @@ def test_batched_sleepstudy_example_runs(capsys):
     out = capsys.readouterr().out
     assert "40 fits" in out and "var(Days)" in out and "residual variance" in out
     assert result.loglik.shape == (40,)
+
+
+def test_singular_random_slope_fits_match_fit_one_by_one():
+    """Responses whose optimum has |ρ| = 1 (held at the correlation limit) fit alike in a batch."""
+    data = rf.datasets.load("sleepstudy", categorical=("Subject",))
+    days, codes = data["Days"], torch.arange(180) // 10
+    X = torch.stack([torch.ones(180), days], 1)
+    s = rf.Sum(subject=rf.Grouped(groups=codes, covariates=X, cov=rf.Unstructured(2)), residual=rf.Scalar(180))
+    rows = []
+    for seed in (0, 1, 4, 6):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(18, generator=g)
+        rows.append(250 + 10 * days + 20 * u[codes] + 4 * u[codes] * days + 25 * torch.randn(180, generator=g))
+    Y = torch.stack(rows)
+    batched = rf.fit_batched(s, Y, X)
+    for b in range(Y.shape[0]):
+        alone = rf.fit(s, Y[b], X)
+        assert bool(batched.converged[b]) and bool(alone.converged)
+        assert torch.equal(batched.at_boundary[b], alone.at_boundary)
+        assert float(batched.loglik[b]) == pytest.approx(float(alone.loglik), abs=1e-8)
+    assert int(batched.at_boundary.any(-1).sum()) == 3

@@ -134,3 +134,32 @@ def test_bad_input_is_rejected_before_iterating(change, error, match):
         kwargs["init"] = init
     with pytest.raises(error, match=match):
         rf.fit(s, y, X, x_names=names, **kwargs)
+
+
+def test_singular_random_slope_fit_stops_at_the_correlation_limit():
+    """With perfectly correlated random intercepts and slopes the REML optimum has |ρ| = 1 (lme4:
+    a singular fit). The fit must converge there, flag the covariance, and reach the maximum of
+    the rank-one model G = a aᵀ, which is the boundary itself."""
+    g = torch.Generator().manual_seed(6)
+    data = datasets.load("sleepstudy", categorical=("Subject",))
+    days = data["Days"]
+    codes = torch.arange(180) // 10
+    X = torch.stack([torch.ones(180), days], 1)
+    u = torch.randn(18, generator=g)
+    y = 250 + 10 * days + 20 * u[codes] + 4 * u[codes] * days + 25 * torch.randn(180, generator=g)
+    s = rf.Sum(subject=rf.Grouped(groups=codes, covariates=X, cov=rf.Unstructured(2)), residual=rf.Scalar(180))
+    result = rf.fit(s, y, X)
+    assert bool(result.converged), result.message
+    assert result.boundary_names == ["subject/cov/sigma^2_1_0"]
+    cov = result.natural["subject"]["cov"]
+    rho = cov["sigma^2_1_0"] / (cov["sigma^2_0_0"] * cov["sigma^2_1_1"]).sqrt()
+    assert abs(float(rho)) == pytest.approx(1.0, abs=1e-9)
+    rank_one = rf.Sum(
+        subject=rf.Grouped(groups=codes, covariates=X, cov=rf.Gram(rf.LowerTriangular(2, 1), gram_type="xxt")),
+        residual=rf.Scalar(180),
+    )
+    a = torch.tensor([cov["sigma^2_0_0"].sqrt(), cov["sigma^2_1_0"] / cov["sigma^2_0_0"].sqrt()])
+    start = torch.cat([a, rf.flatten_params(s, result.params)[-1:]])
+    best = rf.fit(rank_one, y, X, init=start)
+    assert float(result.loglik) == pytest.approx(float(best.loglik), abs=1e-6)
+    assert float(result.loglik) >= float(best.loglik) - 1e-6
