@@ -178,6 +178,8 @@ def boundary_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, upp
     cov = theta[..., c]
     limit = CORRELATION_LIMIT * torch.exp(theta[..., i] + theta[..., j])
     boundary = (cov.abs() >= limit * (1.0 - 1e-12)) & (torch.sign(cov) * score[..., c] > 0)
+    if not torch._C._functorch.is_batchedtensor(boundary) and not bool(boundary.any()):
+        return BoundarySystem(active, score, ai, boundary)  # the common case: nothing to reduce
     k = theta.shape[-1]
     eye = torch.eye(k, dtype=theta.dtype, device=theta.device)
     J = eye.expand(*theta.shape[:-1], k, k)
@@ -333,14 +335,19 @@ def fit(
                 history_theta.append(theta)
             status = 0
             break
-        accepted = None
+        accepted, accepted_terms, first = None, None, True
         for _ in range(max_tries):
             for step, ok in candidate_steps(system.score, system.ai, system.active, scaled, damping, max_step):
                 if not bool(ok):
                     continue
                 candidate = propose(theta, step, lower, upper, pairs, system.boundary)
-                if bool(accepts(loglik(candidate), current.loglik)):
-                    accepted = candidate
+                # The first candidate is usually accepted: evaluating it with the AI terms saves
+                # a second factorisation of the same point; later ones only need ℓ.
+                evaluated = terms(candidate) if first else None
+                value = evaluated.loglik if first else loglik(candidate)
+                first = False
+                if bool(accepts(value, current.loglik)):
+                    accepted, accepted_terms = candidate, evaluated
                     break
             if accepted is not None:
                 damping = relaxed(damping)
@@ -352,7 +359,7 @@ def fit(
             break
         history_step.append(accepted - theta)
         theta = accepted
-        current = terms(theta)
+        current = accepted_terms if accepted_terms is not None else terms(theta)
         history_ll.append(current.loglik)
         history_theta.append(theta)
         if bar is not None:
