@@ -391,10 +391,10 @@ def fit(
         reml_criterion=-2.0 * loglik_value,
         aic=-2.0 * loglik_value + 2.0 * (p + k),
         bic=-2.0 * loglik_value + (p + k) * math.log(n),
-        converged=torch.tensor(status == 0),
-        status=torch.tensor(status),
+        converged=torch.tensor(status == 0, device=y.device),
+        status=torch.tensor(status, device=y.device),
         at_boundary=at_boundary,
-        n_iter=torch.tensor(len(history_ll) - 1),
+        n_iter=torch.tensor(len(history_ll) - 1, device=y.device),
         history={
             "loglik": torch.stack(history_ll),
             "params": torch.stack(history_theta),
