@@ -4,12 +4,25 @@ Usage (from the repository root)::
 
     python benchmarks/run.py [--cases S1,M1,L1,B1 | main | scaling | all] [--peers lme4,statsmodels,openreml]
                              [--repeats 5] [--budget 300] [--timeout 1800] [--wait-idle 0]
-                             [--out benchmarks/results/latest.json] [--no-reml-fn]
+                             [--reml-fn-threads 1[,2]] [--reml-fn-inprocess] [--profile]
+                             [--out benchmarks/results/latest.json] [--no-reml-fn] [--update]
+    python benchmarks/run.py --report benchmarks/results/peers.json    # tables of an earlier run
 
-Prints two Markdown tables (wall time with logLik agreement; CPU time and peak RSS) and writes every
-raw result to ``--out`` as JSON. Batch logLiks (B1) go next to it as ``B1_{peer}_logliks.txt``.
-Peers run in subprocesses through :func:`benchmarks.peers.common.run_peer`; a missing peer shows as
-``skip`` with its reason in the JSON. reml_fn is timed in this process by :func:`time_reml_fn`.
+Every library runs in its own subprocess (:func:`benchmarks.peers.common.run_peer`; reml_fn through
+``peers/reml_fn_peer.py``), so time and peak RSS are measured the same way for all of them. reml_fn
+runs with 1 torch thread by default (lme4 is single-threaded): the column ``reml_fn``, which the
+targets use; ``--reml-fn-threads 1,2`` adds ``reml_fn_2t`` (2 threads). ``--reml-fn-inprocess`` times reml_fn in this process instead (no
+peak RSS then).
+
+Prints Markdown tables — wall time with ratios; the logLik check against lme4; CPU time and peak
+RSS; the issue targets with PASS/MISS; the scaling study with fitted log-log exponents — and writes
+every raw field, the targets and the exponents to ``--out`` as JSON. Batch logLiks (B1) go next to
+it as ``B1_{library}_logliks.txt``. A missing peer shows as ``skip`` with its reason in the JSON.
+
+**logLik check.** Each library's REML logLik is compared with lme4's before its time is reported:
+it agrees when it is at most 1e-6 *below* lme4's (higher is a better optimum, so it counts as
+agreeing and is listed as "above"). A time whose logLik does not agree is marked ✗; for a batch,
+one response more than 1e-6 below lme4 (or a failed fit) is enough.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,107 +48,56 @@ from benchmarks.peers.common import PEERS, run_peer  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEER_LABELS = {"reml_fn": "reml_fn", "lme4": "lme4", "statsmodels": "statsmodels", "openreml": "torch-openreml"}
-LOGLIK_TOL = 1e-4
+LOGLIK_TOL = 1e-6
+MEMORY_LIMIT_MB = 1024.0
+# Targets of issues 5 and 6: reml_fn's time over lme4's at most this ratio (L1 also peak RSS ≤ 1 GiB).
+TARGET_RATIOS = {"S1": 0.5, "M1": 1.0, "L1": 1.0, "B1": 1 / 50}
+DISAGREES = "✗"
+LARGE_N = 10_000  # the scaling table also fits the exponent over n ≥ LARGE_N
 
 
-def time_reml_fn(case: Case, repeats: int = 5) -> dict[str, Any]:
-    """Time reml_fn on ``case`` — the hook the lead wires to the library's fit API.
+# ------------------------------------------------------------------------------------------------
+# reml_fn in this process (optional; the default runs it as a subprocess peer)
 
-    Contract (same keys as the peers, so the tables and ratios work unchanged):
 
-    * single-response cases: ``time_s`` (median wall seconds of ``repeats`` fits after one warm-up),
-      ``cpu_s``, ``loglik`` (REML logLik with the −(n−p)/2·log 2π constant, i.e. lme4's ``logLik``),
-      ``beta`` ({"(Intercept)": …, "x1": …}), ``varcomp`` (lme4 names: ``g:(Intercept)``, ``g:x1``,
-      ``g:(Intercept),x1``, ``Residual``), ``n_iter``;
-    * batch cases (``case.is_batch``, Y = ``case.responses`` of shape (B, n)): ``time_s`` for all B
-      fits, ``per_fit_s``, ``logliks`` (length-B list or array);
-    * or ``{"skipped": reason}``.
+def time_reml_fn(case: Case, repeats: int = 5, threads: int | None = None, engine: str = "auto") -> dict[str, Any]:
+    """Time reml_fn on ``case`` in this process (``--reml-fn-inprocess``), the same code path as the peer.
 
-    The model: X = ``case.design()``; groups ``case.data["g"]``; a random intercept per group, plus a
-    random slope on ``case.slope`` when set (sleepstudy cases, 2×2 unstructured G); residual σ² I.
+    Same keys as the peers (``time_s``, ``cpu_s``, ``loglik``, ``beta``, ``varcomp``, ``n_iter``; for a
+    batch case ``per_fit_s`` and ``logliks`` of length B), except the memory fields: the runner's own
+    RSS is not reml_fn's. ``threads`` sets ``torch.set_num_threads`` for the call (None: unchanged).
+    Returns ``{"skipped": reason}`` when reml_fn cannot be imported.
     """
     try:
+        import pandas as pd
         import torch
 
-        import reml_fn as rf
+        import reml_fn  # noqa: F401
+        from benchmarks.peers.reml_fn_peer import measure
     except ImportError as exc:
         return {"skipped": f"reml_fn is not importable: {exc}"}
-    structure, X, x_names = reml_fn_model(case)
-    if case.is_batch:
-        Y = torch.as_tensor(case.responses, dtype=torch.float64)
-        if not hasattr(rf, "fit_batched"):
-            return {"skipped": "reml_fn has no fit_batched"}
-        rf.fit_batched(structure, Y[:8], X)  # warm-up
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = rf.fit_batched(structure, Y, X)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return {
-            "time_s": wall,
-            "cpu_s": cpu,
-            "per_fit_s": wall / Y.shape[0],
-            "logliks": result.loglik.tolist(),
-            "converged": int(result.converged.sum()),
-            "at_boundary": int(result.at_boundary.any(-1).sum()),
-            "engine": result.engine,
-            "threads": torch.get_num_threads(),
-        }
-    y = torch.as_tensor(case.data["y"].to_numpy(), dtype=torch.float64)
-    rf.fit(structure, y, X)  # warm-up
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = rf.fit(structure, y, X, x_names=x_names)
-        times.append(time.perf_counter() - wall)
-        cpu_times.append(time.process_time() - cpu)
-    natural = result.natural
-    cov = natural["g"]["cov"]
-    if "sigma^2" in cov:
-        varcomp = {"g:(Intercept)": float(cov["sigma^2"])}
-    else:
-        varcomp = {
-            "g:(Intercept)": float(cov["sigma^2_0_0"]),
-            f"g:{case.slope}": float(cov["sigma^2_1_1"]),
-            f"g:(Intercept),{case.slope}": float(cov["sigma^2_1_0"]),
-        }
-    varcomp["Residual"] = float(natural["residual"]["sigma^2"])
-    return {
-        "time_s": statistics.median(times),
-        "cpu_s": statistics.median(cpu_times),
-        "times_s": times,
-        "loglik": float(result.loglik),
-        "beta": dict(zip(x_names, result.beta.tolist())),
-        "varcomp": varcomp,
-        "n_iter": int(result.n_iter),
-        "converged": bool(result.converged),
-        "engine": result.engine,
-        "threads": torch.get_num_threads(),
-    }
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        frame = case.data.assign(g=pd.Categorical(case.data["g"]))
+        responses = None if case.responses is None else torch.tensor(case.responses, dtype=torch.float64)
+        out = measure(frame, list(case.covariates), case.slope, responses, repeats, engine=engine)
+    finally:
+        torch.set_num_threads(previous)
+    return out | {"peer": "reml_fn", "in_process": True}
 
 
 def reml_fn_model(case: Case):
-    """The case's model in reml_fn: ``Sum(g=Grouped(groups, covariates, cov), residual=Scalar(n))``
-    with a random intercept (``Scalar(1)``) or a correlated intercept and slope
-    (``Unstructured(2)``), lme4's ``(1 | g)`` or ``(x | g)``."""
-    import torch
+    """The case's model in reml_fn: (structure, X, fixed-effect names); see
+    :func:`benchmarks.peers.reml_fn_peer.model_from_frame`."""
+    from benchmarks.peers.reml_fn_peer import model_from_frame
 
-    import reml_fn as rf
-    from reml_fn.design import indicator_codes
+    return model_from_frame(case.data, list(case.covariates), case.slope)
 
-    X = torch.as_tensor(case.design(), dtype=torch.float64)
-    codes, _ = indicator_codes([str(g) for g in case.data["g"].tolist()])
-    if case.slope is not None:
-        covariates = torch.stack(
-            [
-                torch.ones(case.n, dtype=torch.float64),
-                torch.as_tensor(case.data[case.slope].to_numpy(), dtype=torch.float64),
-            ],
-            1,
-        )
-        term = rf.Grouped(groups=codes, covariates=covariates, cov=rf.Unstructured(2))
-    else:
-        term = rf.Grouped(groups=codes, cov=rf.Scalar(1))
-    structure = rf.Sum(g=term, residual=rf.Scalar(case.n))
-    return structure, X, ["(Intercept)", *case.covariates]
+
+# ------------------------------------------------------------------------------------------------
+# Cases, machine, idle waiting
 
 
 def resolve_cases(spec: str) -> list[str]:
@@ -151,7 +114,7 @@ def resolve_cases(spec: str) -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, core count, Python and load at the start of the run."""
+    """CPU model (lscpu's "Model name"), cores, memory, kernel, Python, torch and load at the start."""
     model = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -160,10 +123,24 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    memory_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
     return {
         "cpu_model": model,
         "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "kernel": platform.release(),
         "python": platform.python_version(),
+        "torch": torch_version,
         "load_at_start": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -202,6 +179,10 @@ def wait_for_idle(max_wait_s: float, busy_threshold: float = 0.25) -> float:
     return busy
 
 
+# ------------------------------------------------------------------------------------------------
+# logLik agreement, targets, scaling exponents (pure functions of the result dicts)
+
+
 def batch_logliks(result: dict[str, Any]) -> np.ndarray | None:
     """The per-response logLiks of a batch result (from ``logliks`` or ``logliks_file``), or None."""
     if "logliks" in result:
@@ -211,73 +192,325 @@ def batch_logliks(result: dict[str, Any]) -> np.ndarray | None:
     return None
 
 
-def _seconds(result: dict[str, Any], key: str = "time_s") -> str:
-    if "skipped" in result:
+def _ran(result: dict[str, Any] | None) -> bool:
+    return bool(result) and "skipped" not in result and "error" not in result and "time_s" in result
+
+
+def agreement(result: dict[str, Any], reference: dict[str, Any], tol: float = LOGLIK_TOL) -> dict[str, Any] | None:
+    """Compare a library's REML logLik with lme4's: ``agrees`` when it is at most ``tol`` below.
+
+    A logLik above lme4's is a better optimum of the same likelihood and counts as agreeing
+    (``above`` says so). Single response: ``{"delta", "agrees", "above"}``. Batch: per response,
+    ``{"n", "below", "above", "failed", "min_delta", "max_delta", "below_indices", "agrees"}``
+    with ``agrees`` only when no response is below by more than ``tol`` and none failed.
+    None when either side did not run.
+
+    Example:
+        >>> agreement({"time_s": 1, "loglik": -10.0 + 2e-7}, {"time_s": 1, "loglik": -10.0})["agrees"]
+        True
+        >>> agreement({"time_s": 1, "loglik": -10.001}, {"time_s": 1, "loglik": -10.0})["agrees"]
+        False
+    """
+    if not (_ran(result) and _ran(reference)):
+        return None
+    mine, theirs = batch_logliks(result), batch_logliks(reference)
+    if mine is not None and theirs is not None:
+        m = min(len(mine), len(theirs))
+        delta = mine[:m] - theirs[:m]
+        finite = np.isfinite(delta)
+        below = finite & (delta < -tol)
+        return {
+            "n": m,
+            "below": int(below.sum()),
+            "above": int((finite & (delta > tol)).sum()),
+            "failed": int((~finite).sum()),
+            "min_delta": float(delta[finite].min()) if finite.any() else None,
+            "max_delta": float(delta[finite].max()) if finite.any() else None,
+            "below_indices": np.flatnonzero(below).tolist(),
+            "agrees": bool(not below.any() and finite.all()),
+        }
+    if "loglik" in result and "loglik" in reference:
+        delta = result["loglik"] - reference["loglik"]
+        return {"delta": delta, "agrees": bool(delta >= -tol), "above": bool(delta > tol)}
+    return None
+
+
+def check_row(row: dict[str, Any], columns: list[str]) -> None:
+    """Add ``agreement`` (see :func:`agreement`) to every library's result in a case row."""
+    reference = row.get("lme4", {})
+    for column in columns:
+        result = row.get(column)
+        if column != "lme4" and isinstance(result, dict):
+            result["agreement"] = agreement(result, reference)
+
+
+def targets(cases: dict[str, dict[str, Any]], column: str = "reml_fn") -> list[dict[str, Any]]:
+    """The issue targets for reml_fn (``column``) against lme4 on S1, M1, L1 and B1, with PASS/MISS.
+
+    Speed: reml_fn's median time over lme4's ≤ :data:`TARGET_RATIOS`; every target also needs the
+    logLik check to pass (for B1: every response at or above lme4's, to 1e-6); L1 also needs peak
+    RSS ≤ 1 GiB. B1 also reports how many fits ended at a boundary (reml_fn) or singular (lme4).
+    """
+    out = []
+    for name, limit in TARGET_RATIOS.items():
+        row = cases.get(name, {})
+        mine, lme4 = row.get(column), row.get("lme4")
+        entry: dict[str, Any] = {"case": name, "max_ratio": limit}
+        if not (_ran(mine) and _ran(lme4)):
+            out.append(entry | {"result": "not run"})
+            continue
+        ratio = mine["time_s"] / lme4["time_s"]
+        check = mine.get("agreement") or agreement(mine, lme4)
+        passed = ratio <= limit and bool(check and check["agrees"])
+        entry |= {"ratio": ratio, "reml_fn_s": mine["time_s"], "lme4_s": lme4["time_s"], "loglik_ok": check["agrees"]}
+        if name == "L1":
+            rss = mine.get("peak_rss_mb")
+            entry["peak_rss_mb"] = rss
+            passed = passed and rss is not None and rss <= MEMORY_LIMIT_MB
+        if name == "B1":
+            entry["boundary_fits"] = len(mine.get("boundary_fits", []))
+            entry["lme4_singular_fits"] = len(lme4.get("singular_fits", []))
+            entry["below_lme4"] = check.get("below")
+            entry["speedup"] = 1.0 / ratio
+        entry["result"] = "PASS" if passed else "MISS"
+        out.append(entry)
+    return out
+
+
+def loglog_exponent(sizes: list[float], seconds: list[float]) -> float | None:
+    """Least-squares slope of log(seconds) against log(size) (None with fewer than 2 points).
+
+    Example:
+        >>> round(loglog_exponent([1e3, 1e4, 1e5], [0.01, 0.1, 1.0]), 6)
+        1.0
+    """
+    if len(sizes) < 2:
+        return None
+    return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
+
+
+def scaling_series(cases: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The scaling cases present: ``n`` (q = n/100, increasing n) and ``q`` (n = 10⁴, increasing q)."""
+    present = [name for name in SCALING_CASES if name in cases]
+    by_n = sorted((c for c in present if cases[c]["q"] * 100 == cases[c]["n"]), key=lambda c: cases[c]["n"])
+    by_q = sorted((c for c in present if cases[c]["n"] == 10_000), key=lambda c: cases[c]["q"])
+    return {"n": by_n, "q": by_q}
+
+
+def scaling_exponents(cases: dict[str, dict[str, Any]], columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Per library: the log-log slopes of time against n (q = n/100; also over n ≥ 10⁴ only) and against
+    q (n = 10⁴), over the cases it ran, with the points used; also the slope of the fit's own memory (peak RSS − RSS before
+    the fit, where both are known and the difference is at least 1 MB) against n."""
+    series = scaling_series(cases)
+    out: dict[str, dict[str, Any]] = {}
+    for column in columns:
+        entry: dict[str, Any] = {}
+        for axis, names in series.items():
+            points = [(cases[c][axis], cases[c][column]["time_s"]) for c in names if _ran(cases[c].get(column))]
+            entry[f"time_vs_{axis}"] = loglog_exponent([p[0] for p in points], [p[1] for p in points])
+            entry[f"time_vs_{axis}_points"] = len(points)
+            if axis == "n":  # the asymptotic part, where fixed per-call costs no longer dominate
+                large = [p for p in points if p[0] >= LARGE_N]
+                entry["time_vs_large_n"] = loglog_exponent([p[0] for p in large], [p[1] for p in large])
+                entry["time_vs_large_n_points"] = len(large)
+        footprint = []
+        for c in series["n"]:
+            result = cases[c].get(column) or {}
+            if _ran(result) and result.get("peak_rss_mb") and result.get("rss_before_fit_mb"):
+                extra = result["peak_rss_mb"] - result["rss_before_fit_mb"]
+                if extra >= 1.0:
+                    footprint.append((cases[c]["n"], extra))
+        entry["memory_vs_n"] = loglog_exponent([p[0] for p in footprint], [p[1] for p in footprint])
+        entry["memory_vs_n_points"] = len(footprint)
+        out[column] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown tables
+
+
+def label(column: str) -> str:
+    """Column heading of a library: ``reml_fn``, ``reml_fn (2 threads)``, ``torch-openreml``, …"""
+    if column.startswith("reml_fn_") and column.endswith("t"):
+        return f"reml_fn ({column[len('reml_fn_') : -1]} threads)"
+    return PEER_LABELS.get(column, column)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _seconds(result: dict[str, Any] | None, key: str = "time_s") -> str:
+    """A time cell: 3 significant digits, ``*`` when extrapolated, ✗ when the logLik check failed."""
+    if not result or "skipped" in result:
         return "skip"
     if "error" in result:
         return "error"
     value = result.get(key)
     if value is None:
         return "–"
-    text = f"{value:.3g}" if value < 100 else f"{value:.0f}"
-    return text + ("*" if result.get("extrapolated") else "")
+    text = _number(value) + ("*" if result.get("extrapolated") else "")
+    check = result.get("agreement")
+    return text + (f" {DISAGREES}" if check is not None and not check["agrees"] else "")
 
 
-def _loglik_delta(result: dict[str, Any], reference: dict[str, Any]) -> str:
-    """Peer logLik minus lme4's; for batches, max |Δ| over the responses and how many exceed LOGLIK_TOL."""
-    if "skipped" in result or "error" in result or "skipped" in reference or "error" in reference:
+def _delta(result: dict[str, Any] | None) -> str:
+    """logLik minus lme4's: the difference, or for a batch how many responses are below/above and the range."""
+    check = (result or {}).get("agreement")
+    if check is None:
         return "–"
-    mine, theirs = batch_logliks(result), batch_logliks(reference)
-    if mine is not None and theirs is not None:
-        m = min(len(mine), len(theirs))
-        delta = np.abs(mine[:m] - theirs[:m])
-        ok = np.isfinite(delta)
-        if not ok.any():
-            return "all failed"
-        text = f"max {delta[ok].max():.1e} ({int((delta[ok] > LOGLIK_TOL).sum())}/{m} > {LOGLIK_TOL:g}"
-        failed = int((~np.isfinite(mine[:m])).sum())
-        return text + (f", {failed} failed)" if failed else ")")
-    if "loglik" in result and "loglik" in reference:
-        return f"{result['loglik'] - reference['loglik']:+.1e}"
+    if "delta" in check:
+        text = f"{check['delta']:+.1e}"
+        return text if check["agrees"] else f"{text} {DISAGREES}"
+    if check["min_delta"] is None:
+        return "all failed"
+    text = f"{check['below']}/{check['n']} below, {check['above']} above; {check['min_delta']:+.1e} … {check['max_delta']:+.1e}"
+    if check["failed"]:
+        text += f"; {check['failed']} failed"
+    return text if check["agrees"] else f"{text} {DISAGREES}"
+
+
+def _ratio(result: dict[str, Any] | None, reference: dict[str, Any] | None) -> str:
+    if _ran(result) and _ran(reference) and reference["time_s"]:
+        return f"{result['time_s'] / reference['time_s']:.3g}"
     return "–"
 
 
-def _ratio(result: dict[str, Any], reference: dict[str, Any]) -> str:
-    if "time_s" in result and "time_s" in reference and reference["time_s"]:
-        return f"{result['time_s'] / reference['time_s']:.2f}"
-    return "–"
+def _mb(result: dict[str, Any] | None) -> str:
+    rss = (result or {}).get("peak_rss_mb")
+    return f"{rss:.0f}" if isinstance(rss, int | float) else "–"
 
 
-def tables(results: dict[str, dict[str, Any]], columns: list[str]) -> str:
-    """Markdown: (1) wall time, reml_fn/lme4 ratio, lme4 logLik and Δ logLik; (2) CPU time and peak RSS."""
-    labels = [PEER_LABELS[c] for c in columns]
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def main_tables(cases: dict[str, dict[str, Any]], columns: list[str]) -> str:
+    """(1) Median wall time per library and the ratios reml_fn / each peer; (2) lme4's REML logLik and
+    every library's difference from it; (3) CPU time and peak RSS."""
+    mine = "reml_fn" if "reml_fn" in columns else None
+    peers = [c for c in columns if not c.startswith("reml_fn")]
     others = [c for c in columns if c != "lme4"]
-    head = ["case", "n", "q"] + [f"{label} s" for label in labels]
-    if "reml_fn" in columns:
-        head.append("reml_fn/lme4")
-    head += ["lme4 REML logLik"] + [f"Δ {PEER_LABELS[c]}" for c in others]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in results.items():
-        lme4 = row.get("lme4", {"skipped": "not run"})
-        cells = [name, str(row["n"]), str(row["q"])] + [_seconds(row.get(c, {"skipped": ""})) for c in columns]
-        if "reml_fn" in columns:
-            cells.append(_ratio(row.get("reml_fn", {}), lme4))
-        logliks = batch_logliks(lme4) if "skipped" not in lme4 else None
+    head = ["case", "n", "q"] + [f"{label(c)} s" for c in columns]
+    if mine:
+        head += [f"reml_fn/{label(c)}" for c in peers]
+    rows = []
+    for name, row in cases.items():
+        cells = [name, str(row["n"]), str(row["q"])] + [_seconds(row.get(c)) for c in columns]
+        if mine:
+            cells += [_ratio(row.get(mine), row.get(c)) for c in peers]
+        rows.append(cells)
+    times = _markdown(head, rows)
+    rows = []
+    for name, row in cases.items():
+        lme4 = row.get("lme4") or {}
+        logliks = batch_logliks(lme4) if _ran(lme4) else None
         if logliks is not None:
-            cells.append(f"mean {statistics.fmean(logliks):.6f} (B={len(logliks)})")
+            reference = f"mean {statistics.fmean(logliks):.6f} (B={len(logliks)})"
         else:
-            cells.append(f"{lme4['loglik']:.9f}" if "loglik" in lme4 else "–")
-        cells += [_loglik_delta(row.get(c, {"skipped": ""}), lme4) for c in others]
-        lines.append("| " + " | ".join(cells) + " |")
-    head2 = ["case"] + [f"{label} CPU s" for label in labels] + [f"{label} peak RSS MB" for label in labels]
-    lines += ["", "| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
-    for name, row in results.items():
-        cells = [name] + [_seconds(row.get(c, {"skipped": ""}), "cpu_s") for c in columns]
-        for c in columns:
-            rss = row.get(c, {}).get("peak_rss_mb")
-            cells.append(f"{rss:.0f}" if isinstance(rss, int | float) else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            reference = f"{lme4['loglik']:.9f}" if "loglik" in lme4 else "–"
+        rows.append([name, reference] + [_delta(row.get(c)) for c in others])
+    logliks_table = _markdown(["case", "lme4 REML logLik"] + [f"Δ {label(c)}" for c in others], rows)
+    head = ["case"] + [f"{label(c)} CPU s" for c in columns] + [f"{label(c)} peak RSS MB" for c in columns]
+    rows = [
+        [name] + [_seconds(row.get(c), "cpu_s") for c in columns] + [_mb(row.get(c)) for c in columns]
+        for name, row in cases.items()
+    ]
+    return "\n".join(times + [""] + logliks_table + [""] + _markdown(head, rows))
+
+
+def targets_table(entries: list[dict[str, Any]]) -> str:
+    """Markdown of :func:`targets`."""
+    wording = {
+        "S1": "≤ 0.5× lme4",
+        "M1": "≤ 1× lme4",
+        "L1": "≤ 1× lme4 and peak RSS ≤ 1 GiB",
+        "B1": "≤ 1/50 of lme4's refit loop, every response ≥ lme4's logLik − 1e-6",
+    }
+    rows = []
+    for e in entries:
+        if e["result"] == "not run":
+            rows.append([e["case"], wording[e["case"]], "–", "–", "–", "–", "not run"])
+            continue
+        measured = f"{_number(e['reml_fn_s'])} s vs {_number(e['lme4_s'])} s"
+        if "peak_rss_mb" in e and e["peak_rss_mb"] is not None:
+            measured += f"; {e['peak_rss_mb']:.0f} MB"
+        check = "yes" if e["loglik_ok"] else "NO"
+        if e["case"] == "B1":
+            check += (
+                f" ({e['below_lme4']} below; reml_fn boundary fits {e['boundary_fits']},"
+                f" lme4 singular {e['lme4_singular_fits']})"
+            )
+            ratio = f"{e['ratio']:.4f} (1/{e['speedup']:.1f})"
+        else:
+            ratio = f"{e['ratio']:.3f}"
+        rows.append([e["case"], wording[e["case"]], measured, ratio, f"{e['max_ratio']:.4g}", check, e["result"]])
+    return "\n".join(_markdown(["case", "target", "reml_fn vs lme4", "ratio", "limit", "logLik ok", "result"], rows))
+
+
+def scaling_table(cases: dict[str, dict[str, Any]], columns: list[str], exponents: dict[str, dict]) -> str:
+    """Time and peak RSS (with the fit's own part, peak − RSS before the fit) of every scaling case,
+    then the fitted log-log exponents per library."""
+    series = scaling_series(cases)
+    names = series["n"] + [c for c in series["q"] if c not in series["n"]]
+    if not names:
+        return ""
+
+    def memory(result: dict[str, Any] | None) -> str:
+        if not _ran(result) or result.get("peak_rss_mb") is None:
+            return "–"
+        extra = result["peak_rss_mb"] - (result.get("rss_before_fit_mb") or 0.0)
+        return f"{result['peak_rss_mb']:.0f} (+{extra:.0f})"
+
+    head = ["case", "n", "q"] + [f"{label(c)} s" for c in columns] + [f"{label(c)} MB (+fit)" for c in columns]
+    rows = [
+        [name, str(cases[name]["n"]), str(cases[name]["q"])]
+        + [_seconds(cases[name].get(c)) for c in columns]
+        + [memory(cases[name].get(c)) for c in columns]
+        for name in names
+    ]
+
+    def slope(c: str, key: str) -> str:
+        value, points = exponents[c][key], exponents[c][f"{key}_points"]
+        full = {
+            "time_vs_n": len(series["n"]),
+            "time_vs_large_n": sum(cases[c]["n"] >= LARGE_N for c in series["n"]),
+            "time_vs_q": len(series["q"]),
+        }.get(key, points)
+        if value is None:
+            return "–"
+        return f"{value:.2f}" + ("" if points == full else f" ({points} pts)")
+
+    blank = [""] * len(columns)
+    rows.append(["**time exponent vs n** (q = n/100)", "", ""] + [slope(c, "time_vs_n") for c in columns] + blank)
+    rows.append(["**time exponent vs n, n ≥ 10⁴**", "", ""] + [slope(c, "time_vs_large_n") for c in columns] + blank)
+    rows.append(["**time exponent vs q** (n = 10⁴)", "", ""] + [slope(c, "time_vs_q") for c in columns] + blank)
+    rows.append(["**fit-memory exponent vs n**", "", ""] + blank + [slope(c, "memory_vs_n") for c in columns])
+    return "\n".join(_markdown(head, rows))
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """All tables of a run (or merged runs) as Markdown."""
+    cases = report["cases"]
+    present = {c for row in cases.values() for c in row if isinstance(row.get(c), dict)}
+    extra = sorted(c for c in present if c.startswith("reml_fn_"))
+    columns = [c for c in ["reml_fn", *extra, *PEERS] if c in present]
+    for row in cases.values():
+        check_row(row, columns)
+    parts = [main_tables(cases, columns)]
+    if "reml_fn" in columns:
+        report["targets"] = targets(cases)
+        parts.append(targets_table(report["targets"]))
+    report["scaling_exponents"] = scaling_exponents(cases, columns)
+    table = scaling_table(cases, columns, report["scaling_exponents"])
+    if table:
+        parts.append(table)
+    return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
 
 
 def main() -> None:
@@ -297,14 +530,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.json", help="raw results (JSON)")
     parser.add_argument("--no-reml-fn", action="store_true", help="peers only")
     parser.add_argument(
+        "--reml-fn-threads",
+        default="1",
+        help="torch threads for reml_fn, e.g. 1,2: 1 thread is the column reml_fn (the targets), t > 1 reml_fn_{t}t",
+    )
+    parser.add_argument("--reml-fn-inprocess", action="store_true", help="time reml_fn in this process (no peak RSS)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile one more 1-thread reml_fn fit per case (results/profile_{case}_reml_fn.txt)",
+    )
+    parser.add_argument(
         "--update", action="store_true", help="merge into an existing --out file (rerun some peers/cases only)"
     )
+    parser.add_argument("--report", type=Path, default=None, help="print the tables of an earlier --out file")
     args = parser.parse_args()
 
+    if args.report is not None:
+        report = json.loads(args.report.read_text())
+        print(report_text(report))
+        return
+
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    columns = ([] if args.no_reml_fn else ["reml_fn"]) + peers
+    threads = [int(t) for t in args.reml_fn_threads.split(",") if t.strip()]
+    mine = [] if args.no_reml_fn else [("reml_fn" if t == 1 else f"reml_fn_{t}t", t) for t in threads]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine_info(), "args": vars(args) | {"out": str(args.out)}, "cases": {}}
+    report["args"]["report"] = None
     if args.update and args.out.exists():
         previous = json.loads(args.out.read_text())
         report["cases"] = previous.get("cases", {})
@@ -315,19 +567,46 @@ def main() -> None:
         case = make_case(name)
         row: dict[str, Any] = report["cases"].get(name, {})
         row |= {"n": case.n, "q": case.q, "p": case.p, "description": case.description}
-        if not args.no_reml_fn:
-            wait_for_idle(args.wait_idle)
-            row["reml_fn"] = time_reml_fn(case, args.repeats)
+        for column, count in mine:
+            row[column] = _run_reml_fn(case, column, count, args)
+            _log(name, column, row[column])
         for peer in peers:
             row[peer] = _run_one(peer, case, args)
-            status = (
-                row[peer].get("skipped") or row[peer].get("error") or f"{row[peer].get('time_s', float('nan')):.3g} s"
-            )
-            print(f"[{name}] {PEER_LABELS.get(peer, peer)}: {status}", file=sys.stderr, flush=True)
+            _log(name, peer, row[peer])
         report["cases"][name] = row
         args.out.write_text(json.dumps(report, indent=1, default=str))
-    all_columns = [c for c in ["reml_fn", *PEERS] if any(c in row for row in report["cases"].values())]
-    print(tables(report["cases"], all_columns if args.update else columns))
+    text = report_text(report)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(text)
+
+
+def _log(case: str, column: str, result: dict[str, Any]) -> None:
+    status = result.get("skipped") or result.get("error") or f"{result.get('time_s', float('nan')):.3g} s"
+    if "peak_rss_mb" in result and result["peak_rss_mb"] is not None:
+        status += f", {result['peak_rss_mb']:.0f} MB"
+    print(f"[{case}] {label(column)}: {status}", file=sys.stderr, flush=True)
+
+
+def _run_reml_fn(case: Case, column: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """reml_fn with ``threads`` torch threads: a subprocess peer (default) or in this process."""
+    busy = wait_for_idle(args.wait_idle)
+    context = {"cpu_busy_before": busy, "load_before": os.getloadavg()[0]}
+    if args.reml_fn_inprocess:
+        return time_reml_fn(case, args.repeats, threads) | context
+    extra = [f"--threads={threads}"]
+    if args.profile and threads == 1:
+        extra.append(f"--profile-out={args.out.parent / f'profile_{case.name}_{column}.txt'}")
+    result = run_peer(
+        "reml_fn",
+        case,
+        args.repeats,
+        logliks_dir=args.out.parent,
+        budget=args.budget,
+        timeout=args.timeout,
+        extra_args=extra,
+        tag=column,
+    )
+    return result | {"cpu_busy_before": busy}
 
 
 def _run_one(peer: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Run a peer (lme4, statsmodels, torch-openreml) on a benchmark case in a subprocess.
+"""Run a peer (lme4, statsmodels, torch-openreml, or reml_fn itself) on a benchmark case in a subprocess.
 
 ``run_peer(name, case)`` writes the case's CSV files (once per process), runs the peer script, parses
 the JSON line it prints and returns it as a dict, plus what the parent measured (``wall_s`` of the
@@ -60,6 +60,12 @@ def _probe(command: list[str], env: dict[str, str] | None = None, timeout: float
     return done.returncode == 0, message
 
 
+def _reml_fn_env() -> dict[str, str]:
+    """The environment with the repository root on PYTHONPATH (reml_fn need not be installed)."""
+    root = str(PEERS_DIR.parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
 @cache
 def peer_command(name: str) -> tuple[list[str], dict[str, str]] | str:
     """How to start a peer: (argv prefix, environment), or the reason it is unavailable (a str)."""
@@ -72,6 +78,11 @@ def peer_command(name: str) -> tuple[list[str], dict[str, str]] | str:
         if not ok:
             return f"R packages lme4/jsonlite not loadable ({message}); apt-get install -y r-cran-lme4"
         return [rscript, str(PEERS_DIR / "lme4_bench.R")], dict(os.environ)
+    if name == "reml_fn":
+        ok, message = _probe([sys.executable, "-c", "import reml_fn, pandas"], env=_reml_fn_env())
+        if not ok:
+            return f"reml_fn not importable in {sys.executable} ({message})"
+        return [sys.executable, str(PEERS_DIR / "reml_fn_peer.py")], _reml_fn_env()
     if name == "statsmodels":
         ok, message = _probe([sys.executable, "-c", "import statsmodels, pandas"])
         if not ok:
@@ -99,7 +110,7 @@ def peer_command(name: str) -> tuple[list[str], dict[str, str]] | str:
         else:
             reasons.append(f"no patched copy in {patched} (REML_FN_OPENREML_PATCHED)")
         return "torch-openreml unavailable: " + "; ".join(reasons) + " (see benchmarks/README.md)"
-    raise KeyError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+    raise KeyError(f"unknown peer {name!r}; known: reml_fn, {', '.join(PEERS)}")
 
 
 def peer_available(name: str) -> tuple[bool, str]:
@@ -144,18 +155,23 @@ def run_peer(
     budget: float = DEFAULT_BUDGET_S,
     timeout: float = DEFAULT_TIMEOUT_S,
     extra_args: list[str] | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """Run one peer on one case and return its result dict.
 
     Args:
-        name: ``lme4``, ``statsmodels`` or ``openreml`` (``torch-openreml`` also accepted).
+        name: ``lme4``, ``statsmodels``, ``openreml`` (``torch-openreml`` also accepted) or ``reml_fn``
+            (``reml_fn_peer.py`` with this interpreter).
         case: case name (see ``benchmarks.data.CASE_NAMES``) or a :class:`~benchmarks.data.Case`.
         repeats: timed repeats after one warm-up (single-response cases).
         workdir: where the case CSVs are written (default: one temporary directory per process).
         logliks_dir: batch cases: where ``{case}_{peer}_logliks.txt`` goes (default: ``workdir``).
         budget: seconds of timed work a peer may spend before cutting repeats (or extrapolating a batch).
         timeout: hard limit for the subprocess, seconds.
-        extra_args: more arguments for the peer script (e.g. ``["--max-gb=8"]`` for openreml).
+        extra_args: more arguments for the peer script (e.g. ``["--max-gb=8"]`` for openreml,
+            ``["--threads=2"]`` for reml_fn).
+        tag: name used in the batch logLik file instead of the peer's (``B1_{tag}_logliks.txt``), so
+            that two runs of one peer (reml_fn with 1 and 2 threads) keep both files.
 
     Returns:
         The peer's JSON fields (``time_s``, ``cpu_s``, ``loglik``, ``beta``, ``varcomp``, ``peak_rss_mb``, …;
@@ -176,7 +192,7 @@ def run_peer(
     if case_obj.is_batch:
         out_dir = Path(logliks_dir) if logliks_dir else workdir_path
         out_dir.mkdir(parents=True, exist_ok=True)
-        logliks = out_dir / f"{case_obj.name}_{peer}_logliks.txt"
+        logliks = out_dir / f"{case_obj.name}_{tag or peer}_logliks.txt"
         command += [f"--responses={files['responses']}", f"--logliks-out={logliks}"]
     command += extra_args or []
     load_before = os.getloadavg()[0]

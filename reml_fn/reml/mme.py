@@ -18,36 +18,44 @@ which is PD even when G is singular (no G⁻¹ anywhere). Its Cholesky factor L 
 
     log|V| = log|R| + log|I + ΛᵀZᵀR⁻¹ZΛ|           (determinant lemma: the first q pivots of L)
     log|XᵀV⁻¹X| = the last p pivots of L            (they factor the Schur complement XᵀV⁻¹X)
+        (so log|V| + log|XᵀV⁻¹X| = log|R| + 2 Σ log L_ii over all pivots)
     yᵀPy = ‖R^{-½}(y − Xβ̂ − ZΛũ)‖² + ‖ũ‖²          (penalised residual sum of squares)
     P y = e = R⁻¹(y − Xβ̂ − Zû),  û = Λũ             (the BLUPs)
     P = R⁻¹ − R⁻¹ W Ω⁻¹ Wᵀ R⁻¹.
 
 **Block structure.** The Grouped term with the most groups is the *blocked* term b: its part of
-Ω is block diagonal (m blocks of k×k, ``I + Λ_bᵀ (Σ_{i∈g} x_i x_iᵀ/r_i) Λ_b``), factorised by a
-batched k×k Cholesky. The other random terms and X form a dense block s of size d = q_rest + p,
-factorised after the Schur complement S = Ω_ss − Σ_g F_gᵀF_g, F_g = L_g⁻¹ Ω_{g,s}. All cross
-products are segment sums (``index_add``) over observations: O(n·(k + d)²) to form,
-O(m·k³ + d³) to factor; memory O(n·(k + d) + m·k·d + d²).
+Ω is block diagonal (m blocks of k×k, M_g = ``I + Λ_bᵀ (Σ_{i∈g} x_i x_iᵀ/r_i) Λ_b``), factorised
+by a batched k×k Cholesky M_g = L_g L_gᵀ whose inverses L_g⁻¹ are then applied by matmuls (M_g ⪰ I,
+so ‖L_g⁻¹‖ ≤ 1 and the explicit inverse is as accurate as a triangular solve). The other random
+terms and X form a dense block s of size d = q_rest + p, factorised after the Schur complement
+S = Ω_ss − Σ_g F_gᵀF_g, F_g = L_g⁻¹ Ω_{g,s}. All cross products are segment sums (``index_add``)
+over observations: O(n·(k + d)²) to form, O(m·k³ + d³) to factor; memory
+O(n·(k + d) + m·k·d + d²).
 
 **Score and AI** (raw parameters θ_j; V̇_j = Z_t (I ⊗ Σ̇_t) Z_tᵀ, Z_t Ġ_t Z_tᵀ or diag(ṙ)):
 
     s_j = ½ (eᵀ V̇_j e − tr(P V̇_j))
     eᵀV̇_j e = (Z_tᵀe)ᵀ Ġ_t (Z_tᵀe)   or   Σ_i ṙ_i e_i²
     tr(P Z_t Ġ_t Z_tᵀ) = tr(Ġ_t · Z_tᵀPZ_t),   ZᵀPZ = ZᵀR⁻¹Z − UᵀΩ⁻¹U,  U = WᵀR⁻¹Z
-        (for a Grouped term only Σ_g of its k×k diagonal blocks is needed: tr(Σ̇ Σ_g (ZᵀPZ)_gg))
+        so s_j = ½ tr(Ġ_t (Z_tᵀe eᵀZ_t − Z_tᵀPZ_t)) for a random-term parameter (for a Grouped
+        term only Σ_g of the k×k diagonal blocks of both matrices is needed)
     tr(P diag(ṙ)) = ṙ · tr(P),  tr(P) = (n − p − Σ_t tr(G_t Z_tᵀPZ_t)) / σ²   when R = σ²I
         (from tr(PV) = n − p), else Σ_i ṙ_i P_ii with P_ii = 1/r_i − ‖L⁻¹w_i‖²/r_i² (w_i: row i of W)
     AI_jl = ½ v_jᵀ P v_l with the working variates v_j = V̇_j e, never formed as n-vectors for
         random-term parameters: v_j = Z a_j with a_j = Ġ_j Z_tᵀe (q-space). With S = [Z A, V_r]
-        (V_r: residual variates; just e when R = σ²I, since then every ṙ_j e ∝ e)
-        SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², where SᵀR⁻¹S and WᵀR⁻¹S come from the cross products
-        (AᵀZᵀR⁻¹ZA, AᵀZᵀR⁻¹e = w·Aᵀ(Zᵀe), eᵀR⁻¹e) plus, for a Diagonal R, one pass over V_r.
+        (V_r = [ṙ_j ∘ e]: the residual variates; e ṙᵀ when R = σ²I, and then XᵀR⁻¹V_r = 0 since
+        XᵀPy = 0) SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², where SᵀR⁻¹S and WᵀR⁻¹S come from the cross
+        products (AᵀZᵀR⁻¹ZA, AᵀZᵀR⁻¹e = w·Aᵀ(Zᵀe), eᵀR⁻¹e) plus, for a Diagonal R, one pass over V_r.
 
 The cost per ``ai_terms`` call is one pass over the data for the cross products and the
 residuals (O(n·(k + d)²)) and q-space algebra for everything else (O(m·k²·K + d²·(m·k + K))).
 Subtractions such as ZᵀR⁻¹Z − UᵀΩ⁻¹U lose about log₁₀(n_g·σ_b²/σ²) digits when group sizes
 n_g and variance ratios are extreme; the dense engine's P loses as much (the two still agree to
 1e-8 at n_g·σ_b²/σ² = 5·10⁸).
+
+At small n a call costs the number of tensor operations it makes (a few µs each), not flops, so
+the code avoids einsum on tiny tensors, computes each cross product once per call and skips the
+parts a model does not have (no rest, no residual parameters) instead of forming empty tensors.
 
 Everything is pure and vmappable (``cholesky_ex``, ``index_add``, ``torch.where``; no value
 checks): V not positive definite (a residual variance ≤ 0, an indefinite Σ_t or G_t, a
@@ -78,9 +86,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reml_fn.combinators import Grouped, Propagate, Sum
+from reml_fn.combinators.products import kron
 from reml_fn.params import param_names
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import register_engine
+from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf
 
 __all__ = ["MMEEngine", "psd_cholesky", "PSD_CHOLESKY_MAX_SIZE"]
@@ -97,10 +108,12 @@ blocks (a Propagate term's G) use ``torch.linalg.cholesky_ex`` and must be posit
 def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
     """A lower factor L with L Lᵀ = A for a positive *semi*-definite k×k A, and an ok flag.
 
-    An unrolled Cholesky in which a pivot ≤ τ = 10·k·ε·max|diag A| gives a zero column instead
-    of a failure, so A = 0 (a variance at its boundary) or a rank-deficient A factor exactly.
-    ``ok`` is False when L Lᵀ misses A by more than τ (A indefinite) or A has NaN. Pure,
-    vmappable and differentiable (double-``where``) at positive-definite A. Meant for small k.
+    An unrolled Cholesky in which a pivot ≤ τ = 10·k·ε·max|A_ij| (= 10·k·ε·max diag A for a PSD A)
+    gives a zero column instead of a failure, so A = 0 (a variance at its boundary) or a
+    rank-deficient A factor exactly. ``ok`` is False when L Lᵀ misses A by more than τ (A
+    indefinite) or A has NaN; for k = 1 that is the closed form L = √a, ok ⟺ a ≥ 0. Pure,
+    vmappable and differentiable at positive-definite A (a square root of
+    ``where(pivot > τ, pivot, 1)`` times the mask, so no gradient is NaN). Meant for small k.
 
     Example:
         >>> import torch
@@ -110,23 +123,25 @@ def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
         ([[2.0, 0.0], [1.0, 0.0]], True)
         >>> bool(psd_cholesky(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))[1])    # indefinite
         False
+        >>> psd_cholesky(torch.tensor([[0.0]]))[0].tolist(), bool(psd_cholesky(torch.tensor([[-1.0]]))[1])
+        ([[0.0]], False)
     """
     k = A.shape[-1]
-    diagonal = torch.diagonal(A, dim1=-2, dim2=-1)
-    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * diagonal.abs().amax(-1)
-    rows = torch.arange(k, device=A.device)
-    columns: list[Tensor] = []
+    if k == 1:  # τ = 10ε|a|, so "a > τ" is "a > 0" and "|L² − a| ≤ τ" is "a ≥ 0"
+        positive = A > 0
+        return torch.sqrt(torch.where(positive, A, 1.0)) * positive, (A >= 0).reshape(A.shape[:-2])
+    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * A.abs().amax((-1, -2))
+    columns: list[Tensor] = []  # column j holds rows j … k−1 of L
     for j in range(k):
-        v = A[..., :, j]
-        for column in columns:
-            v = v - column * column[..., j : j + 1]
-        pivot = v[..., j]
+        v = A[..., j:, j]
+        for i, column in enumerate(columns):
+            v = v - column[..., j - i :] * column[..., j - i : j - i + 1]  # − L[j:, i] L[j, i]
+        pivot = v[..., 0]
         positive = pivot > tolerance
-        root = torch.sqrt(torch.where(positive, pivot, torch.ones_like(pivot)))
-        column = torch.where(positive.unsqueeze(-1) & (rows >= j), v / root.unsqueeze(-1), torch.zeros_like(v))
-        columns.append(column)
-    L = torch.stack(columns, dim=-1)
-    error = (L @ L.transpose(-1, -2) - A).abs().amax((-1, -2))
+        scale = torch.rsqrt(torch.where(positive, pivot, 1.0)) * positive  # 1/√pivot, or 0
+        columns.append(v * scale.unsqueeze(-1))
+    L = torch.stack([F.pad(column, (j, 0)) if j else column for j, column in enumerate(columns)], dim=-1)
+    error = (L @ L.mT - A).abs().amax((-1, -2))
     return L, error <= tolerance
 
 
@@ -156,13 +171,14 @@ def _segment_sum(codes: Tensor, values: Tensor, size: int) -> Tensor:
 
 
 def _block_diag(blocks: list[Tensor]) -> Tensor:
-    """blockdiag(blocks) by zero padding (vmappable, unlike ``torch.block_diag``)."""
+    """blockdiag(blocks) of (possibly rectangular) blocks by zero padding (vmappable, unlike
+    ``torch.block_diag``)."""
     total, start, bands = sum(b.shape[-1] for b in blocks), 0, []
     for block in blocks:
         size = block.shape[-1]
         bands.append(F.pad(block, (start, total - start - size)))
         start += size
-    return torch.cat(bands, dim=-2)
+    return _concat(bands, dim=-2)
 
 
 def _embed_blocks(blocks: Tensor) -> Tensor:
@@ -170,6 +186,28 @@ def _embed_blocks(blocks: Tensor) -> Tensor:
     m, k = blocks.shape[-3], blocks.shape[-1]
     eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
     return (blocks.unsqueeze(-2) * eye[:, None, :, None]).reshape(m * k, m * k)
+
+
+def _cast(tensor: Tensor, dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipping the (not free) call when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _concat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy for a single piece (most models have one piece)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b where None stands for zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _group_inner(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_g a_gᵀ b_g for per-group blocks a (m, k, c_a) and b (m, k, c_b): (c_a, c_b), one matmul."""
+    return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
 
 
 def _flatten_tree(tree: Mapping, prefix: str) -> Iterator[tuple[str, Tensor]]:
@@ -192,14 +230,23 @@ def _child_derivatives(child, child_params: Mapping, method: str) -> Mapping:
     raise ValueError(f"unknown Jacobian method {method!r}; expected 'closed', 'fwd' or 'rev'")
 
 
+def _derivative_stack(child, child_params: Mapping, prefix: str, method: str | None, dtype):
+    """``(names, Ġ)``: the child's free parameter names and its derivatives stacked (K, a, a);
+    ``([], None)`` when it has no free parameter or no derivatives are wanted (``method`` None)."""
+    if method is None:
+        return [], None
+    pairs = list(_flatten_tree(_child_derivatives(child, child_params, method), prefix))
+    if not pairs:
+        return [], None
+    return [name for name, _ in pairs], _cast(torch.stack([d for _, d in pairs]), dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # What the structure looks like (static)
 
 
 def _leaves(s, params: Mapping, prefix: str = "") -> Iterator[tuple[str, object, Mapping]]:
     """The non-Sum terms of nested Sums: ``(path, structure, its params)``."""
-    from reml_fn.combinators import Sum
-
     if isinstance(s, Sum):
         for name, child in s.items():
             yield from _leaves(child, params.get(name, {}), f"{prefix}{name}/")
@@ -208,9 +255,6 @@ def _leaves(s, params: Mapping, prefix: str = "") -> Iterator[tuple[str, object,
 
 
 def _kind(term) -> str | None:
-    from reml_fn.combinators import Grouped, Propagate
-    from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
-
     if isinstance(term, Grouped):
         return "grouped"
     if isinstance(term, Propagate) and isinstance(term.children[0], Fixed):
@@ -222,8 +266,6 @@ def _kind(term) -> str | None:
 
 def _layout(s) -> tuple[list, list] | None:
     """``(random, residual)`` lists of ``(path, term)``, or None when the MME cannot handle ``s``."""
-    from reml_fn.combinators import Sum
-
     if not isinstance(s, Sum):
         return None
     random, residual = [], []
@@ -249,7 +291,7 @@ class _Columns(NamedTuple):
 
 
 def _grouped_columns(term, dtype) -> _Columns:
-    return _Columns(term.q, term.codes, term.covariates.to(dtype), term.num_groups, term.k)
+    return _Columns(term.q, term.codes, _cast(term.covariates, dtype), term.num_groups, term.k)
 
 
 def _cross_grouped(a: _Columns, w: Tensor, values: Tensor) -> Tensor:
@@ -301,9 +343,14 @@ def _times(c: _Columns, values: Tensor) -> Tensor:
     """Z_c v for v (size,) or (size, K) → (n,) or (n, K)."""
     if c.dense is not None:
         return c.dense @ values
-    rows = values.reshape(c.m, c.k, *values.shape[1:])[c.codes]
+    return _expand(c, values.reshape(c.m, c.k, *values.shape[1:]))
+
+
+def _expand(c: _Columns, effects: Tensor) -> Tensor:
+    """Z_c u for a Grouped term's effects u (m, k) or (m, k, K): row i gets x_iᵀ u_{g_i}."""
+    rows = effects.index_select(0, c.codes)
     if rows.dim() == 2:
-        return (c.x * rows).sum(-1)
+        return torch.linalg.vecdot(c.x, rows)
     return (c.x.unsqueeze(-1) * rows).sum(-2)
 
 
@@ -326,75 +373,76 @@ class _Term(NamedTuple):
     path: str
     grouped: bool
     columns: _Columns
-    child: object  # Σ (grouped) or G (dense)
-    child_params: Mapping
-    prefix: str  # parameter-name prefix of the child: "subject/cov", "gen/G"
     block: Tensor  # Σ (k×k) or G (q×q)
     lam: Tensor  # its factor Λ
     ok: Tensor
+    names: list[str]  # its free parameters (those of Σ or G), in the order of ``derivatives``
+    derivatives: Tensor | None  # Σ̇ (K, k, k) or Ġ (K, q, q); None without free parameters
 
 
 class _Residual(NamedTuple):
     """R = diag(r): r is 0-d (σ², R = σ²I: only Scalar/Identity children) or (n,) (a Diagonal
-    child); each derivative ṙ = ∂r/∂θ has the same shape as r."""
+    child); ``slopes`` stacks ṙ_j = ∂r/∂θ_j of the free parameters ``names``: (K_r,) or (K_r, n)."""
 
     r: Tensor
-    derivatives: list[tuple[str, Tensor]]
+    names: list[str]
+    slopes: Tensor | None
 
 
-def _terms(s, params: Mapping, dtype, device) -> tuple[list[_Term], _Residual]:
+def _terms(s, params: Mapping, dtype, device, method: str | None = None) -> tuple[list[_Term], _Residual]:
+    """The random terms and the residual at ``params``; the derivatives of Σ_t / G_t only when a
+    Jacobian ``method`` is given."""
     random, residual_parts = [], []
     for path, term, term_params in _leaves(s, params):
         kind = _kind(term)
-        if kind == "grouped":
-            child_params = term_params.get("cov", {})
-            block = term.cov._build(child_params).to(dtype)
-            lam, ok = _factor_block(block)
-            columns = _grouped_columns(term, dtype)
-            random.append(_Term(path, True, columns, term.cov, child_params, f"{path}/cov", block, lam, ok))
-        elif kind == "dense":
-            (z_name, g_name), (z, g) = term.names, term.children
-            child_params = term_params.get(g_name, {})
-            block = g._build(child_params).to(dtype)
-            lam, ok = _factor_block(block)
-            design = z._build(term_params.get(z_name, {})).to(dtype)
-            columns = _Columns(design.shape[-1], dense=design)
-            random.append(_Term(path, False, columns, g, child_params, f"{path}/{g_name}", block, lam, ok))
-        else:
+        if kind == "residual":
             residual_parts.append((path, term, term_params))
-    return random, _residual(residual_parts, s.shape[0], dtype, device)
+            continue
+        if kind == "grouped":
+            child, child_params, prefix = term.cov, term_params.get("cov", {}), f"{path}/cov"
+            columns = _grouped_columns(term, dtype)
+        else:
+            (z_name, g_name), (z, child) = term.names, term.children
+            child_params, prefix = term_params.get(g_name, {}), f"{path}/{g_name}"
+            design = _cast(z._build(term_params.get(z_name, {})), dtype)
+            columns = _Columns(design.shape[-1], dense=design)
+        block = _cast(child._build(child_params), dtype)
+        lam, ok = _factor_block(block)
+        names, derivatives = _derivative_stack(child, child_params, prefix, method, dtype)
+        random.append(_Term(path, kind == "grouped", columns, block, lam, ok, names, derivatives))
+    return random, _residual(residual_parts, s.shape[0], dtype, device, method is not None)
 
 
-def _residual(parts, n: int, dtype, device) -> _Residual:
-    from reml_fn.structures import Diagonal, Identity
-
+def _residual(parts, n: int, dtype, device, derivatives: bool) -> _Residual:
     scalar = not any(isinstance(term, Diagonal) for _, term, _ in parts)
-    ones = torch.ones(n, dtype=dtype, device=device)
-    r = torch.zeros((), dtype=dtype, device=device) if scalar else torch.zeros(n, dtype=dtype, device=device)
-    derivatives = []
+    r, names, slopes = None, [], []
     for path, term, term_params in parts:
         if isinstance(term, Identity):
-            r = r + 1.0
+            r = _plus(r, torch.ones((), dtype=dtype, device=device))
             continue
         natural = term._natural(term_params)
         if isinstance(term, Diagonal):
-            r = r + torch.stack([natural[spec.name] for spec in term.specs]).to(dtype)
+            r = _plus(r, _cast(torch.stack([natural[spec.name] for spec in term.specs]), dtype))
         else:
-            r = r + natural["sigma^2"].to(dtype) * (1.0 if scalar else ones)
-        for i, spec in enumerate(term.specs):
-            if spec.fixed:
-                continue
-            slope = spec.transform.derivative(term_params[spec.name]).to(dtype)
-            if isinstance(term, Diagonal):
-                slope = slope * F.one_hot(torch.tensor(i, device=device), n).to(dtype)
-            elif not scalar:
-                slope = slope * ones
-            derivatives.append((f"{path}/{spec.name}", slope))
-    return _Residual(r, derivatives)
+            r = _plus(r, _cast(natural["sigma^2"], dtype))
+        free = [(i, spec) for i, spec in enumerate(term.specs) if not spec.fixed]
+        if not derivatives or not free:
+            continue
+        names += [f"{path}/{spec.name}" for _, spec in free]
+        values = _cast(torch.stack([spec.transform.derivative(term_params[spec.name]) for _, spec in free]), dtype)
+        if isinstance(term, Diagonal):  # ṙ_j = r'_j e_j: row j of the identity, scaled
+            slopes.append(torch.eye(n, dtype=dtype, device=device)[[i for i, _ in free]] * values.unsqueeze(-1))
+        else:
+            slopes.append(values if scalar else values.unsqueeze(-1).expand(len(free), n))
+    return _Residual(r, names, _concat(slopes, dim=0) if slopes else None)
 
 
 # ------------------------------------------------------------------------------------------------
 # Assembling and factorising Ω
+#
+# Rows and columns of Ω (and of the cross products C = TᵀR⁻¹T of the unscaled design
+# T = [Z_b, Z_rest, X], W = TΛ_full) come in two parts: the blocked term's, by group (m, k, ·),
+# and the dense part (d, ·). :class:`_Split` carries a matrix with rows split that way.
 
 
 class _Factor(NamedTuple):
@@ -403,12 +451,11 @@ class _Factor(NamedTuple):
     residual: _Residual
     w: Tensor  # 1/r
     X: Tensor  # (n, p)
-    p: int
-    lam_s: Tensor  # Λ of the dense block: blockdiag(Λ_rest, I_p)
+    lam_s: Tensor | None  # Λ_s = blockdiag(Λ_rest, I_p); None when there is no rest (Λ_s = I)
     C_bb: Tensor | None  # (m, k, k)   Z_bᵀR⁻¹Z_b blocks
     C_bs: Tensor | None  # (m, k, d)   Z_bᵀR⁻¹[Z_rest, X]
     C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀR⁻¹[Z_rest, X]
-    L_bb: Tensor | None  # (m, k, k)
+    L_bb_inv: Tensor | None  # (m, k, k) L_g⁻¹ for the blocks L_g of the blocked term's factor
     F: Tensor | None  # (m, k, d)   L_bb⁻¹ Ω_bs
     L_ss: Tensor  # (d, d)
     u_b: Tensor | None  # (m, k) spherical effects ũ_b
@@ -416,6 +463,14 @@ class _Factor(NamedTuple):
     e: Tensor  # P y
     loglik: Tensor
     ok: Tensor
+
+
+class _Split(NamedTuple):
+    """A matrix with rows indexed like the columns of T = [Z_b, Z_rest, X]: ``blocked`` (m, k, c)
+    for the blocked term's, ``dense`` (d, c) for the others; None stands for a zero part."""
+
+    blocked: Tensor | None
+    dense: Tensor | None
 
 
 def _rest_sizes(rest: list[_Term]) -> int:
@@ -426,137 +481,205 @@ def _lam_full(term: _Term) -> Tensor:
     """Λ_t for all of the term's columns: I_m ⊗ Λ_Σ (grouped) or Λ_G (dense)."""
     if not term.grouped:
         return term.lam
-    from reml_fn.combinators.products import kron
-
     eye = torch.eye(term.columns.m, dtype=term.lam.dtype, device=term.lam.device)
     return kron(eye, term.lam)
 
 
-def _forward(fac: _Factor, rb: Tensor | None, rs: Tensor) -> tuple[Tensor | None, Tensor]:
-    """L⁻¹ [rb; rs] for rb (m, k, c), rs (d, c), with L = [[L_bb, 0], [Fᵀ, L_ss]]."""
-    if fac.blocked is None:
-        return None, torch.linalg.solve_triangular(fac.L_ss, rs, upper=False)
-    ab = torch.linalg.solve_triangular(fac.L_bb, rb, upper=False)
-    as_ = torch.linalg.solve_triangular(fac.L_ss, rs - torch.einsum("gkd,gkc->dc", fac.F, ab), upper=False)
-    return ab, as_
+def _times_lam_s(a: Tensor, lam_s: Tensor | None) -> Tensor:
+    """a Λ_s (Λ_s = I when there is no rest)."""
+    return a if lam_s is None else a @ lam_s
 
 
-def _backward(fac: _Factor, ab: Tensor | None, as_: Tensor) -> tuple[Tensor | None, Tensor]:
-    """L⁻ᵀ [ab; as]."""
-    zs = torch.linalg.solve_triangular(fac.L_ss.transpose(-1, -2), as_, upper=True)
+def _lam_transpose_times(fac: _Factor, a: _Split) -> _Split:
+    """Λ_fullᵀ a: from products with T to products with W = TΛ_full."""
+    blocked = dense = None
+    if a.blocked is not None:
+        blocked = fac.blocked.lam.mT @ a.blocked
+    if a.dense is not None:
+        dense = a.dense if fac.lam_s is None else fac.lam_s.mT @ a.dense
+    return _Split(blocked, dense)
+
+
+def _cross_times(fac: _Factor, a: _Split) -> _Split:
+    """C a = TᵀR⁻¹T a from the cross products."""
+    blocked = dense = None
+    if a.blocked is not None:
+        blocked, dense = fac.C_bb @ a.blocked, _group_inner(fac.C_bs, a.blocked)
+    if a.dense is not None:
+        dense = _plus(dense, fac.C_ss @ a.dense)
+        if fac.blocked is not None:
+            blocked = _plus(blocked, fac.C_bs @ a.dense)
+    return _Split(blocked, dense)
+
+
+def _inner(a: _Split, b: _Split) -> Tensor:
+    """aᵀb (c_a, c_b) over both parts (at least one part must be present in both)."""
+    blocked = _group_inner(a.blocked, b.blocked) if a.blocked is not None and b.blocked is not None else None
+    dense = a.dense.mT @ b.dense if a.dense is not None and b.dense is not None else None
+    return _plus(blocked, dense)
+
+
+def _columns(a: _Split, b: _Split) -> _Split:
+    """[a, b] side by side (a has a dense part; one missing from b is zero)."""
+    blocked = None if a.blocked is None else torch.cat([a.blocked, b.blocked], dim=-1)
+    dense = F.pad(a.dense, (0, b.blocked.shape[-1])) if b.dense is None else torch.cat([a.dense, b.dense], dim=-1)
+    return _Split(blocked, dense)
+
+
+def _forward(fac: _Factor, a: _Split) -> _Split:
+    """L⁻¹ a with L = [[L_bb, 0], [Fᵀ, L_ss]] (a.dense may be None: zero)."""
+    if fac.blocked is None or a.blocked is None:
+        return _Split(None, torch.linalg.solve_triangular(fac.L_ss, a.dense, upper=False))
+    blocked = fac.L_bb_inv @ a.blocked
+    projected = _group_inner(fac.F, blocked)
+    dense = -projected if a.dense is None else a.dense - projected
+    return _Split(blocked, torch.linalg.solve_triangular(fac.L_ss, dense, upper=False))
+
+
+def _backward(fac: _Factor, a: _Split) -> _Split:
+    """L⁻ᵀ a."""
+    dense = torch.linalg.solve_triangular(fac.L_ss.mT, a.dense, upper=True)
     if fac.blocked is None:
-        return None, zs
-    zb = torch.linalg.solve_triangular(
-        fac.L_bb.transpose(-1, -2), ab - torch.einsum("gkd,dc->gkc", fac.F, zs), upper=True
+        return _Split(None, dense)
+    return _Split(fac.L_bb_inv.mT @ (a.blocked - fac.F @ dense), dense)
+
+
+def _p_gram(fac: _Factor, gram: Tensor, cross: _Split) -> Tensor:
+    """SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖² for columns S, from ``gram`` = SᵀR⁻¹S and ``cross`` = TᵀR⁻¹S."""
+    solved = _forward(fac, _lam_transpose_times(fac, cross))
+    return gram - _inner(solved, solved)
+
+
+def _cross_products(blocked: _Term | None, rest: list[_Term], X: Tensor, w: Tensor):
+    """C_bb (m, k, k), C_bs (m, k, d) and C_ss (d, d): the blocks of TᵀR⁻¹T."""
+    p = X.shape[-1]
+    dense = [t.columns for t in rest] + [_Columns(p, dense=X)]
+    C_ss = _concat(
+        [_concat([_cross(a, b, w, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
     )
-    return zb, zs
+    if blocked is None:
+        return None, None, C_ss
+    # X and the blocked term's covariates side by side: one pass gives Z_bᵀR⁻¹[X, Z_b].
+    b = blocked.columns
+    with_x = _cross_grouped(b, w, torch.cat([X, b.x], dim=-1))  # (m, k, p + k)
+    C_bs = _concat([_cross_blocked(b, t.columns, w) for t in rest] + [with_x[..., :p]], dim=-1)
+    return with_x[..., p:], C_bs, C_ss
 
 
 def _log_diag_sum(L: Tensor) -> Tensor:
-    return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    """Σ log L_ii over all (batched) blocks of a triangular factor."""
+    return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
 
 
-def _factorize(s, params: Mapping, y: Tensor, X: Tensor) -> _Factor:
-    n, p = y.shape[-1], X.shape[-1]
-    dtype = y.dtype
-    random, residual = _terms(s, params, dtype, y.device)
+def _factorize(s, params: Mapping, y: Tensor, X: Tensor, jacobian: str | None = None) -> _Factor:
+    """Everything at ``params``: Ω's factor, the solution, e = P y and ℓ (and the derivatives of the
+    random terms' covariances when a Jacobian method is given)."""
+    return _loglik(_solve(_factor(s, params, X, jacobian), y), y)
+
+
+def _factor(s, params: Mapping, X: Tensor, jacobian: str | None = None) -> _Factor:
+    """Ω's factor at ``params`` (y-free: under vmap over y nothing here is batched)."""
+    random, residual = _terms(s, params, X.dtype, X.device, jacobian)
     grouped = [i for i, t in enumerate(random) if t.grouped]
     # The Grouped term with the most groups is factorised block by block; the rest is dense.
     blocked_index = max(grouped, key=lambda i: random[i].columns.m) if grouped else None
     blocked = random[blocked_index] if blocked_index is not None else None
     rest = [t for i, t in enumerate(random) if i != blocked_index]
+    return _factor_omega(blocked, rest, residual, X)
+
+
+def _factor_omega(blocked: _Term | None, rest: list[_Term], residual: _Residual, X: Tensor) -> _Factor:
+    """Cross products and the Cholesky factor of Ω."""
+    p, dtype, device = X.shape[-1], X.dtype, X.device
     q_rest = _rest_sizes(rest)
-    d = q_rest + p
-
-    positive = (residual.r > 0).all()
-    r = torch.where(residual.r > 0, residual.r, torch.ones_like(residual.r))
-    w = 1.0 / r  # 0-d when R = σ²I: products are then formed unweighted and rescaled
-    # y-free cross products first, so that under vmap over y only the y columns are batched.
-    # X and the blocked term's covariates side by side: one pass gives Z_bᵀR⁻¹[X, Z_b].
-    stacked = torch.cat([X] + ([blocked.columns.x] if blocked is not None else []), dim=-1)
-    s_columns = [t.columns for t in rest] + [_Columns(p, dense=stacked[..., :p])]
-    rows = []
-    for i, a in enumerate(s_columns):
-        rows.append(torch.cat([_cross(a, b, w, i == j) for j, b in enumerate(s_columns)], dim=-1))
-    C_ss = torch.cat(rows, dim=-2)  # (d, d)
-    wy = _weigh(w, y)
-    c_sy = torch.cat([_transpose_times(t.columns, wy) for t in rest] + [X.transpose(-1, -2) @ wy], dim=-1)
-    c_sy = _rescale(w, c_sy)  # (d,)
-    eye_p = torch.eye(p, dtype=dtype, device=y.device)
-    lam_s = _block_diag([_lam_full(t) for t in rest] + [eye_p])  # (d, d)
-    unit = torch.cat([torch.ones(q_rest, dtype=dtype), torch.zeros(p, dtype=dtype)]).to(y.device)
-    omega_ss = lam_s.transpose(-1, -2) @ C_ss @ lam_s + torch.diag_embed(unit)
-    rhs_s = lam_s.transpose(-1, -2) @ c_sy
-
-    ok = positive
-    for t in random:
+    positive = residual.r > 0
+    ok = positive if positive.dim() == 0 else positive.all()
+    for t in [blocked] + rest if blocked is not None else rest:
         ok = ok & t.ok
+    w = torch.where(positive, residual.r, 1.0).reciprocal()  # 0-d when R = σ²I: products unweighted, rescaled
+    C_bb, C_bs, C_ss = _cross_products(blocked, rest, X, w)
+    lam_s, omega_ss = None, C_ss
+    if rest:
+        lam_s = _block_diag([_lam_full(t) for t in rest] + [torch.eye(p, dtype=dtype, device=device)])
+        unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))  # D = blockdiag(I_q, 0_p)
+        omega_ss = lam_s.mT @ C_ss @ lam_s + unit
+    L_bb_inv = F_ = None
+    schur = omega_ss
     if blocked is not None:
-        bc = blocked.columns
-        with_x = _cross_grouped(bc, w, stacked)  # (m, k, p + k)
-        C_bb = with_x[..., p:]
-        C_bs = torch.cat([_cross_blocked(bc, t.columns, w) for t in rest] + [with_x[..., :p]], dim=-1)  # (m, k, d)
-        c_by = _rescale(w, _segment_sum(bc.codes, bc.x * wy.unsqueeze(-1), bc.m))  # (m, k)
         lam = blocked.lam
-        eye_k = torch.eye(bc.k, dtype=dtype, device=y.device)
-        M_bb = lam.transpose(-1, -2) @ C_bb @ lam + eye_k
-        E = lam.transpose(-1, -2) @ C_bs @ lam_s  # (m, k, d)
-        L_bb, info_b = torch.linalg.cholesky_ex(M_bb)
-        ok_b = info_b == 0
-        L_bb = torch.where(ok_b[..., None, None], L_bb, eye_k)
-        ok = ok & ok_b.all(-1)
-        F_ = torch.linalg.solve_triangular(L_bb, E, upper=False)
-        schur = omega_ss - torch.einsum("gkd,gke->de", F_, F_)
-        rhs_b = (c_by @ lam).unsqueeze(-1)  # Λ_bᵀ Z_bᵀR⁻¹y by group, (m, k, 1)
-    else:
-        C_bb = C_bs = L_bb = F_ = rhs_b = None
-        schur = omega_ss
+        eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
+        # I + ΛᵀC_gΛ is positive definite whenever Λ and C are finite: a failure is flagged, not repaired.
+        L_bb, info_b = torch.linalg.cholesky_ex(lam.mT @ C_bb @ lam + eye_k)
+        ok = ok & (info_b == 0).all()
+        # M_g ⪰ I, so ‖L_g⁻¹‖ ≤ 1: the explicit k×k inverses are as accurate as solves and cheaper to apply.
+        L_bb_inv = torch.linalg.solve_triangular(L_bb, eye_k, upper=False)
+        F_ = L_bb_inv @ (lam.mT @ _times_lam_s(C_bs, lam_s))
+        schur = omega_ss - _group_inner(F_, F_)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
-    L_ss = torch.where(ok_s, L_ss, torch.eye(d, dtype=dtype, device=y.device))
+    # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
+    L_ss = torch.where(ok_s, L_ss, torch.eye(schur.shape[-1], dtype=dtype, device=device))
     ok = ok & ok_s
-    partial = _Factor(blocked, rest, residual, w, X, p, lam_s, C_bb, C_bs, C_ss, L_bb, F_, L_ss, None, None, y, y, ok)
-    ab, as_ = _forward(partial, rhs_b, rhs_s.unsqueeze(-1))
-    zb, zs = _backward(partial, ab, as_)
-    u_b = zb.squeeze(-1) if zb is not None else None
-    u_s = zs.squeeze(-1)
+    return _Factor(
+        blocked, rest, residual, w, X, lam_s, C_bb, C_bs, C_ss, L_bb_inv, F_, L_ss, None, None, None, None, ok
+    )
 
-    # Residual y − Xβ̂ − Σ Z_t Λ_t ũ_t, e = R⁻¹ residual = P y, yᵀPy = ‖R^{-½} residual‖² + ‖ũ‖².
-    fitted = X @ u_s[..., q_rest:]
-    penalty = (u_s[..., :q_rest] ** 2).sum(-1)
-    offset = 0
-    for t in rest:
-        size = t.columns.size
-        fitted = fitted + _times(t.columns, _lam_full(t) @ u_s[..., offset : offset + size])
-        offset += size
+
+def _solve(fac: _Factor, y: Tensor) -> _Factor:
+    """The spherical effects ũ and β̂: Ω [ũ; β̂] = WᵀR⁻¹y."""
+    blocked, rest, X, w = fac.blocked, fac.rest, fac.X, fac.w
+    wy = _weigh(w, y)
+    c_by = None
     if blocked is not None:
-        fitted = fitted + _times(blocked.columns, (u_b @ blocked.lam.transpose(-1, -2)).reshape(-1))
-        penalty = penalty + (u_b**2).sum((-1, -2))
+        b = blocked.columns
+        c_by = _rescale(w, _segment_sum(b.codes, b.x * wy.unsqueeze(-1), b.m)).unsqueeze(-1)  # (m, k, 1)
+    c_sy = _rescale(w, _concat([_transpose_times(t.columns, wy) for t in rest] + [X.mT @ wy], dim=-1))  # (d,)
+    solution = _backward(fac, _forward(fac, _lam_transpose_times(fac, _Split(c_by, c_sy.unsqueeze(-1)))))
+    u_b = solution.blocked.squeeze(-1) if blocked is not None else None
+    return fac._replace(u_b=u_b, u_s=solution.dense.squeeze(-1))
+
+
+def _loglik(fac: _Factor, y: Tensor) -> _Factor:
+    """e = P y and ℓ from the solution."""
+    blocked, rest, X, w, u_b, u_s = fac.blocked, fac.rest, fac.X, fac.w, fac.u_b, fac.u_s
+    n, p, q_rest = y.shape[-1], X.shape[-1], _rest_sizes(rest)
+    # Residual y − Xβ̂ − Σ Z_t Λ_t ũ_t, e = R⁻¹ residual = P y, yᵀPy = ‖R^{-½} residual‖² + ‖ũ‖².
+    fitted, penalty = X @ u_s[..., q_rest:], None
+    if rest:
+        penalty = u_s[..., :q_rest] @ u_s[..., :q_rest]
+        offset = 0
+        for t in rest:
+            size = t.columns.size
+            fitted = fitted + _times(t.columns, _lam_full(t) @ u_s[..., offset : offset + size])
+            offset += size
+    if blocked is not None:
+        fitted = fitted + _expand(blocked.columns, u_b @ blocked.lam.mT)
+        penalty = _plus(penalty, (u_b * u_b).sum())
     residual_vector = y - fitted
     e = w * residual_vector
-    pwrss = (e * residual_vector).sum(-1) + penalty
+    pwrss = e @ residual_vector + penalty
 
-    log_det_r = n * torch.log(r) if r.dim() == 0 else torch.log(r).sum(-1)
-    log_det_v = log_det_r + 2.0 * _log_diag_sum(L_ss[..., :q_rest, :q_rest])
+    # log|V| + log|XᵀV⁻¹X| = log|R| + 2 Σ log diag L (all pivots of Ω's factor; log|R| = −Σ log w).
+    log_det_r = -n * torch.log(w) if w.dim() == 0 else -torch.log(w).sum()
+    log_det_l = _log_diag_sum(fac.L_ss)
     if blocked is not None:
-        log_det_v = log_det_v + 2.0 * _log_diag_sum(L_bb).sum(-1)
-    log_det_xvx = 2.0 * _log_diag_sum(L_ss[..., q_rest:, q_rest:])
-    value = -0.5 * (log_det_v + log_det_xvx + pwrss) - 0.5 * (n - p) * math.log(2.0 * math.pi)
-    loglik = torch.where(ok, value, torch.full_like(value, -math.inf))
-    return partial._replace(u_b=u_b, u_s=u_s, e=e, loglik=loglik)
+        log_det_l = log_det_l - _log_diag_sum(fac.L_bb_inv)
+    value = -0.5 * (log_det_r + pwrss) - log_det_l - 0.5 * (n - p) * math.log(2.0 * math.pi)
+    loglik = torch.where(fac.ok, value, -math.inf)
+    return fac._replace(e=e, loglik=loglik)
 
 
 def _effects(fac: _Factor) -> dict[str, Tensor]:
     """û per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
     out = {}
     if fac.blocked is not None:
-        out[fac.blocked.path] = fac.u_b @ fac.blocked.lam.transpose(-1, -2)
+        out[fac.blocked.path] = fac.u_b @ fac.blocked.lam.mT
     offset = 0
     for t in fac.rest:
         size = t.columns.size
         spherical = fac.u_s[..., offset : offset + size]
         if t.grouped:
-            out[t.path] = spherical.reshape(t.columns.m, t.columns.k) @ t.lam.transpose(-1, -2)
+            out[t.path] = spherical.reshape(t.columns.m, t.columns.k) @ t.lam.mT
         else:
             out[t.path] = t.lam @ spherical
         offset += size
@@ -568,29 +691,26 @@ def _effects(fac: _Factor) -> dict[str, Tensor]:
 
 
 def _ztpz_blocked(fac: _Factor) -> Tensor:
-    """Σ_g (Z_bᵀPZ_b)_gg (k×k) for the blocked term: Σ_g C_g − Σ_g (UᵀΩ⁻¹U)_gg."""
-    b, d = fac.blocked, fac.L_ss.shape[-1]
-    m, k = b.columns.m, b.columns.k
-    # Columns of U = WᵀR⁻¹Z_b for group g: blocked rows Λ_bᵀC_g (only block g), dense rows (C_bs Λ_s)_gᵀ.
-    ab = torch.linalg.solve_triangular(fac.L_bb, b.lam.transpose(-1, -2) @ fac.C_bb, upper=False)  # (m,k,k)
-    dense_rows = (fac.C_bs @ fac.lam_s).permute(2, 0, 1)  # (d, m, k)
-    dense_rows = dense_rows - torch.einsum("gkd,gkl->dgl", fac.F, ab)
-    as_ = torch.linalg.solve_triangular(fac.L_ss, dense_rows.reshape(d, m * k), upper=False).reshape(d, m, k)
-    return fac.C_bb.sum(0) - torch.einsum("gkl,gkj->lj", ab, ab) - torch.einsum("dgk,dgl->kl", as_, as_)
+    """Σ_g (Z_bᵀPZ_b)_gg (k×k) for the blocked term: Σ_g C_g − Σ_g (UᵀΩ⁻¹U)_gg.
+
+    The columns of U = WᵀR⁻¹Z_b for group g are Λ_bᵀC_g in the blocked rows of group g only and
+    (C_bs,g Λ_s)ᵀ in the dense rows, so L⁻¹U_g = [L_g⁻¹Λ_bᵀC_g; L_ss⁻¹((C_bs,g Λ_s)ᵀ − F_gᵀ L_g⁻¹Λ_bᵀC_g)].
+    """
+    b = fac.blocked
+    m, k, d = b.columns.m, b.columns.k, fac.L_ss.shape[-1]
+    blocked = fac.L_bb_inv @ (b.lam.mT @ fac.C_bb)  # (m, k, k)
+    dense_rows = _times_lam_s(fac.C_bs, fac.lam_s) - blocked.mT @ fac.F  # (m, k, d)
+    # One triangular solve for all groups: the transposed rows times L_ss⁻ᵀ.
+    dense = torch.linalg.solve_triangular(fac.L_ss.mT, dense_rows.reshape(m * k, d), upper=True, left=False)
+    dense = dense.reshape(m, k, d).mT  # (m, d, k): L_ss⁻¹ (dense rows of U_g)
+    return fac.C_bb.sum(-3) - _group_inner(blocked, blocked) - _group_inner(dense, dense)
 
 
 def _ztpz_rest(fac: _Factor) -> Tensor:
     """(Z_restᵀ P Z_rest) (q_rest × q_rest), dense."""
     q_rest = _rest_sizes(fac.rest)
-    rs = fac.lam_s.transpose(-1, -2) @ fac.C_ss[..., :q_rest]  # (d, q_rest)
-    rb = None
-    if fac.blocked is not None:
-        rb = fac.blocked.lam.transpose(-1, -2) @ fac.C_bs[..., :q_rest]  # (m, k, q_rest)
-    ab, as_ = _forward(fac, rb, rs)
-    quadratic = as_.transpose(-1, -2) @ as_
-    if ab is not None:
-        quadratic = quadratic + torch.einsum("gkc,gke->ce", ab, ab)
-    return fac.C_ss[..., :q_rest, :q_rest] - quadratic
+    cross = _Split(fac.C_bs[..., :q_rest] if fac.blocked is not None else None, fac.C_ss[..., :q_rest])
+    return _p_gram(fac, fac.C_ss[..., :q_rest, :q_rest], cross)
 
 
 def _diag_p(fac: _Factor, n: int) -> Tensor:
@@ -601,161 +721,125 @@ def _diag_p(fac: _Factor, n: int) -> Tensor:
     if fac.blocked is not None:
         b = fac.blocked
         rows_b = b.columns.x @ b.lam  # (n, k): (Λ_bᵀ x_i)ᵀ
-        ab = torch.linalg.solve_triangular(fac.L_bb[b.columns.codes], rows_b.unsqueeze(-1), upper=False)
-        ab = ab.squeeze(-1)  # (n, k)
-        dense_rows = dense_rows - torch.einsum("nkd,nk->nd", fac.F[b.columns.codes], ab)
-        quadratic = (ab**2).sum(-1)
-    as_ = torch.linalg.solve_triangular(fac.L_ss, dense_rows.transpose(-1, -2).reshape(d, n), upper=False)
+        ab = fac.L_bb_inv.index_select(0, b.columns.codes) @ rows_b.unsqueeze(-1)  # (n, k, 1)
+        dense_rows = dense_rows - (ab.mT @ fac.F[b.columns.codes]).squeeze(-2)
+        quadratic = (ab**2).sum((-1, -2))
+    as_ = torch.linalg.solve_triangular(fac.L_ss, dense_rows.mT.reshape(d, n), upper=False)
     quadratic = quadratic + (as_**2).sum(-2)
     return fac.w - fac.w**2 * quadratic
 
 
-class _Variates(NamedTuple):
-    """The working variates v_j = V̇_j P y of the random-term parameters, v_j = Z a_j, by their
-    random-effect-space coefficients a_j: ``blocked`` (m, k, K) and ``rest`` (q_rest, K)."""
+def _random_parts(fac: _Factor, e: Tensor, need_trace_g: bool):
+    """Per random term t: its parameters' score terms and working variates.
 
-    blocked: Tensor | None
-    rest: Tensor
+    With ze_t = Z_tᵀe: 2 s_j = eᵀV̇_j e − tr(PV̇_j) = tr(Ġ_j (ze_t ze_tᵀ − Z_tᵀPZ_t)) (for a
+    Grouped term Ġ_j = I ⊗ Σ̇_j and only Σ_g of the k×k diagonal blocks of both matrices is
+    needed), and V̇_j e = Z_t a_j with a_j = Ġ_j ze_t.
 
-
-def _stack_columns(columns: list[Tensor], shape: tuple, like: Tensor) -> Tensor:
-    if not columns:
-        return like.new_zeros((*shape, 0))
-    return torch.stack(columns, dim=-1)
-
-
-def _score_and_ai(fac: _Factor, s, params: Mapping, y: Tensor, method: str) -> tuple[Tensor, Tensor]:
-    n, p = y.shape[-1], fac.p
-    e, w = fac.e, fac.w
-    q_rest = _rest_sizes(fac.rest)
-    quadratic, traces = {}, {}
-    random_names, blocked_columns, rest_columns = [], [], []
-    trace_g_ztpz = torch.zeros((), dtype=y.dtype, device=y.device)  # Σ_t tr(G_t Z_tᵀPZ_t)
-    ze_blocked, ze_rest = None, []  # Z_tᵀ P y = Z_tᵀ e per term
-    rest_ztpz = _ztpz_rest(fac) if fac.rest else None
+    Returns ``(names, twice_score [(K_t,)], A, ze, trace_g)``: A the coefficients of all K
+    random-term variates as a :class:`_Split` (dense rows of X are zero); ze = Zᵀe as a
+    :class:`_Split` without X rows (blocked (m, k), rest (q_rest,)); trace_g = Σ_t tr(G_t Z_tᵀPZ_t)
+    when ``need_trace_g``."""
+    blocked, rest, p = fac.blocked, fac.rest, fac.X.shape[-1]
+    rest_ztpz = _ztpz_rest(fac) if rest else None
+    names, twice_score, coefficients, ze_rest = [], [], [], []
+    trace_g = ze_blocked = own_blocked = None
     offset = 0
-    for t in ([fac.blocked] if fac.blocked is not None else []) + list(fac.rest):
+    for t in ([blocked] if blocked is not None else []) + rest:
         c = t.columns
-        if t is fac.blocked:
+        if t is blocked:
             ztpz = _ztpz_blocked(fac)
-            ze = _segment_sum(c.codes, c.x * e.unsqueeze(-1), c.m)  # (m, k)
-            ze_blocked = ze
+            ze = ze_blocked = _segment_sum(c.codes, c.x * e.unsqueeze(-1), c.m)  # (m, k)
         else:
             ztpz = rest_ztpz[..., offset : offset + c.size, offset : offset + c.size]
             if t.grouped:  # Σ over groups of the k×k diagonal blocks
                 ztpz = torch.diagonal(ztpz.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
-            ze = _transpose_times(c, e)  # (q_t,)
-            ze_rest.append(ze)
-        trace_g_ztpz = trace_g_ztpz + (t.block * ztpz.transpose(-1, -2)).sum((-1, -2))
-        derivatives = list(_flatten_tree(_child_derivatives(t.child, t.child_params, method), t.prefix))
-        for name, derivative in derivatives:
-            derivative = derivative.to(y.dtype)
-            if t.grouped:
-                blocks = ze.reshape(c.m, c.k)
-                a = blocks @ derivative.transpose(-1, -2)  # row g: Σ̇ ze_g, (m, k)
-                quadratic[name] = (a * blocks).sum((-1, -2))
-            else:
-                a = derivative @ ze
-                quadratic[name] = (a * ze).sum(-1)
-            traces[name] = (derivative * ztpz.transpose(-1, -2)).sum((-1, -2))
-            random_names.append(name)
-            if t is fac.blocked:
-                blocked_columns.append(a)
-                rest_columns.append(y.new_zeros(q_rest))
-            else:
-                if fac.blocked is not None:
-                    blocked_columns.append(y.new_zeros(fac.blocked.columns.m, fac.blocked.columns.k))
-                rest_columns.append(F.pad(a.reshape(c.size), (offset, q_rest - offset - c.size)))
-        if t is not fac.blocked:
+            ze_rest.append(_transpose_times(c, e))  # (q_t,)
+            ze = ze_rest[-1].reshape(c.m, c.k) if t.grouped else ze_rest[-1]
             offset += c.size
-    blocked_shape = (fac.blocked.columns.m, fac.blocked.columns.k) if fac.blocked is not None else ()
-    variates = _Variates(
-        _stack_columns(blocked_columns, blocked_shape, y) if fac.blocked is not None else None,
-        _stack_columns(rest_columns, (q_rest,), y),
-    )
+        if need_trace_g:  # ztpz and G_t are symmetric: tr(G ZᵀPZ) = Σ G ⊙ ZᵀPZ
+            trace_g = _plus(trace_g, (t.block * ztpz).sum((-1, -2)))
+        D = t.derivatives
+        if D is None:
+            if t is not blocked:
+                coefficients.append(e.new_zeros(c.size, 0))
+            continue
+        names += t.names
+        outer = ze.mT @ ze if t.grouped else ze.unsqueeze(-1) * ze  # Σ_g ze_g ze_gᵀ, or ze zeᵀ
+        twice_score.append((D * (outer - ztpz)).sum((-1, -2)))
+        # Row g of a_j for a Grouped term: Σ̇_j ze_g, so a = ze Σ̇_jᵀ (K, m, k); Ġ_j ze otherwise (K, q).
+        a = ze @ D.mT if t.grouped else D @ ze
+        if t is blocked:
+            own_blocked = a.movedim(0, -1)  # (m, k, K_b)
+        else:
+            coefficients.append(a.reshape(len(t.names), c.size).mT)  # (q_t, K_t)
+    count_blocked = own_blocked.shape[-1] if own_blocked is not None else 0
+    A_dense = A_blocked = None
+    if rest:  # rows of X are zero; the columns of the blocked term's parameters come first
+        A_dense = F.pad(_block_diag(coefficients), (count_blocked, 0, 0, p))
+    if blocked is not None:
+        if own_blocked is None:
+            A_blocked = e.new_zeros(blocked.columns.m, blocked.columns.k, len(names))
+        else:
+            A_blocked = F.pad(own_blocked, (0, len(names) - count_blocked)) if rest else own_blocked
+    ze = _Split(ze_blocked, _concat(ze_rest, dim=-1) if rest else None)
+    return names, twice_score, _Split(A_blocked, A_dense), ze, trace_g
 
-    residual = fac.residual
-    residual_names = [name for name, _ in residual.derivatives]
+
+def _residual_parts(fac: _Factor, e: Tensor, ze: _Split, trace_g: Tensor | None):
+    """The residual parameters' score terms 2 s_j = Σ_i ṙ_ji (e_i² − P_ii) and working variates
+    V_r = [ṙ_j ∘ e]: ``(twice_score (K_r,), TᵀR⁻¹V_r as a _Split, V_rᵀR⁻¹V_r)``."""
+    residual, w, n, p = fac.residual, fac.w, e.shape[-1], fac.X.shape[-1]
+    slopes = residual.slopes
     if residual.r.dim() == 0:
-        # R = σ²I: every residual variate is a multiple ṙ_j e of e = Py; tr(P) from tr(PV) = n − p.
-        trace_p = (n - p - trace_g_ztpz) / torch.where(residual.r > 0, residual.r, torch.ones_like(residual.r))
-        squares = (e * e).sum(-1)
-        for name, dr in residual.derivatives:
-            quadratic[name], traces[name] = dr * squares, dr * trace_p
-        residual_vectors = e.unsqueeze(-1)
-        ze_r_blocked = ze_blocked.unsqueeze(-1) * w if ze_blocked is not None else None
-        ze_r_rest = torch.cat([z * w for z in ze_rest]).unsqueeze(-1) if ze_rest else y.new_zeros(0, 1)
-        gram_rr = (squares * w).reshape(1, 1)
-        mixing_residual = [dr.reshape(1) for _, dr in residual.derivatives]
-    else:
-        diag_p = _diag_p(fac, n) if residual.derivatives else None
-        for name, dr in residual.derivatives:
-            quadratic[name], traces[name] = (dr * e * e).sum(-1), (dr * diag_p).sum(-1)
-        residual_vectors = _stack_columns([dr * e for _, dr in residual.derivatives], (n,), y)
-        weighted = w.unsqueeze(-1) * residual_vectors
-        ze_r_blocked, ze_r_rest = None, y.new_zeros(0, residual_vectors.shape[-1])
-        if fac.blocked is not None:
-            b = fac.blocked.columns
-            ze_r_blocked = _segment_sum(b.codes, b.x.unsqueeze(-1) * weighted.unsqueeze(-2), b.m)
-        if fac.rest:
-            ze_r_rest = torch.cat([_transpose_times(t.columns, weighted) for t in fac.rest], dim=-2)
-        gram_rr = residual_vectors.transpose(-1, -2) @ weighted
-        count = len(residual.derivatives)
-        mixing_residual = list(torch.eye(count, dtype=y.dtype, device=y.device))
+        # R = σ²I: V_r = e ṙᵀ; tr(P) from tr(PV) = n − p; XᵀR⁻¹V_r = 0 since XᵀPy = 0.
+        squares = e @ e
+        twice_score = slopes * (squares - (n - p - trace_g) * w)
+        weighted_slopes = w * slopes
+        cross = _Split(
+            ze.blocked.unsqueeze(-1) * weighted_slopes if ze.blocked is not None else None,
+            F.pad(ze.dense.unsqueeze(-1) * weighted_slopes, (0, 0, 0, p)) if ze.dense is not None else None,
+        )
+        return twice_score, cross, squares * (weighted_slopes.unsqueeze(-1) * slopes)
+    twice_score = (slopes * (e * e - _diag_p(fac, n))).sum(-1)
+    vectors = (slopes * e).mT  # (n, K_r)
+    weighted = w.unsqueeze(-1) * vectors
+    blocked = None
+    if fac.blocked is not None:
+        b = fac.blocked.columns
+        blocked = _segment_sum(b.codes, b.x.unsqueeze(-1) * weighted.unsqueeze(-2), b.m)
+    dense = _concat([_transpose_times(t.columns, weighted) for t in fac.rest] + [fac.X.mT @ weighted], dim=-2)
+    return twice_score, _Split(blocked, dense), vectors.mT @ weighted
 
-    names = param_names(s)
+
+def _score_and_ai(fac: _Factor, names: list[str]) -> tuple[Tensor, Tensor]:
+    """Score and AI in the order of ``names``.
+
+    With the working variates S = [Z A, V_r] (random-term variates by their coefficients A, then
+    the residual variates V_r): AI = ½ SᵀPS, SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², where SᵀR⁻¹S and
+    TᵀR⁻¹S = [C A, TᵀR⁻¹V_r] come from the cross products (:func:`_cross_times`)."""
+    e = fac.e
     if not names:
-        return y.new_zeros(0), y.new_zeros(0, 0)
-    score = 0.5 * (torch.stack([quadratic[k] for k in names]) - torch.stack([traces[k] for k in names]))
-    inner = _p_inner_products(fac, variates, residual_vectors, ze_r_blocked, ze_r_rest, gram_rr)
-    # Each parameter's working variate as a combination of the columns [Z a_1 … Z a_K, residual vectors].
-    K_random, K_columns = len(random_names), inner.shape[-1]
-    unit_rows = torch.eye(K_columns, dtype=y.dtype, device=y.device)
-    rows = {name: unit_rows[j] for j, name in enumerate(random_names)}
-    for name, mix in zip(residual_names, mixing_residual):
-        rows[name] = F.pad(mix, (K_random, 0))
-    mixing = torch.stack([rows[k] for k in names])  # (K, K_columns)
-    ai = 0.5 * mixing @ inner @ mixing.transpose(-1, -2)
-    ai = 0.5 * (ai + ai.transpose(-1, -2))
+        return e.new_zeros(0), e.new_zeros(0, 0)
+    residual = fac.residual
+    need_trace_g = residual.r.dim() == 0 and residual.slopes is not None
+    order, twice_score, A, ze, trace_g = _random_parts(fac, e, need_trace_g)
+    cross = _cross_times(fac, A)
+    if residual.slopes is None:
+        gram = _inner(A, cross)
+    else:
+        twice_score_r, cross_r, gram_rr = _residual_parts(fac, e, ze, trace_g)
+        cross = _columns(cross, cross_r)
+        top = _inner(A, cross)  # [AᵀCA, AᵀTᵀR⁻¹V_r]
+        gram = torch.cat([top, torch.cat([top[..., len(order) :].mT, gram_rr], dim=-1)], dim=-2)
+        order, twice_score = order + residual.names, twice_score + [twice_score_r]
+    score = 0.5 * _concat(twice_score, dim=-1)
+    inner = _p_gram(fac, gram, cross)
+    ai = 0.25 * (inner + inner.mT)  # ½ SᵀPS, symmetrised
+    if order != names:
+        index = torch.tensor([order.index(name) for name in names], device=e.device)
+        score, ai = score[..., index], ai[..., index, :][..., index]
     return score, ai
-
-
-def _p_inner_products(fac: _Factor, variates: _Variates, residual_vectors, ze_r_blocked, ze_r_rest, gram_rr) -> Tensor:
-    """SᵀPS for the columns S = [Z A, V_r] (random-term variates by their coefficients A, then the
-    residual variates V_r (n, K_r)) as SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², from q-space quantities:
-    ZᵀR⁻¹Z A from the cross products, and ZᵀR⁻¹V_r (``ze_r_*``), V_rᵀR⁻¹V_r (``gram_rr``) given."""
-    q_rest, d = _rest_sizes(fac.rest), fac.L_ss.shape[-1]
-    A_b, A_r = variates
-    C_rr = fac.C_ss[..., :q_rest, :q_rest]
-    C_xr = fac.C_ss[..., q_rest:d, :q_rest]
-    CA_r = C_rr @ A_r  # ZᵀR⁻¹Z A, rest rows
-    XA = C_xr @ A_r  # XᵀR⁻¹Z A
-    if fac.blocked is not None:
-        C_b_rest, C_b_x = fac.C_bs[..., :q_rest], fac.C_bs[..., q_rest:d]
-        CA_b = fac.C_bb @ A_b + torch.einsum("gkc,cj->gkj", C_b_rest, A_r)
-        CA_r = CA_r + torch.einsum("gkc,gkj->cj", C_b_rest, A_b)
-        XA = XA + torch.einsum("gkx,gkj->xj", C_b_x, A_b)
-    gram_aa = A_r.transpose(-1, -2) @ CA_r
-    gram_ar = A_r.transpose(-1, -2) @ ze_r_rest
-    if fac.blocked is not None:
-        gram_aa = gram_aa + torch.einsum("gkj,gkl->jl", A_b, CA_b)
-        gram_ar = gram_ar + torch.einsum("gkj,gkl->jl", A_b, ze_r_blocked)
-    gram = torch.cat(
-        [torch.cat([gram_aa, gram_ar], dim=-1), torch.cat([gram_ar.transpose(-1, -2), gram_rr], dim=-1)], dim=-2
-    )
-    x = fac.X
-    x_r = _rescale(fac.w, x.transpose(-1, -2) @ _weigh(fac.w, residual_vectors))  # XᵀR⁻¹V_r
-    rs = fac.lam_s.transpose(-1, -2) @ torch.cat(
-        [torch.cat([CA_r, ze_r_rest], dim=-1), torch.cat([XA, x_r], dim=-1)], dim=-2
-    )
-    rb = None
-    if fac.blocked is not None:
-        rb = fac.blocked.lam.transpose(-1, -2) @ torch.cat([CA_b, ze_r_blocked], dim=-1)
-    ab, as_ = _forward(fac, rb, rs)
-    projection = as_.transpose(-1, -2) @ as_
-    if ab is not None:
-        projection = projection + torch.einsum("gkj,gkl->jl", ab, ab)
-    return gram - projection
 
 
 # ------------------------------------------------------------------------------------------------
@@ -789,12 +873,11 @@ class MMEEngine:
         """Exact traces always (``trace="hutchpp"`` is accepted and computed exactly: they are cheap here)."""
         if trace not in ("exact", "hutchpp"):
             raise ValueError(f"unknown trace method {trace!r}; expected 'exact' or 'hutchpp'")
-        fac = _factorize(s, params, y, X)
-        score, ai = _score_and_ai(fac, s, params, y, jacobian)
-        nan = torch.full_like(fac.loglik, math.nan)
-        score = torch.where(fac.ok, score, nan)
-        ai = torch.where(fac.ok, ai, nan)
-        beta = torch.where(fac.ok, fac.u_s[..., _rest_sizes(fac.rest) :], nan)
+        fac = _factorize(s, params, y, X, jacobian)
+        score, ai = _score_and_ai(fac, param_names(s))
+        score = torch.where(fac.ok, score, math.nan)
+        ai = torch.where(fac.ok, ai, math.nan)
+        beta = torch.where(fac.ok, fac.u_s[..., _rest_sizes(fac.rest) :], math.nan)
         return AITerms(fac.loglik, score, ai, beta)
 
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
@@ -802,35 +885,37 @@ class MMEEngine:
         Propagate term, Σ_i ṙ_i for the residual."""
         leaf = first_leaf(params)
         dtype = leaf.dtype if leaf is not None else torch.get_default_dtype()
-        random, residual = _terms(s, params, dtype, leaf.device if leaf is not None else None)
+        random, residual = _terms(s, params, dtype, leaf.device if leaf is not None else None, jacobian)
         traces = {}
         for t in random:
+            if t.derivatives is None:
+                continue
             c = t.columns
-            gram = c.x.transpose(-1, -2) @ c.x if t.grouped else c.dense.transpose(-1, -2) @ c.dense
-            for name, derivative in _flatten_tree(_child_derivatives(t.child, t.child_params, jacobian), t.prefix):
-                traces[name] = (derivative.to(dtype) * gram.transpose(-1, -2)).sum((-1, -2))
-        n = s.shape[0]
-        for name, dr in residual.derivatives:
-            traces[name] = n * dr if dr.dim() == 0 else dr.sum(-1)
+            gram = c.x.mT @ c.x if t.grouped else c.dense.mT @ c.dense
+            traces.update(zip(t.names, (t.derivatives * gram.mT).sum((-1, -2))))
+        if residual.slopes is not None:
+            n = s.shape[0]
+            traces.update(
+                zip(residual.names, n * residual.slopes if residual.r.dim() == 0 else residual.slopes.sum(-1))
+            )
         names = param_names(s)
         return torch.stack([traces[k] for k in names]) if names else torch.zeros(0, dtype=dtype)
 
     def gls(self, s, params, y, X) -> tuple[Tensor, Tensor]:
         """β̂ and (XᵀV⁻¹X)⁻¹ from the last p×p block of the factor."""
-        fac = _factorize(s, params, y, X)
+        fac = _solve(_factor(s, params, X), y)
         q_rest = _rest_sizes(fac.rest)
-        nan = torch.full_like(fac.loglik, math.nan)
-        beta = torch.where(fac.ok, fac.u_s[..., q_rest:], nan)
-        vcov = torch.where(fac.ok, torch.cholesky_inverse(fac.L_ss[..., q_rest:, q_rest:]), nan)
+        beta = torch.where(fac.ok, fac.u_s[..., q_rest:], math.nan)
+        vcov = torch.where(fac.ok, torch.cholesky_inverse(fac.L_ss[..., q_rest:, q_rest:]), math.nan)
         return beta, vcov
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
         """û = Λũ per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
-        return _effects(_factorize(s, params, y, X))
+        return _effects(_solve(_factor(s, params, X), y))
 
     def fitted_random(self, s, params, y, X) -> Tensor:
         """Σ_t Z_t û_t (n,)."""
-        fac = _factorize(s, params, y, X)
+        fac = _solve(_factor(s, params, X), y)
         effects = _effects(fac)
         total = torch.zeros_like(y)
         for t in ([fac.blocked] if fac.blocked is not None else []) + list(fac.rest):
