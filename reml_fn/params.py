@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -244,6 +244,12 @@ def unflatten_params(s, vector: Tensor) -> dict:
         )
     if not vector.is_floating_point():
         vector = vector.to(torch.get_default_dtype())
+    return tree_from_names(names, vector)
+
+
+def tree_from_names(names: Sequence[str], vector: Tensor) -> dict:
+    """The nested dict ``{path: vector[i]}`` for /-joined ``names`` (no checks: for hot loops that
+    validated once, e.g. an optimiser unflattening the same structure's parameters every step)."""
     out: dict = {}
     for i, name in enumerate(names):
         _set(out, name, vector[i])

@@ -29,7 +29,15 @@ from torch import Tensor
 
 from reml_fn.fit.result import FitResult
 from reml_fn.fit.start import check_inputs, default_init, raw_bounds
-from reml_fn.params import as_params, constrain, flatten_params, param_names, param_specs, unflatten_params
+from reml_fn.params import (
+    as_params,
+    constrain,
+    flatten_params,
+    param_names,
+    param_specs,
+    tree_from_names,
+    unflatten_params,
+)
 from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import ExpPow2
 from reml_fn.transforms import Identity as IdentityTransform
@@ -93,7 +101,15 @@ def capped(delta: Tensor, scaled: Tensor, max_step: float) -> Tensor:
 STEP_FRACTIONS = (1.0, 0.5, 0.25)
 
 
-def candidate_steps(score: Tensor, ai: Tensor, active: Tensor, scaled: Tensor, damping, max_step: float):
+def candidate_steps(
+    score: Tensor,
+    ai: Tensor,
+    active: Tensor,
+    scaled: Tensor,
+    damping,
+    max_step: float,
+    undamped: tuple[Tensor, Tensor] | None = None,
+):
     """The steps one damping level tries, in order (pure; the same sequence for fit and
     fit_batched): the capped AI step Δ(λ) at fractions 1, ½, ¼; then, when the model mixes
     log/logit-scale and identity-scale parameters, the block step with the identity-scale ones
@@ -101,8 +117,13 @@ def candidate_steps(score: Tensor, ai: Tensor, active: Tensor, scaled: Tensor, d
     are far off, and the block step moving those alone.
 
     Yields ``(step, ok)`` pairs; ``ok`` is False where the reduced system was singular.
+    ``undamped``: the ``(delta, ok)`` of :func:`ai_direction` at λ = 0 when the caller already has
+    it (used only where ``damping`` is 0).
     """
-    delta, _, ok = ai_direction(score, ai, active, damping)
+    if undamped is not None and not bool((torch.as_tensor(damping) != 0).any()):
+        delta, ok = undamped
+    else:
+        delta, _, ok = ai_direction(score, ai, active, damping)
     delta = capped(delta, scaled, max_step)
     for fraction in STEP_FRACTIONS:
         yield fraction * delta, ok
@@ -298,10 +319,10 @@ def fit(
     pairs = correlation_pairs(s)
 
     def loglik(t: Tensor) -> Tensor:
-        return chosen.loglik(s, unflatten_params(s, t), y, X)
+        return chosen.loglik(s, tree_from_names(names, t), y, X)
 
     def terms(t: Tensor):
-        return chosen.ai_terms(s, unflatten_params(s, t), y, X, jacobian)
+        return chosen.ai_terms(s, tree_from_names(names, t), y, X, jacobian)
 
     current = terms(theta)
     if not bool(torch.isfinite(current.loglik)):
@@ -319,8 +340,8 @@ def fit(
     damping = torch.zeros((), dtype=theta.dtype, device=theta.device)
     for _ in range(max_iter):
         system = boundary_system(theta, current.score, current.ai, lower, upper, pairs)
-        step_now, decrement, ok = ai_direction(system.score, system.ai, system.active)
-        if not bool(ok):
+        step_now, decrement, ok_now = ai_direction(system.score, system.ai, system.active)
+        if not bool(ok_now):
             status = 5
             break
         if float(decrement) < tol:
@@ -337,7 +358,10 @@ def fit(
             break
         accepted, accepted_terms, first = None, None, True
         for _ in range(max_tries):
-            for step, ok in candidate_steps(system.score, system.ai, system.active, scaled, damping, max_step):
+            steps = candidate_steps(
+                system.score, system.ai, system.active, scaled, damping, max_step, undamped=(step_now, ok_now)
+            )
+            for step, ok in steps:
                 if not bool(ok):
                     continue
                 candidate = propose(theta, step, lower, upper, pairs, system.boundary)
