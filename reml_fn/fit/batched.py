@@ -83,7 +83,7 @@ from reml_fn.fit.driver import (
     stiffened,
 )
 from reml_fn.fit.result import FitResult
-from reml_fn.fit.start import default_init, dependent_columns, ols_residual_variance, raw_bounds
+from reml_fn.fit.start import check_design, default_init, ols_residual_variance, raw_bounds
 from reml_fn.params import constrain, param_names, unflatten_params
 from reml_fn.reml.engines import select_engine
 from reml_fn.reml.likelihood import check_data
@@ -283,15 +283,7 @@ def _check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, max_iter, max_tries
         raise ValueError(f"x_names has {len(x_names)} names but X has {p} columns")
     if X.dim() == 2:
         # Shared X: a value problem concerns every dataset, so it is an error (checked once).
-        if not bool(torch.isfinite(X).all()):
-            rows, cols = torch.nonzero(~torch.isfinite(X), as_tuple=True)
-            raise ValueError(f"X contains NaN or inf (rows {rows[:10].tolist()}, columns {sorted(set(cols.tolist()))})")
-        dependent = dependent_columns(X)
-        if dependent:
-            labels = [x_names[j] if x_names is not None else str(j) for j in dependent]
-            raise ValueError(
-                f"X is rank deficient: column(s) {labels} are linear combinations of earlier columns; drop them"
-            )
+        check_design(X, x_names)
     for i, (leaf, d) in enumerate(zip(leaves, dims)):
         if d is None and isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
             raise ValueError(f"the structure's shared data leaf {i} (shape {tuple(leaf.shape)}) contains NaN or inf")

@@ -33,6 +33,7 @@ __all__ = [
     "default_init",
     "raw_bounds",
     "check_inputs",
+    "check_design",
     "dependent_columns",
     "VARIANCE_FLOOR",
     "CORRELATION_RAW_LIMIT",
@@ -134,6 +135,19 @@ def dependent_columns(X: Tensor) -> list[int]:
     return dependent
 
 
+def check_design(X: Tensor, x_names: Sequence[str] | None = None) -> None:
+    """X must be finite and of full column rank (the dependent columns are named)."""
+    if not bool(torch.isfinite(X).all()):
+        rows, cols = torch.nonzero(~torch.isfinite(X), as_tuple=True)
+        raise ValueError(f"X contains NaN or inf (rows {rows[:10].tolist()}, columns {sorted(set(cols.tolist()))})")
+    dependent = dependent_columns(X)
+    if dependent:
+        labels = [x_names[j] if x_names is not None else str(j) for j in dependent]
+        raise ValueError(
+            f"X is rank deficient: column(s) {labels} are linear combinations of earlier columns; drop them"
+        )
+
+
 def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) -> None:
     """Value checks done once before fitting (never inside vmapped code)."""
     from reml_fn.reml.likelihood import check_data
@@ -142,16 +156,8 @@ def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) 
     if not bool(torch.isfinite(y).all()):
         bad = torch.nonzero(~torch.isfinite(y)).flatten().tolist()
         raise ValueError(f"y contains NaN or inf at positions {bad[:10]}{' …' if len(bad) > 10 else ''}")
-    if not bool(torch.isfinite(X).all()):
-        rows, cols = torch.nonzero(~torch.isfinite(X), as_tuple=True)
-        raise ValueError(f"X contains NaN or inf (rows {rows[:10].tolist()}, columns {sorted(set(cols.tolist()))})")
     if x_names is not None and len(x_names) != X.shape[1]:
         raise ValueError(f"x_names has {len(x_names)} names but X has {X.shape[1]} columns")
-    dependent = dependent_columns(X)
-    if dependent:
-        labels = [x_names[j] if x_names is not None else str(j) for j in dependent]
-        raise ValueError(
-            f"X is rank deficient: column(s) {labels} are linear combinations of earlier columns; drop them"
-        )
+    check_design(X, x_names)
     if not bool(ols_residual_variance(y, X) > 0):
         raise ValueError("y is an exact linear function of X (zero residual variance): nothing to estimate")
