@@ -39,6 +39,12 @@ def jacobian(s, params: Mapping | Tensor | None = None, method: str = "closed") 
         s: a structure.
         params: a tree of raw free parameters, a flat tensor, or None (the defaults).
         method: ``"closed"``, ``"fwd"`` or ``"rev"``.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> J = rf.jacobian(rf.Scalar(2), {"sigma^2": torch.tensor(0.0)})   # dσ²/dθ · I = 2 I
+        >>> J["sigma^2"].tolist()
+        [[2.0, 0.0], [0.0, 2.0]]
     """
     if method not in METHODS:
         raise ValueError(f"unknown Jacobian method {method!r}; expected one of {METHODS}")
@@ -55,6 +61,12 @@ def jacobian_stack(s, params: Mapping | Tensor | None = None, method: str = "clo
     """``(J, names)`` with J of shape ``(k, *s.shape)``, J[i] = ∂V/∂θ_{names[i]}.
 
     With no free parameters J has shape ``(0, *s.shape)`` and names is ``[]``.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> J, names = rf.jacobian_stack(rf.AR1(3))
+        >>> tuple(J.shape), names
+        ((2, 3, 3), ['sigma^2', 'rho'])
     """
     params = as_params(s, params)
     tree = jacobian(s, params, method)

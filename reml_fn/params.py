@@ -59,6 +59,12 @@ class ParamSpec:
 
     A fixed parameter keeps its ``default`` (raw scale) and leaves the free set, the flat vector
     and the Jacobian.
+
+    Example:
+        >>> from reml_fn.params import ParamSpec
+        >>> from reml_fn.transforms import ExpPow2
+        >>> ParamSpec("sigma^2", 0.0, ExpPow2())
+        ParamSpec(name='sigma^2', default=0.0, transform=ExpPow2(), fixed=False)
     """
 
     name: str
@@ -108,12 +114,24 @@ def param_specs(s) -> list[tuple[str, ParamSpec]]:
 
 
 def param_names(s) -> list[str]:
-    """The free parameter names of ``s``: ``/``-joined paths, in flat-vector order."""
+    """The free parameter names of ``s``: ``/``-joined paths, in flat-vector order.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> rf.param_names(rf.Sum(time=rf.AR1(3), noise=rf.Scalar(3)))
+        ['time/sigma^2', 'time/rho', 'noise/sigma^2']
+    """
     return [path for path, spec in param_specs(s) if not spec.fixed]
 
 
 def all_param_names(s) -> list[str]:
-    """Every parameter name of ``s``, fixed ones included."""
+    """Every parameter name of ``s``, fixed ones included.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> rf.all_param_names(rf.fix(rf.AR1(3), "rho", 0.2))
+        ['sigma^2', 'rho']
+    """
     return [path for path, _ in param_specs(s)]
 
 
@@ -136,7 +154,13 @@ def _map_tree(fn, tree):
 
 
 def init_params(s, dtype: torch.dtype | None = None, device=None) -> dict:
-    """The raw defaults of the free parameters of ``s``, as a nested dict of 0-d tensors."""
+    """The raw defaults of the free parameters of ``s``, as a nested dict of 0-d tensors.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> rf.init_params(rf.AR1(3))
+        {'sigma^2': tensor(0.), 'rho': tensor(0.)}
+    """
     dtype = dtype or torch.get_default_dtype()
     return _map_tree(
         lambda spec: torch.tensor(spec.default, dtype=dtype, device=device),
@@ -186,7 +210,15 @@ def _check(free: Mapping, full: Mapping, params: Any, prefix: str, problems: dic
 
 def check_params(s, params: Any) -> None:
     """Raise a ``TypeError``/``ValueError`` naming every missing or unexpected path when ``params``
-    is not a parameter tree of ``s``'s free parameters (raw 0-d tensors)."""
+    is not a parameter tree of ``s``'s free parameters (raw 0-d tensors).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> rf.check_params(rf.AR1(3), {"sigma^2": torch.tensor(0.0)})
+        Traceback (most recent call last):
+        ...
+        ValueError: parameter tree does not match AR1: missing ['rho']. Free parameters are ['sigma^2', 'rho']
+    """
     problems: dict[str, list[str]] = {"missing": [], "unexpected": []}
     full = _spec_tree(s)
     _check(_free_tree(full), full, params, "", problems)
@@ -223,7 +255,13 @@ def _set(tree: dict, path: str, value) -> None:
 
 
 def flatten_params(s, params: Mapping) -> Tensor:
-    """The free raw parameters as a 1-D tensor, in :func:`param_names` order."""
+    """The free raw parameters as a 1-D tensor, in :func:`param_names` order.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> rf.flatten_params(rf.AR1(3), {"rho": torch.tensor(1.0), "sigma^2": torch.tensor(0.5)}).tolist()
+        [0.5, 1.0]
+    """
     check_params(s, params)
     names = param_names(s)
     if not names:
@@ -232,7 +270,13 @@ def flatten_params(s, params: Mapping) -> Tensor:
 
 
 def unflatten_params(s, vector: Tensor) -> dict:
-    """The parameter tree of ``s`` from a flat raw vector in :func:`param_names` order."""
+    """The parameter tree of ``s`` from a flat raw vector in :func:`param_names` order.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> rf.unflatten_params(rf.AR1(3), torch.tensor([0.5, 1.0]))
+        {'sigma^2': tensor(0.5000), 'rho': tensor(1.)}
+    """
     if not isinstance(vector, Tensor):
         raise TypeError(f"flat parameters must be a 1-D tensor, got {_describe(vector)}")
     if vector.dim() != 1:
@@ -268,7 +312,13 @@ def as_params(s, x: Any = None) -> dict:
 
 
 def constrain(s, params: Mapping) -> dict:
-    """Natural-scale values of the free parameters, as a tree with the same paths as ``params``."""
+    """Natural-scale values of the free parameters, as a tree with the same paths as ``params``.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> {k: round(float(v), 6) for k, v in rf.constrain(rf.AR1(3), {"sigma^2": torch.tensor(0.5), "rho": torch.tensor(0.0)}).items()}
+        {'sigma^2': 2.718282, 'rho': 0.0}
+    """
     check_params(s, params)
     out: dict = {}
     for path, spec in param_specs(s):
@@ -394,5 +444,12 @@ def fix(s, targets, value: Any = None, *, scale: str = "natural"):
 
 
 def unfix(s, targets, value: Any = None, *, scale: str = "natural"):
-    """A new structure with some parameters free again (optionally with a new starting default)."""
+    """A new structure with some parameters free again (optionally with a new starting default).
+
+    Example:
+        >>> import reml_fn as rf
+        >>> s = rf.fix(rf.AR1(3), "rho", 0.5)
+        >>> rf.param_names(rf.unfix(s, "rho"))   # free again, starting from ρ = 0.5
+        ['sigma^2', 'rho']
+    """
     return _update_specs(s, _with_value(targets, value), False, scale)

@@ -51,7 +51,8 @@ T = TypeVar("T")
 
 
 def static(**kwargs: Any) -> Any:
-    """A dataclass field stored in the tree spec (configuration), not as a leaf."""
+    """A dataclass field stored in the tree spec (configuration), not as a leaf (see the module
+    example: ``label: str = static(default="K")``)."""
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata["static"] = True
     return dataclasses.field(metadata=metadata, **kwargs)
@@ -132,7 +133,13 @@ def is_structure(obj: Any) -> bool:
 
 def replace(obj: T, **changes: Any) -> T:
     """A copy of a ``@structure`` object with some fields replaced, bypassing ``__init__``
-    (so it also works for classes whose constructor takes other arguments)."""
+    (so it also works for classes whose constructor takes other arguments).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> rf.replace(rf.Fixed(torch.eye(2)), matrix=torch.ones(2, 2))().tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+    """
     cls = type(obj)
     unknown = set(changes) - set(cls._data_fields) - set(cls._static_fields)
     if unknown:

@@ -54,6 +54,14 @@ class FitResult:
     * ``engine``: which engine ran; ``n``, ``p``.
 
     Every quantity belongs to the same point: the returned parameters.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5, 0.5, 3.0])
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(8) % 2), residual=rf.Scalar(8))
+        >>> result = rf.fit(s, y, torch.ones(8, 1))
+        >>> result.names, bool(result.converged), result.beta.shape
+        (('g/cov/sigma^2', 'residual/sigma^2'), True, torch.Size([1]))
     """
 
     params: dict

@@ -110,13 +110,31 @@ def ai_terms(
 
 
 def blue(s, params, y: Tensor, X: Tensor, engine: str = "auto") -> Tensor:
-    """β̂ = (XᵀV⁻¹X)⁻¹ XᵀV⁻¹ y, the best linear unbiased estimator (p,)."""
+    """β̂ = (XᵀV⁻¹X)⁻¹ XᵀV⁻¹ y, the best linear unbiased estimator (p,).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> groups = torch.arange(6) % 2
+        >>> s = rf.Sum(g=rf.Grouped(groups), residual=rf.Scalar(6))
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]); X = torch.ones(6, 1)
+        >>> [round(b, 10) for b in rf.blue(s, None, y, X).tolist()]   # balanced groups: the mean
+        [2.5]
+    """
     params = _prepare(s, params, y, X)
     return select_engine(s, engine).gls(s, params, y, X)[0]
 
 
 def vcov_beta(s, params, y: Tensor, X: Tensor, engine: str = "auto") -> Tensor:
-    """cov(β̂) = (XᵀV⁻¹X)⁻¹ (p, p)."""
+    """cov(β̂) = (XᵀV⁻¹X)⁻¹ (p, p).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> groups = torch.arange(6) % 2
+        >>> s = rf.Sum(g=rf.Grouped(groups), residual=rf.Scalar(6))
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]); X = torch.ones(6, 1)
+        >>> round(float(rf.vcov_beta(s, None, y, X)), 6)   # (σ_g² + σ²/3)/2 at σ² = σ_g² = 1
+        0.666667
+    """
     params = _prepare(s, params, y, X)
     return select_engine(s, engine).gls(s, params, y, X)[1]
 
@@ -126,14 +144,32 @@ def blup(s, params, y: Tensor, X: Tensor, engine: str = "auto") -> dict[str, Ten
 
         û_i = G_i Z_iᵀ V⁻¹ (y − Xβ̂)   for every term Z_i G_i Z_iᵀ of V (Propagate or Grouped).
 
-    Returns a dict keyed by the term's path (``{"gen": û_gen, "block": û_block}``).
+    Returns a dict keyed by the term's path (``{"gen": û_gen, "block": û_block}``): (q,) for a
+    Propagate term, (m, k) for a Grouped term (lme4's ``ranef`` layout).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> groups = torch.arange(6) % 2
+        >>> s = rf.Sum(g=rf.Grouped(groups), residual=rf.Scalar(6))
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]); X = torch.ones(6, 1)
+        >>> [round(u, 10) for u in rf.blup(s, None, y, X)["g"].flatten().tolist()]  # shrunken means − 2.5
+        [-0.75, 0.75]
     """
     params = _prepare(s, params, y, X)
     return select_engine(s, engine).random_effects(s, params, y, X)
 
 
 def predict(s, params, y: Tensor, X: Tensor, conditional: bool = False, engine: str = "auto") -> Tensor:
-    """Fitted values: marginal Xβ̂, or conditional Xβ̂ + Σ_i Z_i û_i."""
+    """Fitted values: marginal Xβ̂, or conditional Xβ̂ + Σ_i Z_i û_i.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> groups = torch.arange(6) % 2
+        >>> s = rf.Sum(g=rf.Grouped(groups), residual=rf.Scalar(6))
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]); X = torch.ones(6, 1)
+        >>> [round(f, 10) for f in rf.predict(s, None, y, X, conditional=True).tolist()]
+        [1.75, 3.25, 1.75, 3.25, 1.75, 3.25]
+    """
     params = _prepare(s, params, y, X)
     chosen = select_engine(s, engine)
     fitted = X @ chosen.gls(s, params, y, X)[0]
@@ -143,5 +179,14 @@ def predict(s, params, y: Tensor, X: Tensor, conditional: bool = False, engine: 
 
 
 def residuals(s, params, y: Tensor, X: Tensor, conditional: bool = False, engine: str = "auto") -> Tensor:
-    """y − :func:`predict` (marginal or conditional)."""
+    """y − :func:`predict` (marginal or conditional).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> groups = torch.arange(6) % 2
+        >>> s = rf.Sum(g=rf.Grouped(groups), residual=rf.Scalar(6))
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]); X = torch.ones(6, 1)
+        >>> [round(r, 10) for r in rf.residuals(s, None, y, X).tolist()]
+        [-1.5, 0.5, -0.5, 1.5, -1.0, 1.0]
+    """
     return y - predict(s, params, y, X, conditional=conditional, engine=engine)

@@ -67,6 +67,11 @@ class Unstructured(Parametric):
 
     Diagonal entries ``sigma^2_i_i`` = e^{2θ}; off-diagonal ``sigma^2_i_j`` (i > j) are the
     covariances themselves (Identity transform). All raw defaults 0 (V = I).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> rf.Unstructured(2)(torch.tensor([0.0, 0.5, 0.0])).tolist()
+        [[1.0, 0.5], [0.5, 1.0]]
     """
 
     n: int = static()
