@@ -50,6 +50,7 @@ __all__ = [
     "fix",
     "unfix",
     "get_path",
+    "map_leaves",
 ]
 
 
@@ -149,8 +150,11 @@ def _free_tree(spec_tree: Mapping[str, Any]) -> dict:
     return out
 
 
-def _map_tree(fn, tree):
-    return {k: (_map_tree(fn, v) if isinstance(v, Mapping) else fn(v)) for k, v in tree.items()}
+def map_leaves(fn, tree: Any) -> Any:
+    """Apply ``fn`` to every leaf of a nested dict (a parameter tree, a Jacobian tree, a spec tree)."""
+    if isinstance(tree, Mapping):
+        return {k: map_leaves(fn, v) for k, v in tree.items()}
+    return fn(tree)
 
 
 def init_params(s, dtype: torch.dtype | None = None, device=None) -> dict:
@@ -162,7 +166,7 @@ def init_params(s, dtype: torch.dtype | None = None, device=None) -> dict:
         {'sigma^2': tensor(0.), 'rho': tensor(0.)}
     """
     dtype = dtype or torch.get_default_dtype()
-    return _map_tree(
+    return map_leaves(
         lambda spec: torch.tensor(spec.default, dtype=dtype, device=device),
         _free_tree(_spec_tree(s)),
     )

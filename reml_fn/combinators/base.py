@@ -13,11 +13,11 @@ Children are given as keyword arguments (``Sum(time=AR1(4), noise=Scalar(4))``),
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from torch import Tensor
 
 from reml_fn.params import ParamSpec
+from reml_fn.params import map_leaves as tree_map  # noqa: F401  (the combinators' Jacobian helper)
 from reml_fn.structures.base import Structure, first_leaf
 from reml_fn.structures.fixed import Fixed
 from reml_fn.tree import replace
@@ -128,10 +128,3 @@ class Combinator(Structure):
         extra = [f"{k}={getattr(self, k)!r}" for k in type(self)._static_fields if k != "names"]
         tail = (",\n  " + ", ".join(extra)) if extra else ""
         return f"{type(self).__name__}(\n{inner}{tail}\n)"
-
-
-def tree_map(fn, tree: Any) -> Any:
-    """Apply ``fn`` to every tensor leaf of a nested dict."""
-    if isinstance(tree, Mapping):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    return fn(tree)
