@@ -295,9 +295,10 @@ def unflatten_params(s, vector: Tensor) -> dict:
     return tree_from_names(names, vector)
 
 
-def tree_from_names(names: Sequence[str], vector: Tensor) -> dict:
+def tree_from_names(names: Sequence[str], vector: Tensor | Sequence) -> dict:
     """The nested dict ``{path: vector[i]}`` for /-joined ``names`` (no checks: for hot loops that
-    validated once, e.g. an optimiser unflattening the same structure's parameters every step)."""
+    validated once, e.g. an optimiser unflattening the same structure's parameters every step,
+    or a strategy assembling drawn leaves)."""
     out: dict = {}
     for i, name in enumerate(names):
         _set(out, name, vector[i])

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from reml_fn.reml.dense import AITerms, ai_terms_dense, dV_stack, factorize, loglik_from_factor
+from reml_fn.reml.dense import AITerms, ai_terms_dense, dV_stack, factorize, reml_loglik_dense
 
 __all__ = [
     "DenseEngine",
@@ -94,7 +94,7 @@ class DenseEngine:
         return True
 
     def loglik(self, s, params, y, X) -> Tensor:
-        return loglik_from_factor(factorize(s._build(params), y, X), y.shape[-1], X.shape[-1])
+        return reml_loglik_dense(s._build(params), y, X)
 
     def ai_terms(self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None) -> AITerms:
         return ai_terms_dense(s._build(params), dV_stack(s, params, jacobian), y, X, trace, generator, probes)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 import reml_fn as rf
 from reml_fn import transforms as T
-from reml_fn.params import all_param_names, param_names
+from reml_fn.params import all_param_names, param_names, tree_from_names
 
 __all__ = [
     "BASE_KINDS",
@@ -238,17 +238,6 @@ def base_structures(
     return _one_base(kinds, max_size, shape, square)
 
 
-def _nested(names: Sequence[str], values: Sequence[Tensor]) -> dict:
-    out: dict = {}
-    for name, value in zip(names, values):
-        *parents, last = name.split("/")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
 def raw_params(
     s: Any,
     low: float = -1.5,
@@ -267,7 +256,7 @@ def raw_params(
     names = param_names(s)
     values = st.floats(low, high, allow_nan=False, allow_infinity=False)
     return st.lists(values, min_size=len(names), max_size=len(names)).map(
-        lambda xs: _nested(names, [torch.tensor(x, dtype=dtype) for x in xs])
+        lambda xs: tree_from_names(names, [torch.tensor(x, dtype=dtype) for x in xs])
     )
 
 
@@ -295,7 +284,7 @@ def raw_params_batches(
     def draw_batch(draw):
         size = draw(st.integers(min_batch, max_batch))
         rows = [draw(st.lists(values, min_size=size, max_size=size)) for _ in names]
-        return _nested(names, [torch.tensor(row, dtype=dtype) for row in rows])
+        return tree_from_names(names, [torch.tensor(row, dtype=dtype) for row in rows])
 
     return draw_batch()
 
