@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from reml_fn.fit.result import FitResult
@@ -308,6 +309,15 @@ def fit(
         (True, 2.0333)
     """
     check_inputs(s, y, X, x_names)
+    # The loop is host code on tiny tensors: inference mode skips autograd's per-operation
+    # bookkeeping (~15 % of a small fit). The results are cloned out of it, so they are ordinary
+    # tensors (usable with autograd and in-place operations).
+    with torch.inference_mode():
+        result = _fit(s, y, X, init, x_names, jacobian, engine, max_iter, tol, max_step, max_tries, verbose)
+    return pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, result)
+
+
+def _fit(s, y, X, init, x_names, jacobian, engine, max_iter, tol, max_step, max_tries, verbose) -> FitResult:
     names = param_names(s)
     chosen = select_engine(s, engine)
     if init is None:
@@ -318,11 +328,15 @@ def fit(
     scaled = torch.isfinite(lower) | torch.isfinite(upper)  # log- or logit-scale parameters
     pairs = correlation_pairs(s)
 
+    # What does not depend on θ, once (engines without ``prepare`` get no keyword).
+    prepared = chosen.prepare(s, y, X) if hasattr(chosen, "prepare") else None
+    extra = {} if prepared is None else {"prepared": prepared}
+
     def loglik(t: Tensor) -> Tensor:
-        return chosen.loglik(s, tree_from_names(names, t), y, X)
+        return chosen.loglik(s, tree_from_names(names, t), y, X, **extra)
 
     def terms(t: Tensor):
-        return chosen.ai_terms(s, tree_from_names(names, t), y, X, jacobian)
+        return chosen.ai_terms(s, tree_from_names(names, t), y, X, jacobian, **extra)
 
     current = terms(theta)
     if not bool(torch.isfinite(current.loglik)):
@@ -399,7 +413,7 @@ def fit(
         bar.close()
 
     params = unflatten_params(s, theta)
-    beta, vcov = chosen.gls(s, params, y, X)
+    beta, vcov = chosen.gls(s, params, y, X, **extra)
     loglik_value = current.loglik
     k, n, p = len(names), y.shape[0], X.shape[1]
     at_boundary = (theta <= lower) | (theta >= upper) | at_correlation_limit(theta, pairs)

@@ -4,7 +4,9 @@ The user describes V(θ) once; an engine computes the log-likelihood, score and 
 GLS estimate β̂ with its covariance, and the BLUPs. Every engine agrees with the dense one to
 round-off. :func:`select_engine` picks one from the structure (``engine="auto"``) or by name.
 
-An engine implements ``supports(s) -> bool`` and the methods of :class:`DenseEngine`.
+An engine implements ``supports(s) -> bool`` and the methods of :class:`DenseEngine`:
+``prepare(s, y, X)`` returns what does not depend on θ (or None), and ``loglik``, ``ai_terms`` and
+``gls`` accept it back as ``prepared=`` (the fit loops call ``prepare`` once per dataset).
 """
 
 from __future__ import annotations
@@ -93,10 +95,17 @@ class DenseEngine:
     def supports(self, s) -> bool:
         return True
 
-    def loglik(self, s, params, y, X) -> Tensor:
+    def prepare(self, s, y, X) -> None:
+        """Nothing to precompute: V(θ) is rebuilt and factorised at every θ. (Engines may return
+        per-dataset data that do not depend on θ; the fit loops pass it back as ``prepared=``.)"""
+        return None
+
+    def loglik(self, s, params, y, X, prepared=None) -> Tensor:
         return reml_loglik_dense(s._build(params), y, X)
 
-    def ai_terms(self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None) -> AITerms:
+    def ai_terms(
+        self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None
+    ) -> AITerms:
         return ai_terms_dense(s._build(params), dV_stack(s, params, jacobian), y, X, trace, generator, probes)
 
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
@@ -104,7 +113,7 @@ class DenseEngine:
         starting values (how much a unit of θ_k adds to the average variance)."""
         return torch.diagonal(dV_stack(s, params, jacobian), dim1=-2, dim2=-1).sum(-1)
 
-    def gls(self, s, params, y, X) -> tuple[Tensor, Tensor]:
+    def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
         """β̂ and its covariance (XᵀV⁻¹X)⁻¹."""
         factor = factorize(s._build(params), y, X)
         return factor.beta, torch.cholesky_inverse(factor.chol_xvx)

@@ -89,6 +89,8 @@ from torch import Tensor
 from reml_fn.combinators import Grouped, Propagate, Sum
 from reml_fn.combinators.products import kron
 from reml_fn.params import param_names
+from reml_fn.reml import one_factor
+from reml_fn.reml.covariance_blocks import PSD_CHOLESKY_MAX_SIZE, derivative_stack, psd_cholesky
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import register_engine
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
@@ -96,53 +98,8 @@ from reml_fn.structures.base import first_leaf
 
 __all__ = ["MMEEngine", "psd_cholesky", "PSD_CHOLESKY_MAX_SIZE"]
 
-PSD_CHOLESKY_MAX_SIZE = 8
-"""Covariance blocks up to this size use :func:`psd_cholesky` (zero variances allowed); larger
-blocks (a Propagate term's G) use ``torch.linalg.cholesky_ex`` and must be positive definite."""
-
-
 # ------------------------------------------------------------------------------------------------
 # Small pieces
-
-
-def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
-    """A lower factor L with L Lᵀ = A for a positive *semi*-definite k×k A, and an ok flag.
-
-    An unrolled Cholesky in which a pivot ≤ τ = 10·k·ε·max|A_ij| (= 10·k·ε·max diag A for a PSD A)
-    gives a zero column instead of a failure, so A = 0 (a variance at its boundary) or a
-    rank-deficient A factor exactly. ``ok`` is False when L Lᵀ misses A by more than τ (A
-    indefinite) or A has NaN; for k = 1 that is the closed form L = √a, ok ⟺ a ≥ 0. Pure,
-    vmappable and differentiable at positive-definite A (a square root of
-    ``where(pivot > τ, pivot, 1)`` times the mask, so no gradient is NaN). Meant for small k.
-
-    Example:
-        >>> import torch
-        >>> from reml_fn.reml.mme import psd_cholesky
-        >>> L, ok = psd_cholesky(torch.tensor([[4.0, 2.0], [2.0, 1.0]]))    # rank 1
-        >>> L.tolist(), bool(ok)
-        ([[2.0, 0.0], [1.0, 0.0]], True)
-        >>> bool(psd_cholesky(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))[1])    # indefinite
-        False
-        >>> psd_cholesky(torch.tensor([[0.0]]))[0].tolist(), bool(psd_cholesky(torch.tensor([[-1.0]]))[1])
-        ([[0.0]], False)
-    """
-    k = A.shape[-1]
-    if k == 1:  # τ = 10ε|a|, so "a > τ" is "a > 0" and "|L² − a| ≤ τ" is "a ≥ 0"
-        positive = A > 0
-        return torch.sqrt(torch.where(positive, A, 1.0)) * positive, (A >= 0).reshape(A.shape[:-2])
-    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * A.abs().amax((-1, -2))
-    columns: list[Tensor] = []  # column j holds rows j … k−1 of L
-    for j in range(k):
-        v = A[..., j:, j]
-        for i, column in enumerate(columns):
-            v = v - column[..., j - i :] * column[..., j - i : j - i + 1]  # − L[j:, i] L[j, i]
-        pivot = v[..., 0]
-        positive = pivot > tolerance
-        scale = torch.rsqrt(torch.where(positive, pivot, 1.0)) * positive  # 1/√pivot, or 0
-        columns.append(v * scale.unsqueeze(-1))
-    L = torch.stack([F.pad(column, (j, 0)) if j else column for j, column in enumerate(columns)], dim=-1)
-    error = (L @ L.mT - A).abs().amax((-1, -2))
-    return L, error <= tolerance
 
 
 def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,37 +165,6 @@ def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 def _group_inner(a: Tensor, b: Tensor) -> Tensor:
     """Σ_g a_gᵀ b_g for per-group blocks a (m, k, c_a) and b (m, k, c_b): (c_a, c_b), one matmul."""
     return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
-
-
-def _flatten_tree(tree: Mapping, prefix: str) -> Iterator[tuple[str, Tensor]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten_tree(value, f"{prefix}/{key}")
-        else:
-            yield f"{prefix}/{key}", value
-
-
-def _child_derivatives(child, child_params: Mapping, method: str) -> Mapping:
-    if not child_params:
-        return {}
-    if method == "closed":
-        return child._jacobian(child_params)
-    if method == "fwd":
-        return torch.func.jacfwd(child._build)(dict(child_params))
-    if method == "rev":
-        return torch.func.jacrev(child._build)(dict(child_params))
-    raise ValueError(f"unknown Jacobian method {method!r}; expected 'closed', 'fwd' or 'rev'")
-
-
-def _derivative_stack(child, child_params: Mapping, prefix: str, method: str | None, dtype):
-    """``(names, Ġ)``: the child's free parameter names and its derivatives stacked (K, a, a);
-    ``([], None)`` when it has no free parameter or no derivatives are wanted (``method`` None)."""
-    if method is None:
-        return [], None
-    pairs = list(_flatten_tree(_child_derivatives(child, child_params, method), prefix))
-    if not pairs:
-        return [], None
-    return [name for name, _ in pairs], _cast(torch.stack([d for _, d in pairs]), dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,7 +334,7 @@ def _terms(s, params: Mapping, dtype, device, method: str | None = None) -> tupl
             columns = _Columns(design.shape[-1], dense=design)
         block = _cast(child._build(child_params), dtype)
         lam, ok = _factor_block(block)
-        names, derivatives = _derivative_stack(child, child_params, prefix, method, dtype)
+        names, derivatives = derivative_stack(child, child_params, prefix, method, dtype)
         random.append(_Term(path, kind == "grouped", columns, block, lam, ok, names, derivatives))
     return random, _residual(residual_parts, s.shape[0], dtype, device, method is not None)
 
@@ -866,13 +792,32 @@ class MMEEngine:
         blocked = max(grouped, key=lambda term: term.num_groups).q if grouped else 0
         return total - blocked <= s.shape[0] // 2
 
-    def loglik(self, s, params, y, X) -> Tensor:
+    def prepare(self, s, y, X) -> one_factor.Statistics | None:
+        """What does not change between iterations, computed once per dataset: the sufficient
+        statistics of :mod:`reml_fn.reml.one_factor` when ``s`` is one Grouped term plus a
+        Scalar residual (lme4's ``(x | g)`` models), else None. Pure and vmappable; pass the
+        result as ``prepared=`` to :meth:`loglik`, :meth:`ai_terms` and :meth:`gls` with the
+        same ``s``, y and X."""
+        model = one_factor.layout(s)
+        return None if model is None else one_factor.statistics(model, y, X)
+
+    def loglik(self, s, params, y, X, prepared=None) -> Tensor:
+        model = one_factor.layout(s)
+        if model is not None:
+            stats = prepared if prepared is not None else one_factor.statistics(model, y, X)
+            return one_factor.loglik(model, params, y, X, stats)
         return _factorize(s, params, y, X).loglik
 
-    def ai_terms(self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None) -> AITerms:
+    def ai_terms(
+        self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None
+    ) -> AITerms:
         """Exact traces always (``trace="hutchpp"`` is accepted and computed exactly: they are cheap here)."""
         if trace not in ("exact", "hutchpp"):
             raise ValueError(f"unknown trace method {trace!r}; expected 'exact' or 'hutchpp'")
+        model = one_factor.layout(s)
+        if model is not None:
+            stats = prepared if prepared is not None else one_factor.statistics(model, y, X)
+            return one_factor.ai_terms(model, params, y, X, stats, jacobian)
         fac = _factorize(s, params, y, X, jacobian)
         score, ai = _score_and_ai(fac, param_names(s))
         score = torch.where(fac.ok, score, math.nan)
@@ -901,8 +846,12 @@ class MMEEngine:
         names = param_names(s)
         return torch.stack([traces[k] for k in names]) if names else torch.zeros(0, dtype=dtype)
 
-    def gls(self, s, params, y, X) -> tuple[Tensor, Tensor]:
+    def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
         """β̂ and (XᵀV⁻¹X)⁻¹ from the last p×p block of the factor."""
+        model = one_factor.layout(s)
+        if model is not None:
+            stats = prepared if prepared is not None else one_factor.statistics(model, y, X)
+            return one_factor.gls(model, params, y, X, stats)
         fac = _solve(_factor(s, params, X), y)
         q_rest = _rest_sizes(fac.rest)
         beta = torch.where(fac.ok, fac.u_s[..., q_rest:], math.nan)

@@ -1,0 +1,92 @@
+r"""Covariance blocks for the mixed-model-equation engines: a semidefinite Cholesky factor and
+the stacked derivatives of a block's structure.
+
+Both MME paths (:mod:`reml_fn.reml.mme` and :mod:`reml_fn.reml.one_factor`) work with the lower
+factor Λ of each random term's covariance (G = ΛΛᵀ, lme4's form, so a variance at 0 is allowed)
+and with ∂Σ/∂θ_j stacked into one (K, k, k) tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["PSD_CHOLESKY_MAX_SIZE", "psd_cholesky", "derivative_stack"]
+
+PSD_CHOLESKY_MAX_SIZE = 8
+"""Covariance blocks up to this size use :func:`psd_cholesky` (zero variances allowed); larger
+blocks (a Propagate term's G) use ``torch.linalg.cholesky_ex`` and must be positive definite."""
+
+
+def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
+    """A lower factor L with L Lᵀ = A for a positive *semi*-definite k×k A, and an ok flag.
+
+    An unrolled Cholesky in which a pivot ≤ τ = 10·k·ε·max|A_ij| (= 10·k·ε·max diag A for a PSD A)
+    gives a zero column instead of a failure, so A = 0 (a variance at its boundary) or a
+    rank-deficient A factor exactly. ``ok`` is False when L Lᵀ misses A by more than τ (A
+    indefinite) or A has NaN; for k = 1 that is the closed form L = √a, ok ⟺ a ≥ 0. Pure,
+    vmappable and differentiable at positive-definite A (a square root of
+    ``where(pivot > τ, pivot, 1)`` times the mask, so no gradient is NaN). Meant for small k.
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.reml.mme import psd_cholesky
+        >>> L, ok = psd_cholesky(torch.tensor([[4.0, 2.0], [2.0, 1.0]]))    # rank 1
+        >>> L.tolist(), bool(ok)
+        ([[2.0, 0.0], [1.0, 0.0]], True)
+        >>> bool(psd_cholesky(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))[1])    # indefinite
+        False
+        >>> psd_cholesky(torch.tensor([[0.0]]))[0].tolist(), bool(psd_cholesky(torch.tensor([[-1.0]]))[1])
+        ([[0.0]], False)
+    """
+    k = A.shape[-1]
+    if k == 1:  # τ = 10ε|a|, so "a > τ" is "a > 0" and "|L² − a| ≤ τ" is "a ≥ 0"
+        positive = A > 0
+        return torch.sqrt(torch.where(positive, A, 1.0)) * positive, (A >= 0).reshape(A.shape[:-2])
+    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * A.abs().amax((-1, -2))
+    columns: list[Tensor] = []  # column j holds rows j … k−1 of L
+    for j in range(k):
+        v = A[..., j:, j]
+        for i, column in enumerate(columns):
+            v = v - column[..., j - i :] * column[..., j - i : j - i + 1]  # − L[j:, i] L[j, i]
+        pivot = v[..., 0]
+        positive = pivot > tolerance
+        scale = torch.rsqrt(torch.where(positive, pivot, 1.0)) * positive  # 1/√pivot, or 0
+        columns.append(v * scale.unsqueeze(-1))
+    L = torch.stack([F.pad(column, (j, 0)) if j else column for j, column in enumerate(columns)], dim=-1)
+    error = (L @ L.mT - A).abs().amax((-1, -2))
+    return L, error <= tolerance
+
+
+def _flatten_tree(tree: Mapping, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten_tree(value, f"{prefix}/{key}")
+        else:
+            yield f"{prefix}/{key}", value
+
+
+def _child_derivatives(child, child_params: Mapping, method: str) -> Mapping:
+    if not child_params:
+        return {}
+    if method == "closed":
+        return child._jacobian(child_params)
+    if method == "fwd":
+        return torch.func.jacfwd(child._build)(dict(child_params))
+    if method == "rev":
+        return torch.func.jacrev(child._build)(dict(child_params))
+    raise ValueError(f"unknown Jacobian method {method!r}; expected 'closed', 'fwd' or 'rev'")
+
+
+def derivative_stack(child, child_params: Mapping, prefix: str, method: str | None, dtype):
+    """``(names, Ġ)``: the child's free parameter names and its derivatives stacked (K, a, a);
+    ``([], None)`` when it has no free parameter or no derivatives are wanted (``method`` None)."""
+    if method is None:
+        return [], None
+    pairs = list(_flatten_tree(_child_derivatives(child, child_params, method), prefix))
+    if not pairs:
+        return [], None
+    return [name for name, _ in pairs], torch.stack([d for _, d in pairs]).to(dtype)
