@@ -828,6 +828,9 @@ class MMEEngine:
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) (k,) in O(n·k²): tr(Σ̇ Σ_i x_i x_iᵀ) for a Grouped term, tr(Ġ ZᵀZ) for a
         Propagate term, Σ_i ṙ_i for the residual."""
+        model = one_factor.layout(s)
+        if model is not None:
+            return one_factor.jacobian_traces(model, params, jacobian)
         leaf = first_leaf(params)
         dtype = leaf.dtype if leaf is not None else torch.get_default_dtype()
         random, residual = _terms(s, params, dtype, leaf.device if leaf is not None else None, jacobian)

@@ -64,8 +64,9 @@ from reml_fn.combinators import Grouped, Sum
 from reml_fn.reml.covariance_blocks import PSD_CHOLESKY_MAX_SIZE, derivative_stack, psd_cholesky
 from reml_fn.reml.dense import AITerms
 from reml_fn.structures import Identity, Scalar
+from reml_fn.structures.base import first_leaf
 
-__all__ = ["Layout", "Statistics", "layout", "statistics", "loglik", "ai_terms", "gls"]
+__all__ = ["Layout", "Statistics", "layout", "statistics", "loglik", "ai_terms", "gls", "jacobian_traces"]
 
 
 class Layout(NamedTuple):
@@ -233,6 +234,30 @@ def gls(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics)
     point = _point(model, _covariance(model, params, y.dtype), variance, stats, y, X)[0]
     beta = torch.where(point.ok, point.beta, math.nan)
     return beta, torch.where(point.ok, torch.cholesky_inverse(point.L_s), math.nan)
+
+
+def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") -> Tensor:
+    """tr(∂V/∂θ_j) (k,) in ``param_names`` order: tr(Σ̇_j Σ_i x_i x_iᵀ) for Σ's parameters, n ṙ_j for σ²'s."""
+    term = model.term
+    x = term.covariates
+    cov_path = (*model.term_path, "cov")
+    leaf = first_leaf(params)
+    dtype = leaf.dtype if leaf is not None else torch.get_default_dtype()
+    names, D = derivative_stack(term.cov, _subtree(params, cov_path), "/".join(cov_path), jacobian, dtype)
+    residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)[1:]
+    pieces = []
+    if D is not None:
+        gram = x.mT @ x
+        pieces.append((D * gram.to(D.dtype)).sum((-1, -2)))
+    if slopes is not None:
+        pieces.append(term.codes.shape[-1] * slopes)
+    if not pieces:
+        return torch.zeros(0, dtype=dtype, device=x.device)
+    traces = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    order = [*names, *residual_names]
+    if tuple(order) != model.names:
+        traces = traces[torch.tensor([order.index(name) for name in model.names], device=traces.device)]
+    return traces
 
 
 def _group_inner(a: Tensor, b: Tensor) -> Tensor:
