@@ -111,6 +111,7 @@ class _Batch(NamedTuple):
     Y: Tensor  # (C, n)
     X: Tensor  # (n, p) shared or (C, n, p)
     x_batched: bool
+    prepared: Any = None  # the engine's θ-independent data per dataset (leaves (C, …)), or None
 
     @property
     def size(self) -> int:
@@ -137,15 +138,28 @@ class _Batch(NamedTuple):
         ]
         s = pytree.tree_unflatten(taken, self.spec) if any(d is not None for d in self.leaf_dims) else self.s
         X = self.X.index_select(0, index) if self.x_batched else self.X
-        return self._replace(s=s, Y=self.Y.index_select(0, index), X=X)
+        prepared = self.prepared
+        if prepared is not None:
+            prepared = pytree.tree_map(lambda leaf: leaf.index_select(0, index), prepared)
+        return self._replace(s=s, Y=self.Y.index_select(0, index), X=X, prepared=prepared)
 
     def slice(self, start: int, stop: int) -> _Batch:
         return self.take(torch.arange(start, stop, device=self.Y.device))
 
     def map(self, fn, *per_dataset: Tensor):
-        """``vmap(fn)(s_b, y_b, X_b, *per_dataset_b)`` over the batch."""
-        in_dims = (self.s_in_dims, 0, self.x_in_dim, *([0] * len(per_dataset)))
-        return torch.func.vmap(fn, in_dims=in_dims)(self.s, self.Y, self.X, *per_dataset)
+        """``vmap(fn)(s_b, y_b, X_b, prepared_b, *per_dataset_b)`` over the batch."""
+        in_dims = (self.s_in_dims, 0, self.x_in_dim, None if self.prepared is None else 0, *([0] * len(per_dataset)))
+        return torch.func.vmap(fn, in_dims=in_dims)(self.s, self.Y, self.X, self.prepared, *per_dataset)
+
+    def prepare(self, engine: _Engine) -> _Batch:
+        """The batch with the engine's per-dataset preparation (:meth:`_Engine.prepare`) attached."""
+        first = self.take(torch.zeros(1, dtype=torch.long, device=self.Y.device))
+        probe = engine.chosen.prepare(
+            dataset_structure(first.s, first.s_in_dims, 0), first.Y[0], first.X[0] if self.x_batched else first.X
+        )
+        if probe is None:  # this engine prepares nothing for this structure
+            return self
+        return self._replace(prepared=self.map(engine.prepare))
 
 
 def dataset_structure(s, in_dims, b: int):
@@ -372,20 +386,26 @@ class _Engine(NamedTuple):
     chosen: Any
     jacobian: str
 
-    def terms(self, s, y, X, theta):
-        return self.chosen.ai_terms(s, unflatten_params(s, theta), y, X, self.jacobian)
+    def prepare(self, s, y, X, prepared):
+        return self.chosen.prepare(s, y, X)
 
-    def loglik(self, s, y, X, theta):
-        return self.chosen.loglik(s, unflatten_params(s, theta), y, X)
+    def terms(self, s, y, X, prepared, theta):
+        extra = {} if prepared is None else {"prepared": prepared}
+        return self.chosen.ai_terms(s, unflatten_params(s, theta), y, X, self.jacobian, **extra)
 
-    def start(self, s, y, X):
+    def loglik(self, s, y, X, prepared, theta):
+        extra = {} if prepared is None else {"prepared": prepared}
+        return self.chosen.loglik(s, unflatten_params(s, theta), y, X, **extra)
+
+    def start(self, s, y, X, prepared):
         return default_init(s, y, X, self.jacobian, self.chosen.name)
 
-    def bounds(self, s, y, X, theta):
+    def bounds(self, s, y, X, prepared, theta):
         return raw_bounds(s, theta)
 
-    def gls(self, s, y, X, theta):
-        return self.chosen.gls(s, unflatten_params(s, theta), y, X)
+    def gls(self, s, y, X, prepared, theta):
+        extra = {} if prepared is None else {"prepared": prepared}
+        return self.chosen.gls(s, unflatten_params(s, theta), y, X, **extra)
 
 
 class _Iterate(NamedTuple):
@@ -567,6 +587,7 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
     state["ai"] = filled(k, k)
     good = torch.nonzero(status == RUNNING).flatten()
     if good.numel():
+        batch = batch.prepare(engine) if hasattr(engine.chosen, "prepare") else batch
         sub = batch.take(good)
         start = sub.map(engine.start) if init_flat is None else init_flat[good]
         low, up = sub.map(engine.bounds, start)
@@ -749,12 +770,16 @@ def fit_batched(
     batch = _Batch(s, dims, spec, Y, X, X.dim() == 3)
     size = B if chunk_size is None else chunk_size
     parts = []
-    for start in range(0, B, size):
-        stop = min(B, start + size)
-        part_init = None if init_flat is None else init_flat[start:stop]
-        chunk = batch if (start, stop) == (0, B) else batch.slice(start, stop)
-        parts.append(_fit_chunk(template, chunk, part_init, runner, max_iter, tol, max_step, max_tries, verbose))
-    out = _concatenate(parts)
+    # Host loop on small tensors, as in fit: inference mode saves autograd's bookkeeping; the
+    # results are cloned out of it below.
+    with torch.inference_mode():
+        for start in range(0, B, size):
+            stop = min(B, start + size)
+            part_init = None if init_flat is None else init_flat[start:stop]
+            chunk = batch if (start, stop) == (0, B) else batch.slice(start, stop)
+            parts.append(_fit_chunk(template, chunk, part_init, runner, max_iter, tol, max_step, max_tries, verbose))
+        out = _concatenate(parts)
+    out = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, out)
     loglik, status, vcov = out["loglik"], out["status"], out["vcov_beta"]
     k = len(names)
     return FitResult(
