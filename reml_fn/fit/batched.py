@@ -148,6 +148,13 @@ class _Batch(NamedTuple):
 
     def map(self, fn, *per_dataset: Tensor):
         """``vmap(fn)(s_b, y_b, X_b, prepared_b, *per_dataset_b)`` over the batch."""
+        if self.size == 1:
+            # One dataset (the tail of a batch): the plain call, without vmap's per-operation cost.
+            s = dataset_structure(self.s, self.s_in_dims, 0) if self.s_in_dims is not None else self.s
+            prepared = None if self.prepared is None else pytree.tree_map(lambda leaf: leaf[0], self.prepared)
+            X = self.X[0] if self.x_batched else self.X
+            out = fn(s, self.Y[0], X, prepared, *(value[0] for value in per_dataset))
+            return pytree.tree_map(lambda leaf: leaf.unsqueeze(0), out)
         in_dims = (self.s_in_dims, 0, self.x_in_dim, None if self.prepared is None else 0, *([0] * len(per_dataset)))
         return torch.func.vmap(fn, in_dims=in_dims)(self.s, self.Y, self.X, self.prepared, *per_dataset)
 

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
-from reml_fn.reml.covariance_blocks import PSD_CHOLESKY_MAX_SIZE, derivative_stack, psd_cholesky
+from reml_fn.reml.covariance_blocks import PSD_CHOLESKY_MAX_SIZE, derivative_stack, psd_cholesky, unrolled_cholesky
 from reml_fn.reml.dense import AITerms
 from reml_fn.structures import Identity, Scalar
 from reml_fn.structures.base import first_leaf
@@ -180,6 +180,22 @@ def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool)
     return variance, names, (torch.stack(slopes) if slopes else None)
 
 
+# Under vmap with a shared design, Z u and Zᵀe as products with the dense Z (n × m·k) are one
+# matrix product for all datasets, where the gather/segment sums cost several passes over a batch
+# of (n, k) arrays; used while Z stays this small (8 MB in float64).
+DENSE_DESIGN_LIMIT = 2**20
+
+
+def _dense_design(term: Grouped, effects: Tensor, dtype) -> Tensor | None:
+    """The dense Z when the effects are batched (vmap) but the term's data are not, and Z is small."""
+    batched = torch._C._functorch.is_batchedtensor
+    if not batched(effects) or batched(term.codes) or batched(term.covariates):
+        return None
+    if term.codes.shape[-1] * term.q > DENSE_DESIGN_LIMIT:
+        return None
+    return term.design().to(dtype)
+
+
 def _point(model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y: Tensor, X: Tensor):
     """Factor, solve and evaluate ℓ at (Σ, σ²); also returns the residual vector e = P y."""
     term = model.term
@@ -188,14 +204,22 @@ def _point(model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y:
     positive = variance > 0
     w = torch.where(positive, variance, 1.0).reciprocal()
     eye_k = torch.eye(k, dtype=y.dtype, device=y.device)
-    L, info = torch.linalg.cholesky_ex(lam.mT @ stats.C @ lam * w + eye_k)
+    M = _blocks_times(_blocks_times(stats.C, lam).mT, lam) * w + eye_k  # I + w ΛᵀC_gΛ (C_g symmetric)
     # M_g ⪰ I, so ‖L_g⁻¹‖ ≤ 1: explicit k×k inverses are as accurate as solves and cheaper to apply.
-    L_inv = torch.linalg.solve_triangular(L, eye_k, upper=False)
-    G = L_inv @ lam.mT
+    if torch._C._functorch.is_batchedtensor(M):
+        # Under vmap (many datasets × groups) LAPACK runs once per tiny block; the unrolled
+        # recurrences run once for all of them.
+        L, L_inv, factored = unrolled_cholesky(M)
+        factored = factored.all()
+    else:
+        L, info = torch.linalg.cholesky_ex(M)
+        L_inv = torch.linalg.solve_triangular(L, eye_k, upper=False)
+        factored = (info == 0).all()
+    G = _blocks_times(L_inv, lam.mT)
     F = G @ stats.B * w
     F_rows = F.flatten(-3, -2)  # (m·k, p)
     L_s, info_s = torch.linalg.cholesky_ex(stats.A * w - F_rows.mT @ F_rows)
-    ok = ok & positive & (info == 0).all() & (info_s == 0)
+    ok = ok & positive & factored & (info_s == 0)
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
     L_s = torch.where(ok, L_s, torch.eye(p, dtype=y.dtype, device=y.device))
 
@@ -206,15 +230,19 @@ def _point(model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y:
     u_spherical = (L_inv.mT @ (z - F @ beta).unsqueeze(-1)).squeeze(-1)
     effects = u_spherical @ lam.mT  # û_g = Λ ũ_g
 
-    x = term.covariates.to(y.dtype)
-    residual = y - X @ beta - (x * effects.index_select(0, term.codes)).sum(-1)
+    design = _dense_design(term, effects, y.dtype)
+    if design is None:
+        x = term.covariates.to(y.dtype)
+        residual = y - X @ beta - (x * effects.index_select(0, term.codes)).sum(-1)
+    else:
+        residual = y - X @ beta - design @ effects.flatten()
     e = residual * w
     penalised = e @ residual + (u_spherical * u_spherical).sum()
     log_det = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum() + torch.log(torch.diagonal(L_s)).sum()
     value = -0.5 * (n * torch.log(torch.where(positive, variance, 1.0)) + penalised) - log_det
     value = value - 0.5 * (n - p) * math.log(2.0 * math.pi)
     loglik = torch.where(ok, value, -math.inf)
-    return _Point(ok, w, sigma, lam, L_inv, G, F, L_s, beta, u_spherical, loglik), e
+    return _Point(ok, w, sigma, lam, L_inv, G, F, L_s, beta, u_spherical, loglik), e, design
 
 
 def _covariance(model: Layout, params: Mapping, dtype) -> Tensor:
@@ -260,6 +288,12 @@ def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") ->
     return traces
 
 
+def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
+    """blocks_g @ matrix for every group (m, r, c) @ (c, d) → (m, r, d), as one (m·r, c) @ (c, d)
+    product (under vmap: one matrix product per dataset, not one per group and dataset)."""
+    return (blocks.flatten(-3, -2) @ matrix).unflatten(-2, blocks.shape[-3:-1])
+
+
 def _group_inner(a: Tensor, b: Tensor) -> Tensor:
     """Σ_g a_gᵀ b_g for per-group blocks (m, r, c_a) and (m, r, c_b)."""
     return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
@@ -276,24 +310,28 @@ def ai_terms(
     cov_params = _subtree(params, cov_path)
     sigma = cov._build(cov_params).to(dtype)
     variance, residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)
-    point, e = _point(model, sigma, variance, stats, y, X)
+    point, e, design = _point(model, sigma, variance, stats, y, X)
     w, lam, F, L_s = point.w, point.lam, point.F, point.L_s
     names, D = derivative_stack(cov, cov_params, "/".join(cov_path), jacobian, dtype)
 
     x = term.covariates.to(dtype)
-    ze = e.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * e.unsqueeze(-1))  # (m, k)
+    if design is None:
+        ze = e.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * e.unsqueeze(-1))  # (m, k)
+    else:
+        ze = (e @ design).unflatten(-1, (term.num_groups, x.shape[-1]))
     # T = Σ_g (ZᵀPZ)_gg.
     Q = point.G @ stats.C * w  # (m, k, k)
     dense_rows = (stats.B * w - Q.mT @ F).flatten(-3, -2)  # (m·k, p): rows of w B_g − Q_gᵀF_g
     solved = torch.linalg.solve_triangular(L_s.mT, dense_rows, upper=True, left=False).unflatten(0, Q.shape[-3:-1])
-    T = stats.C_total * w - _group_inner(Q, Q) - (solved @ solved.mT).sum(-3)  # (rows L_s⁻ᵀ)(rows L_s⁻ᵀ)ᵀ
+    solved = solved.transpose(-3, -2).flatten(-2)  # (k, m·p): Σ_g R_g R_gᵀ as one product
+    T = stats.C_total * w - _group_inner(Q, Q) - solved @ solved.mT
 
     twice_score, variates_b, variates_s, gram = [], [], [], None
     if D is not None:
         twice_score.append((D * (ze.mT @ ze - T)).sum((-1, -2)))
         A = (ze @ D.mT).movedim(0, -1)  # (m, k, K): a_{j,g} = Σ̇_j ze_g
         CA = stats.C @ A
-        variates_b.append(lam.mT @ CA * w)
+        variates_b.append(_blocks_times(CA.mT, lam).mT * w)  # Λᵀ C_g A_g
         variates_s.append(_group_inner(stats.B, A) * w)
         gram = _group_inner(A, CA) * w
     if slopes is not None:
