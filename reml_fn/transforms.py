@@ -24,6 +24,13 @@ Pow           θ^p                     x^{1/p}                p θ^{p−1}
 Chain         f_k ∘ … ∘ f_1           f_1⁻¹ ∘ … ∘ f_k⁻¹      ∏ f_i'(θ_i)  (chain rule)
 ============  ======================  =====================  ==========================
 
+Two private hooks serve the structures' hot path (``reml_fn.structures.base.Parametric``), where each
+ATen call costs a few microseconds: ``_derivative_at(θ, x)`` is f'(θ) given x = f(θ) already computed
+(None when f' ≡ 1, so the chain-rule product is skipped), and ``_keeps_tangent_dtype`` says that
+``forward`` uses no Python-number arithmetic, so its forward-mode tangent keeps θ's dtype under
+``torch.func.jvp``/``jacfwd`` (a Python float times a 0-d float32 tensor gets a float64 tangent,
+pytorch/functorch#1073) and the structures need not copy its result to cast the tangent back.
+
 Example:
     >>> import torch
     >>> from reml_fn.transforms import ExpPow2, Chain, Sigmoid, ScaleShift
@@ -62,6 +69,19 @@ class Transform:
 
     domain = "ℝ"
     codomain = "ℝ"
+    # True only where ``forward`` is built from tensor-tensor and unary ops (no Python numbers), so
+    # its forward-mode tangent has θ's dtype (see the module docstring).
+    _keeps_tangent_dtype = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The two hooks describe the formulas of the class that states them: a subclass redefining
+        # ``forward``/``derivative`` without restating them falls back to the safe generic versions.
+        own = vars(cls)
+        if "forward" in own and "_keeps_tangent_dtype" not in own:
+            cls._keeps_tangent_dtype = False
+        if ("forward" in own or "derivative" in own) and "_derivative_at" not in own:
+            cls._derivative_at = Transform._derivative_at
 
     def forward(self, raw: Tensor) -> Tensor:
         raise NotImplementedError
@@ -71,6 +91,10 @@ class Transform:
 
     def derivative(self, raw: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _derivative_at(self, raw: Tensor, natural: Tensor) -> Tensor | None:
+        """f'(θ) given ``natural`` = f(θ); None means exactly 1 everywhere. Same values as ``derivative``."""
+        return self.derivative(raw)
 
     def __call__(self, raw: Tensor) -> Tensor:
         return self.forward(raw)
@@ -93,6 +117,8 @@ def _as_float(x):
 class Identity(Transform):
     """f(θ) = θ."""
 
+    _keeps_tangent_dtype = True
+
     def forward(self, raw):
         return _as_float(raw)
 
@@ -102,12 +128,16 @@ class Identity(Transform):
     def derivative(self, raw):
         return torch.ones_like(_as_float(raw))
 
+    def _derivative_at(self, raw, natural):
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Exp(Transform):
     """f(θ) = e^θ, f'(θ) = e^θ."""
 
     codomain = "ℝ⁺"
+    _keeps_tangent_dtype = True
 
     def forward(self, raw):
         return torch.exp(_as_float(raw))
@@ -117,6 +147,9 @@ class Exp(Transform):
 
     def derivative(self, raw):
         return torch.exp(_as_float(raw))
+
+    def _derivative_at(self, raw, natural):
+        return natural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +166,9 @@ class Exp2(Transform):
 
     def derivative(self, raw):
         return torch.exp2(_as_float(raw)) * math.log(2.0)
+
+    def _derivative_at(self, raw, natural):
+        return natural * math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,18 +189,29 @@ class Exp10(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class ExpPow2(Transform):
-    """σ² = f(θ) = e^{2θ} (θ = log σ), f'(θ) = 2 e^{2θ}. The variance transform of every structure."""
+    """σ² = f(θ) = e^{2θ} (θ = log σ), f'(θ) = 2 e^{2θ}. The variance transform of every structure.
+
+    2θ and 2x are computed as θ + θ and x + x: the same values as 2.0 · θ (doubling is exact), with no
+    Python number whose float64 forward-mode tangent would leak (see the module docstring).
+    """
 
     codomain = "ℝ⁺"
+    _keeps_tangent_dtype = True
 
     def forward(self, raw):
-        return torch.exp(2.0 * _as_float(raw))
+        raw = _as_float(raw)
+        return torch.exp(raw + raw)
 
     def inverse(self, natural):
         return 0.5 * torch.log(_as_float(natural))
 
     def derivative(self, raw):
-        return 2.0 * torch.exp(2.0 * _as_float(raw))
+        raw = _as_float(raw)
+        natural = torch.exp(raw + raw)
+        return natural + natural
+
+    def _derivative_at(self, raw, natural):
+        return natural + natural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +219,7 @@ class Sigmoid(Transform):
     """f(θ) = 1 / (1 + e^{-θ}), f'(θ) = f(θ)(1 − f(θ))."""
 
     codomain = "(0, 1)"
+    _keeps_tangent_dtype = True
 
     def forward(self, raw):
         return torch.sigmoid(_as_float(raw))
@@ -182,6 +230,9 @@ class Sigmoid(Transform):
     def derivative(self, raw):
         s = torch.sigmoid(_as_float(raw))
         return s * (1.0 - s)
+
+    def _derivative_at(self, raw, natural):
+        return natural * (1.0 - natural)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +315,10 @@ class Chain(Transform):
     def codomain(self):  # type: ignore[override]
         return self.stages[-1].codomain
 
+    @property
+    def _keeps_tangent_dtype(self):  # type: ignore[override]
+        return all(stage._keeps_tangent_dtype for stage in self.stages)
+
     def forward(self, raw):
         x = _as_float(raw)
         for stage in self.stages:
@@ -278,8 +333,17 @@ class Chain(Transform):
 
     def derivative(self, raw):
         x = _as_float(raw)
-        result = torch.ones_like(x)
-        for stage in self.stages:
-            result = result * stage.derivative(x)
-            x = stage.forward(x)
+        result = None
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            if i < last:  # f_i'(θ_i) from θ_{i+1} = f_i(θ_i), which the next stage needs anyway
+                following = stage.forward(x)
+                slope = stage._derivative_at(x, following)
+                x = following
+            else:
+                slope = stage.derivative(x)
+            if slope is not None:  # None: exactly 1
+                result = slope if result is None else result * slope
+        if not (isinstance(result, Tensor) and result.shape == x.shape):  # all 1, or a custom stage's 0-d slope
+            result = torch.ones_like(x) if result is None else torch.ones_like(x) * result
         return result

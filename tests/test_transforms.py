@@ -8,7 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import reml_fn as rf
 from reml_fn import transforms as T
+from reml_fn.params import ParamSpec
 
 # Each entry: (transform, range of raw values on which forward is smooth and invertible in float64).
 _raw_range = (-2.0, 2.0)
@@ -83,6 +85,67 @@ def test_shape_and_dtype_preserved(pair, dtype):
     for out in (natural, transform.inverse(natural), transform.derivative(raw), transform(raw)):
         assert out.shape == raw.shape
         assert out.dtype == dtype
+
+
+@given(transform_and_raw(), st.sampled_from([torch.float32, torch.float64]))
+def test_derivative_at_the_natural_value_is_the_derivative_exactly(pair, dtype):
+    # The structures' shortcut (f' from x = f(θ); None for f' ≡ 1) gives the very same numbers.
+    transform, raw = pair
+    raw = raw.to(dtype)
+    slope = transform._derivative_at(raw, transform.forward(raw))
+    assert torch.equal(torch.ones_like(raw) if slope is None else slope, transform.derivative(raw))
+
+
+@given(transform_and_raw(), st.sampled_from([torch.float32, torch.float64]))
+def test_chain_derivative_is_the_product_of_the_stage_derivatives_exactly(pair, dtype):
+    transform, raw = pair
+    raw = raw.to(dtype)
+    stages = transform.stages if isinstance(transform, T.Chain) else (transform,)
+    x, expected = raw, torch.ones_like(raw)
+    for stage in stages:
+        expected = expected * stage.derivative(x)
+        x = stage.forward(x)
+    assert torch.equal(T.Chain(stages).derivative(raw), expected)
+    assert torch.equal(T.Chain(stages).forward(raw), x)
+
+
+def test_exppow2_doubles_by_addition_with_the_same_values():
+    raw = torch.linspace(-30.0, 30.0, 1001)
+    assert torch.equal(T.ExpPow2().forward(raw), torch.exp(2.0 * raw))
+    assert torch.equal(T.ExpPow2().derivative(raw), 2.0 * torch.exp(2.0 * raw))
+
+
+def test_subclasses_redefining_the_formulas_lose_the_shortcuts():
+    class Exp3(T.Exp):  # e^{3θ}, with Python-number arithmetic
+        def forward(self, raw):
+            return torch.exp(3.0 * raw)
+
+        def derivative(self, raw):
+            return 3.0 * torch.exp(3.0 * raw)
+
+    class LoggedExp(T.Exp):  # restates nothing: same formulas
+        def inverse(self, natural):
+            return super().inverse(natural)
+
+    raw = torch.tensor(0.2)
+    assert not Exp3()._keeps_tangent_dtype
+    assert torch.equal(Exp3()._derivative_at(raw, Exp3().forward(raw)), Exp3().derivative(raw))
+    assert LoggedExp()._keeps_tangent_dtype and T.Exp()._keeps_tangent_dtype
+    s = rf.Scalar(2).with_spec(("sigma^2",), ParamSpec("sigma^2", 0.0, Exp3()))
+    assert torch.equal(rf.jacobian(s, {"sigma^2": raw})["sigma^2"], 3.0 * torch.exp(3.0 * raw) * torch.eye(2))
+
+
+def test_chain_accepts_a_stage_with_a_0d_slope():
+    class Half(T.Transform):  # a user transform whose derivative ignores x's shape
+        def forward(self, raw):
+            return raw * 0.5
+
+        def derivative(self, raw):
+            return torch.tensor(0.5)
+
+    x = torch.linspace(-1.0, 1.0, 3)
+    assert torch.equal(T.Chain((Half(), T.Identity())).derivative(x), torch.full((3,), 0.5))
+    assert torch.equal(T.Chain((T.Identity(), T.Identity())).derivative(x), torch.ones(3))
 
 
 @pytest.mark.parametrize("shape", [(), (4,), (2, 3)])

@@ -83,7 +83,10 @@ class Structure:
         return self._build(params)
 
     def jacobian(self, params: Mapping) -> dict:
-        """Closed-form dV/dθ: a tree shaped like ``params``, leaves of shape ``self.shape``."""
+        """Closed-form dV/dθ: a tree shaped like ``params``, leaves of shape ``self.shape``.
+
+        The leaves are made afresh on every call but may be views of one tensor (a structure's unit
+        matrices): read them, or copy before writing into them in place."""
         P.check_params(self, params)
         return self._jacobian(params)
 
@@ -130,19 +133,28 @@ class Parametric(Structure):
 
     def _natural(self, params: Mapping) -> dict[str, Tensor]:
         """Natural values of all parameters (fixed ones from their raw defaults)."""
-        ref = first_leaf(params)
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        device = ref.device if ref is not None else None
         natural = {}
+        like = None
         for spec in self.specs:
             if spec.fixed:
-                raw = torch.tensor(spec.default, dtype=dtype, device=device)
-            else:
-                raw = params[spec.name]
-            # copy=True also casts the forward-mode tangent: under torch.func.jvp/jacfwd a Python float
-            # times a 0-d float32 tensor gets a float64 tangent (pytorch/functorch#1073), which leaks
-            # float64 Jacobians and breaks dtype-strict ops such as index_put (Unstructured).
-            natural[spec.name] = spec.transform.forward(raw).to(raw.dtype, copy=True)
+                if like is None:
+                    ref = first_leaf(params)
+                    like = (
+                        {"dtype": torch.get_default_dtype()}
+                        if ref is None
+                        else {"dtype": ref.dtype, "device": ref.device}
+                    )
+                # A constant: no tangent, so no cast (below) is needed.
+                natural[spec.name] = spec.transform.forward(torch.full((), spec.default, **like))
+                continue
+            raw = params[spec.name]
+            value = spec.transform.forward(raw)
+            if not spec.transform._keeps_tangent_dtype:
+                # copy=True also casts the forward-mode tangent: under torch.func.jvp/jacfwd a Python float
+                # times a 0-d float32 tensor gets a float64 tangent (pytorch/functorch#1073), which would leak
+                # float64 Jacobians. Transforms without Python-number arithmetic (Identity, ExpPow2, …) skip it.
+                value = value.to(raw.dtype, copy=True)
+            natural[spec.name] = value
         return natural
 
     def _build(self, params: Mapping) -> Tensor:
@@ -152,8 +164,15 @@ class Parametric(Structure):
         free = [spec for spec in self.specs if not spec.fixed]
         if not free:
             return {}
-        d_natural = self._natural_jacobian(self._natural(params), [spec.name for spec in free])
-        return {spec.name: d_natural[spec.name] * spec.transform.derivative(params[spec.name]) for spec in free}
+        natural = self._natural(params)
+        d_natural = self._natural_jacobian(natural, [spec.name for spec in free])
+        out = {}
+        for spec in free:
+            # dV/dθ = dV/dx · t'(θ); t' is computed from x where cheaper, and skipped where it is exactly 1
+            # (the product would be dV/dx itself: same values, and a 0-d factor never changes the dtype).
+            slope = spec.transform._derivative_at(params[spec.name], natural[spec.name])
+            out[spec.name] = d_natural[spec.name] if slope is None else d_natural[spec.name] * slope
+        return out
 
     # -- to implement -------------------------------------------------------------------------
     def _build_natural(self, natural: dict[str, Tensor]) -> Tensor:

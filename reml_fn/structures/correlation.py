@@ -45,9 +45,14 @@ def ar1_rho_transform() -> Chain:
     return Chain((Sigmoid(), ScaleShift(2.0, -1.0)))
 
 
-def _eye_and_ones(n, like):
-    eye = torch.eye(n, dtype=like.dtype, device=like.device)
-    return eye, torch.ones(n, n, dtype=like.dtype, device=like.device)
+def _eye(n, like):
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _equicorrelation(rho, eye):
+    """(1 − ρ) I + ρ J in one fused op: ρ + (1 − ρ) I. The products with I's 0s and 1s are exact, so
+    the entries are exactly those of the two-term formula (ρ off the diagonal, (1 − ρ) + ρ on it)."""
+    return torch.addcmul(rho, 1.0 - rho, eye)
 
 
 @structure
@@ -79,12 +84,10 @@ class Equicorrelation(Parametric):
 
     def _build_natural(self, natural):
         rho = natural["rho"]
-        eye, ones = _eye_and_ones(self.n, rho)
-        return (1.0 - rho) * eye + rho * ones
+        return _equicorrelation(rho, _eye(self.n, rho))
 
     def _natural_jacobian(self, natural, names):
-        eye, ones = _eye_and_ones(self.n, natural["rho"])
-        return {"rho": ones - eye}
+        return {"rho": 1.0 - _eye(self.n, natural["rho"])}  # J − I
 
 
 @structure
@@ -120,18 +123,17 @@ class CompoundSymmetric(Parametric):
         return -1.0 / (self.n - 1)
 
     def _build_natural(self, natural):
-        sigma2, rho = natural["sigma^2"], natural["rho"]
-        eye, ones = _eye_and_ones(self.n, rho)
-        return sigma2 * ((1.0 - rho) * eye + rho * ones)
+        rho = natural["rho"]
+        return natural["sigma^2"] * _equicorrelation(rho, _eye(self.n, rho))
 
     def _natural_jacobian(self, natural, names):
         sigma2, rho = natural["sigma^2"], natural["rho"]
-        eye, ones = _eye_and_ones(self.n, rho)
+        eye = _eye(self.n, rho)
         out = {}
         if "sigma^2" in names:
-            out["sigma^2"] = (1.0 - rho) * eye + rho * ones
+            out["sigma^2"] = _equicorrelation(rho, eye)
         if "rho" in names:
-            out["rho"] = sigma2 * (ones - eye)
+            out["rho"] = sigma2 * (1.0 - eye)  # σ² (J − I)
         return out
 
 
@@ -162,8 +164,8 @@ class AR1(Parametric):
         return (self.n, self.n)
 
     def _lags(self, like):
-        i = torch.arange(self.n, device=like.device)
-        return (i[:, None] - i[None, :]).abs().to(like.dtype)
+        i = torch.arange(self.n, dtype=like.dtype, device=like.device)  # small integers: exact in floating point
+        return (i.unsqueeze(1) - i).abs()
 
     def _build_natural(self, natural):
         sigma2, rho = natural["sigma^2"], natural["rho"]

@@ -156,6 +156,6 @@ class Diagonal(Parametric):
         return torch.diag_embed(torch.stack([natural[s.name] for s in self.specs]))
 
     def _natural_jacobian(self, natural, names):
-        eye = torch.eye(self.n, **_like(natural))
+        units = torch.diag_embed(torch.eye(self.n, **_like(natural)))  # units[i] = e_i e_iᵀ
         index = {s.name: i for i, s in enumerate(self.specs)}
-        return {name: torch.diag_embed(eye[index[name]]) for name in names}
+        return {name: units[index[name]] for name in names}

@@ -23,6 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from types import MappingProxyType
+
 import torch
 
 from reml_fn.params import ParamSpec
@@ -33,32 +36,49 @@ from reml_fn.tree import static, structure
 __all__ = ["Unstructured", "LowerTriangular"]
 
 
-def _entries(self) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in (s.name.split("_")[-2:] for s in self.specs)]
+@functools.lru_cache(maxsize=256)
+def _layout(names: tuple[str, ...], rows: int, cols: int, symmetric: bool):
+    """Where each parameter goes, parsed once per configuration from the names ``<prefix>_i_j``.
+
+    Returns ``cells``: for each matrix entry in row-major order, the index into ``names`` of the
+    parameter stored there, or -1 for a structural zero (both (i, j) and (j, i) when ``symmetric``);
+    and ``flat``: each name's flat position i·cols + j among the ``rows·cols`` unit matrices
+    (read-only: the result is cached). Python ints only, never tensors.
+    """
+    cells = [-1] * (rows * cols)
+    flat = {}
+    for k, name in enumerate(names):
+        i, j = (int(part) for part in name.split("_")[-2:])
+        cells[i * cols + j] = k
+        if symmetric:
+            cells[j * cols + i] = k
+        flat[name] = i * cols + j
+    return tuple(cells), MappingProxyType(flat)
 
 
 def _fill(self, natural, symmetric: bool):
-    values = torch.stack([natural[s.name] for s in self.specs])
-    rows, cols = zip(*_entries(self))
-    index = (torch.tensor(rows, device=values.device), torch.tensor(cols, device=values.device))
-    lower = values.new_zeros(self.shape).index_put(index, values)
-    if not symmetric:
-        return lower
-    return lower + lower.transpose(0, 1) - torch.diag_embed(torch.diagonal(lower))
+    # One stack of the rows·cols entries (0-d natural values, each off-diagonal one referenced twice
+    # when symmetric) and a view: a couple of ATen calls whatever the size, and vmappable.
+    names = tuple(s.name for s in self.specs)
+    cells, _ = _layout(names, *self.shape, symmetric)
+    values = [natural[name] for name in names]
+    if -1 in cells:
+        ref = values[0]
+        values.append(torch.zeros((), dtype=ref.dtype, device=ref.device))  # index -1: the zero
+    return torch.stack([values[k] for k in cells]).view(self.shape)
 
 
 def _units(self, natural, names, symmetric: bool):
+    # All rows·cols unit matrices E_ij at once (the rows of an identity, viewed as matrices), made
+    # symmetric with E_ij + E_ji = max(E_ij, E_ji); each name gets its own (single) view of that
+    # fresh tensor: nothing is shared between calls.
     ref = next(iter(natural.values()))
-    out = {}
-    entries = dict(zip((s.name for s in self.specs), _entries(self)))
-    for name in names:
-        i, j = entries[name]
-        unit = torch.zeros(self.shape, dtype=ref.dtype, device=ref.device)
-        unit[i, j] = 1.0
-        if symmetric:
-            unit[j, i] = 1.0
-        out[name] = unit
-    return out
+    rows, cols = self.shape
+    _, flat = _layout(tuple(s.name for s in self.specs), rows, cols, symmetric)
+    units = torch.eye(rows * cols, dtype=ref.dtype, device=ref.device).view(rows * cols, rows, cols)
+    if symmetric:
+        units = torch.maximum(units, units.transpose(1, 2))
+    return {name: units[flat[name]] for name in names}
 
 
 @structure

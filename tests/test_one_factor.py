@@ -1,0 +1,249 @@
+"""The MME fast path for one grouping factor + Scalar residual (reml_fn.reml.one_factor): equal to
+the general MME path and to the dense engine on drawn models, equal under vmap (unrolled k×k
+factors, dense-Z products) to a loop, preparation optional, and the fit loop's inference mode
+invisible to users."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reml_fn as rf
+from reml_fn.reml import ENGINES, one_factor
+from reml_fn.reml import mme as general
+from reml_fn.reml.covariance_blocks import unrolled_cholesky
+from reml_fn.reml.engines import register_engine
+
+MME, DENSE = ENGINES["mme"], ENGINES["dense"]
+
+
+def close(actual, expected, rel=1e-9):
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return
+    scale = 1.0 + expected.abs().max()
+    error = (actual - expected).abs().max()
+    assert bool(error <= rel * scale), f"max error {float(error):.3e} (scale {float(scale):.3e})"
+
+
+def general_path(s, params, y, X):
+    """The general MME path (cross products in every call), bypassing the fast path."""
+    factor = general._factorize(s, params, y, X, "closed")
+    score, ai = general._score_and_ai(factor, rf.param_names(s))
+    return factor.loglik, score, ai, factor.u_s[general._rest_sizes(factor.rest) :]
+
+
+@st.composite
+def one_factor_models(draw):
+    n = draw(st.integers(12, 40))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    p = draw(st.integers(1, 3))
+    X = torch.cat([torch.ones(n, 1), torch.randn(n, p - 1, generator=generator)], dim=1)
+    k = draw(st.integers(1, 3))
+    covariates = torch.cat([torch.ones(n, 1), torch.randn(n, k - 1, generator=generator)], dim=1)
+    kind = draw(st.sampled_from(["Unstructured", "Diagonal", "Gram"]))
+    cov = {
+        "Unstructured": rf.Unstructured(k),
+        "Diagonal": rf.Diagonal(k),
+        "Gram": rf.Gram(rf.LowerTriangular(k, k), gram_type="xxt"),
+    }[kind]
+    m = draw(st.integers(1, 7))
+    term = rf.Grouped(torch.randint(0, m, (n,), generator=generator), cov, covariates=covariates, num_groups=m)
+    residual = {"residual": rf.Scalar(n)}
+    if draw(st.booleans()):
+        residual["extra"] = rf.Identity(n)
+    terms = {**residual, "subject": term} if draw(st.booleans()) else {"subject": term, **residual}
+    s = rf.Sum(**terms)
+    if draw(st.booleans()):
+        s = rf.fix(s, "residual/sigma^2", 0.3)
+    values = []
+    for name in rf.param_names(s):
+        if name.startswith("residual") or name.startswith("subject/cov/sigma^2_") or kind == "Diagonal":
+            values.append(draw(st.floats(-1.0, 1.0)))
+        elif name.split("_")[-1] == name.split("_")[-2]:  # a Cholesky diagonal: away from 0 (Σ PD)
+            values.append(draw(st.floats(0.1, 0.6)) * draw(st.sampled_from([-1.0, 1.0])))
+        else:
+            values.append(draw(st.floats(-0.6, 0.6)))
+    params = rf.unflatten_params(s, torch.tensor(values))
+    if kind == "Unstructured":  # keep Σ positive definite: covariances well inside the correlation bound
+        params = rf.unflatten_params(s, _damp_covariances(s, torch.tensor(values)))
+    y = torch.randn(n, generator=generator) * 3.0 + 10.0
+    return s, params, y, X
+
+
+def _damp_covariances(s, theta):
+    names = rf.param_names(s)
+    out = theta.clone()
+    for index, name in enumerate(names):
+        if name.startswith("subject/cov/sigma^2_"):
+            i, j = (int(v) for v in name.split("_")[-2:])
+            if i != j:
+                a, b = names.index(f"subject/cov/sigma^2_{i}_{i}"), names.index(f"subject/cov/sigma^2_{j}_{j}")
+                out[index] = 0.3 * torch.tanh(theta[index]) * torch.exp(theta[a] + theta[b])
+    return out
+
+
+@given(one_factor_models())
+def test_fast_path_equals_general_path_and_dense(case):
+    s, params, y, X = case
+    assert one_factor.layout(s) is not None
+    fast = rf.ai_terms(s, params, y, X, engine="mme")
+    dense = rf.ai_terms(s, params, y, X, engine="dense")
+    loglik, score, ai, beta = general_path(s, params, y, X)
+    for actual, expected in ((fast.loglik, loglik), (fast.score, score), (fast.ai, ai), (fast.beta, beta)):
+        close(actual, expected)
+    close(fast.loglik, dense.loglik, 1e-8)
+    close(fast.score, dense.score, 1e-8)
+    close(fast.ai, dense.ai, 1e-8)
+    close(fast.beta, dense.beta, 1e-8)
+    close(rf.reml_loglik(s, params, y, X, engine="mme"), dense.loglik, 1e-8)
+    close(rf.vcov_beta(s, params, y, X, engine="mme"), rf.vcov_beta(s, params, y, X, engine="dense"), 1e-8)
+    close(MME.jacobian_traces(s, params), DENSE.jacobian_traces(s, params), 1e-10)
+    prepared = MME.prepare(s, y, X)
+    close(MME.ai_terms(s, params, y, X, prepared=prepared).ai, fast.ai, 1e-12)
+    close(MME.loglik(s, params, y, X, prepared=prepared), fast.loglik, 1e-12)
+
+
+def sleepstudy_like(B=5, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    n, m = 60, 6
+    days = torch.arange(n, dtype=torch.float64) % 10
+    X = torch.stack([torch.ones(n), days], 1)
+    codes = torch.arange(n) // 10
+    s = rf.Sum(g=rf.Grouped(codes, rf.Unstructured(2), covariates=X.clone(), num_groups=m), residual=rf.Scalar(n))
+    effects = torch.randn(B, m, 2, generator=generator) * torch.tensor([5.0, 1.0])
+    Y = 250.0 + 10.0 * days + (effects[:, codes] * X).sum(-1) + 4.0 * torch.randn(B, n, generator=generator)
+    return s, Y, X
+
+
+def test_vmapped_fast_path_equals_a_loop():
+    """Under vmap the fast path uses unrolled k×k factors and dense-Z products; it must agree with
+    the unbatched computation (LAPACK factors, gathers) dataset by dataset."""
+    s, Y, X = sleepstudy_like()
+    theta = torch.tensor([[1.5, 0.2, 0.1, 2.5], [2.0, -1.0, 0.5, 2.0], [1.0, 0.0, -0.5, 3.0]]).repeat(2, 1)[
+        : Y.shape[0]
+    ]
+
+    def terms(y, t):
+        return rf.ai_terms(s, rf.unflatten_params(s, t), y, X)
+
+    batched = torch.func.vmap(terms)(Y, theta)
+    for b in range(Y.shape[0]):
+        alone = terms(Y[b], theta[b])
+        for field in ("loglik", "score", "ai", "beta"):
+            close(getattr(batched, field)[b], getattr(alone, field), 1e-11)
+
+
+def test_vmapped_fast_path_with_per_dataset_covariates():
+    """Batched term data take the gather path (no dense Z per dataset)."""
+    s, Y, X = sleepstudy_like(B=3)
+    covariates = torch.stack([X, X * torch.tensor([1.0, 0.5]), X * torch.tensor([1.0, 2.0])])
+    theta = torch.tensor([1.5, 0.2, 0.1, 2.5])
+
+    def terms(y, x):
+        term = rf.Grouped(s["g"].codes, rf.Unstructured(2), covariates=x, num_groups=s["g"].num_groups)
+        model = rf.Sum(g=term, residual=rf.Scalar(y.shape[-1]))
+        return rf.ai_terms(model, rf.unflatten_params(model, theta), y, X)
+
+    batched = torch.func.vmap(terms)(Y, covariates)
+    for b in range(3):
+        close(batched.ai[b], terms(Y[b], covariates[b]).ai, 1e-11)
+
+
+def test_vmap_over_parameters_only():
+    s, Y, X = sleepstudy_like(B=1)
+    thetas = torch.tensor([[1.5, 0.2, 0.1, 2.5], [2.0, -1.0, 0.5, 2.0]])
+    values = torch.func.vmap(lambda t: rf.reml_loglik(s, rf.unflatten_params(s, t), Y[0], X))(thetas)
+    for t, value in zip(thetas, values):
+        close(value, rf.reml_loglik(s, rf.unflatten_params(s, t), Y[0], X, engine="dense"), 1e-10)
+
+
+def test_singular_covariance_and_bad_points():
+    s, Y, X = sleepstudy_like(B=1)
+    y = Y[0]
+    # Σ of rank one (perfect correlation): finite, equal to dense (the dense V is still PD).
+    a, b = 1.0, 0.2
+    singular = rf.unflatten_params(s, torch.tensor([a, math.exp(a + b), b, 2.0]))
+    fast = rf.ai_terms(s, singular, y, X)
+    dense = rf.ai_terms(s, singular, y, X, engine="dense")
+    assert bool(torch.isfinite(fast.loglik))
+    close(fast.loglik, dense.loglik, 1e-8)
+    # An indefinite Σ: −∞ and NaN, no exception; also under vmap.
+    bad = torch.tensor([a, 3.0 * math.exp(a + b), b, 2.0])
+    terms = rf.ai_terms(s, rf.unflatten_params(s, bad), y, X)
+    assert terms.loglik == -math.inf and bool(torch.isnan(terms.score).all()) and bool(torch.isnan(terms.beta).all())
+    both = torch.func.vmap(lambda t: rf.ai_terms(s, rf.unflatten_params(s, t), y, X))(
+        torch.stack([bad, torch.tensor([a, 0.1, b, 2.0])])
+    )
+    assert both.loglik[0] == -math.inf and bool(torch.isfinite(both.loglik[1]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_unrolled_cholesky(k):
+    generator = torch.Generator().manual_seed(k)
+    A = torch.randn(4, 3, k, k, generator=generator, dtype=torch.float64)
+    M = A @ A.mT + 0.1 * torch.eye(k, dtype=torch.float64)
+    L, L_inv, ok = unrolled_cholesky(M)
+    assert bool(ok.all())
+    close(L, torch.linalg.cholesky(M), 1e-12)
+    close(L_inv, torch.linalg.inv(torch.linalg.cholesky(M)), 1e-11)
+    indefinite = M.clone()
+    indefinite[0, 0] = -indefinite[0, 0]
+    _, _, flags = unrolled_cholesky(indefinite)
+    assert not bool(flags[0, 0]) and bool(flags[1:].all())
+    vmapped = torch.func.vmap(unrolled_cholesky)(M)
+    close(vmapped[1], L_inv, 1e-14)
+
+
+def test_dense_engine_prepares_nothing_and_engines_without_prepare_still_fit():
+    s, Y, X = sleepstudy_like(B=1)
+    assert DENSE.prepare(s, Y[0], X) is None
+
+    class Plain:  # an engine written against the original protocol: no prepare, no prepared=
+        name = "plain_dense"
+
+        def supports(self, s):
+            return True
+
+        def loglik(self, s, params, y, X):
+            return DENSE.loglik(s, params, y, X)
+
+        def ai_terms(self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None):
+            return DENSE.ai_terms(s, params, y, X, jacobian)
+
+        def jacobian_traces(self, s, params, jacobian="closed"):
+            return DENSE.jacobian_traces(s, params, jacobian)
+
+        def gls(self, s, params, y, X):
+            return DENSE.gls(s, params, y, X)
+
+    register_engine("plain_dense", Plain(), prefer=False)
+    try:
+        plain = rf.fit(s, Y[0], X, engine="plain_dense")
+        fast = rf.fit(s, Y[0], X)
+        assert plain.engine == "plain_dense" and fast.engine == "mme"
+        close(plain.loglik, fast.loglik, 1e-10)
+        batched = rf.fit_batched(s, torch.stack([Y[0], Y[0] * 1.1]), X, engine="plain_dense")
+        close(batched.loglik[0], fast.loglik, 1e-10)
+    finally:
+        ENGINES.pop("plain_dense")
+        from reml_fn.reml import engines
+
+        engines._AUTO_ORDER.remove("plain_dense")
+
+
+def test_fit_results_are_ordinary_tensors():
+    """fit and fit_batched run in inference mode internally; what they return is not."""
+    s, Y, X = sleepstudy_like(B=2)
+    for result in (rf.fit(s, Y[0], X), rf.fit_batched(s, Y, X)):
+        for leaf in torch.utils._pytree.tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                assert not leaf.is_inference()
+        beta = result.beta
+        beta += 0.0  # in place, outside inference mode
+        assert result.beta.clone().requires_grad_().requires_grad
