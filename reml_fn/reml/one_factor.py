@@ -66,6 +66,9 @@ from reml_fn.reml.dense import AITerms
 from reml_fn.structures import Identity, Scalar
 from reml_fn.structures.base import first_leaf
 
+# Whether a tensor carries a vmap batch dimension (a structural fact, not a value: allowed under vmap).
+_batched = torch._C._functorch.is_batchedtensor
+
 __all__ = ["Layout", "Statistics", "layout", "statistics", "loglik", "ai_terms", "gls", "jacobian_traces"]
 
 
@@ -188,25 +191,37 @@ DENSE_DESIGN_LIMIT = 2**20
 
 def _dense_design(term: Grouped, effects: Tensor, dtype) -> Tensor | None:
     """The dense Z when the effects are batched (vmap) but the term's data are not, and Z is small."""
-    batched = torch._C._functorch.is_batchedtensor
-    if not batched(effects) or batched(term.codes) or batched(term.covariates):
+    if not _batched(effects) or _batched(term.codes) or _batched(term.covariates):
         return None
     if term.codes.shape[-1] * term.q > DENSE_DESIGN_LIMIT:
         return None
     return term.design().to(dtype)
 
 
+def _factor_covariance(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Λ with ΛΛᵀ = Σ and an ok flag: LAPACK's Cholesky when Σ is positive definite, else (a
+    variance at 0, or Σ indefinite) :func:`psd_cholesky`. Under torch.func transforms (vmap, grad,
+    jacfwd) the value-dependent choice is not made: psd_cholesky (exact for positive-definite Σ too)
+    serves every case."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(sigma):
+        return psd_cholesky(sigma)
+    lam, info = torch.linalg.cholesky_ex(sigma)
+    if int(info) == 0:
+        return lam, info == 0
+    return psd_cholesky(sigma)
+
+
 def _point(model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y: Tensor, X: Tensor):
     """Factor, solve and evaluate ℓ at (Σ, σ²); also returns the residual vector e = P y."""
     term = model.term
     n, p, k = y.shape[-1], X.shape[-1], sigma.shape[-1]
-    lam, ok = psd_cholesky(sigma)
+    lam, ok = _factor_covariance(sigma)
     positive = variance > 0
     w = torch.where(positive, variance, 1.0).reciprocal()
     eye_k = torch.eye(k, dtype=y.dtype, device=y.device)
     M = _blocks_times(_blocks_times(stats.C, lam).mT, lam) * w + eye_k  # I + w ΛᵀC_gΛ (C_g symmetric)
     # M_g ⪰ I, so ‖L_g⁻¹‖ ≤ 1: explicit k×k inverses are as accurate as solves and cheaper to apply.
-    if torch._C._functorch.is_batchedtensor(M):
+    if _batched(M):
         # Under vmap (many datasets × groups) LAPACK runs once per tiny block; the unrolled
         # recurrences run once for all of them.
         L, L_inv, factored = unrolled_cholesky(M)
@@ -289,8 +304,10 @@ def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") ->
 
 
 def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
-    """blocks_g @ matrix for every group (m, r, c) @ (c, d) → (m, r, d), as one (m·r, c) @ (c, d)
-    product (under vmap: one matrix product per dataset, not one per group and dataset)."""
+    """blocks_g @ matrix for every group (m, r, c) @ (c, d) → (m, r, d); under vmap as one
+    (m·r, c) @ (c, d) product per dataset instead of one per group and dataset."""
+    if not _batched(blocks) and not _batched(matrix):
+        return blocks @ matrix
     return (blocks.flatten(-3, -2) @ matrix).unflatten(-2, blocks.shape[-3:-1])
 
 
