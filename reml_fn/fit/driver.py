@@ -74,16 +74,20 @@ def ai_direction(score: Tensor, ai: Tensor, active: Tensor, damping: Tensor | fl
     and columns are replaced by identity rows, so the system keeps its size and the function works
     under ``vmap`` with a different active set per dataset.
     """
-    free = (~active).to(score.dtype)
+    free = ~active
+    both_free = free.unsqueeze(-1) & free.unsqueeze(-2)
     eye = torch.eye(score.shape[-1], dtype=score.dtype, device=score.device)
-    diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
-    damping = torch.as_tensor(damping, dtype=score.dtype, device=score.device)  # on score's device: CUDA too
-    damped = ai + damping.unsqueeze(-1).unsqueeze(-1) * torch.diag_embed(diagonal)
-    reduced = damped * free.unsqueeze(-1) * free.unsqueeze(-2) + eye * (1.0 - free).unsqueeze(-1)
-    delta, info = torch.linalg.solve_ex(reduced, (score * free).unsqueeze(-1))
-    delta = delta.squeeze(-1) * free
+    if isinstance(damping, (int, float)) and damping == 0:
+        damped = ai
+    else:
+        damping = torch.as_tensor(damping, dtype=score.dtype, device=score.device)  # on score's device: CUDA too
+        damped = ai + damping.unsqueeze(-1).unsqueeze(-1) * torch.diag_embed(torch.diagonal(ai, dim1=-2, dim2=-1))
+    reduced = torch.where(both_free, damped, eye)  # active rows and columns: those of the identity
+    rhs = torch.where(free, score, 0.0)
+    delta, info = torch.linalg.solve_ex(reduced, rhs.unsqueeze(-1))
+    delta = torch.where(free, delta.squeeze(-1), 0.0)
     ok = (info == 0) & torch.isfinite(delta).all(-1)
-    delta = torch.where(ok.unsqueeze(-1), delta, torch.zeros_like(delta))
+    delta = torch.where(ok.unsqueeze(-1), delta, 0.0)
     return delta, (score * delta).sum(-1), ok
 
 
@@ -227,9 +231,7 @@ def propose(theta: Tensor, step: Tensor, lower: Tensor, upper: Tensor, pairs: Te
     rho = theta[..., c] / torch.exp(theta[..., i] + theta[..., j])
     bound = CORRELATION_LIMIT * scale
     covariance = torch.where(boundary, rho * scale, torch.maximum(torch.minimum(new[..., c], bound), -bound))
-    columns = torch.arange(theta.shape[-1], device=theta.device) == c.unsqueeze(-1)  # (m, k)
-    replaced = (covariance.unsqueeze(-1) * columns).sum(-2)
-    return torch.where(columns.any(-2), replaced, new)
+    return new.index_copy(-1, c, covariance)
 
 
 # Round-off allowance of the acceptance test: near the optimum ℓ is flat to ~1e-13 relative.

@@ -73,13 +73,15 @@ __all__ = ["Layout", "Statistics", "layout", "statistics", "loglik", "ai_terms",
 
 
 class Layout(NamedTuple):
-    """Where the pieces of a supported Sum are: the Grouped term's path segments and the residual
-    terms' ``(path segments, term)``; ``names``: the free parameters in ``param_names`` order."""
+    """Where the pieces of a supported Sum ``structure`` are: the Grouped term's path segments and
+    the residual terms' ``(path segments, term)``; ``in_order``: whether Σ's free parameters come
+    before σ²'s in ``param_names`` (else results are permuted into that order)."""
 
     term_path: tuple[str, ...]
     term: Grouped
     residual: tuple[tuple[tuple[str, ...], object], ...]
-    names: tuple[str, ...]
+    in_order: bool
+    structure: Sum
 
 
 class Statistics(NamedTuple):
@@ -107,21 +109,31 @@ def _leaves(s, path: tuple[str, ...] = ()):
 def layout(s) -> Layout | None:
     """The :class:`Layout` of ``s`` when it is one Grouped term (with a k×k covariance, k ≤ 8)
     plus Scalar/Identity residual terms in (nested) Sums; None otherwise."""
-    from reml_fn.params import param_names
-
     if not isinstance(s, Sum):
         return None
-    grouped, residual = [], []
+    grouped, residual, in_order = [], [], True
     for path, term in _leaves(s):
         if isinstance(term, Grouped):
             grouped.append((path, term))
         elif isinstance(term, (Scalar, Identity)):
             residual.append((path, term))
+            if not grouped and isinstance(term, Scalar) and not term.specs[0].fixed:
+                in_order = False  # a free σ² parameter precedes Σ's
         else:
             return None
     if len(grouped) != 1 or not residual or grouped[0][1].k > PSD_CHOLESKY_MAX_SIZE:
         return None
-    return Layout(grouped[0][0], grouped[0][1], tuple(residual), tuple(param_names(s)))
+    return Layout(grouped[0][0], grouped[0][1], tuple(residual), in_order, s)
+
+
+def _to_param_order(model: Layout, order: list[str]) -> Tensor | None:
+    """Indices that permute results computed in ``order`` (Σ's names, then σ²'s) into
+    ``param_names`` order; None when they already are in it."""
+    if model.in_order:
+        return None
+    from reml_fn.params import param_names
+
+    return torch.tensor([order.index(name) for name in param_names(model.structure)], device=model.term.codes.device)
 
 
 def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
@@ -162,8 +174,8 @@ class _Point(NamedTuple):
     F: Tensor  # (m, k, p)
     L_s: Tensor  # (p, p)
     beta: Tensor  # (p,)
-    u_spherical: Tensor  # (m, k) ũ
-    loglik: Tensor
+    u_spherical: Tensor | None  # (m, k) ũ
+    loglik: Tensor | None
 
 
 def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool):
@@ -211,8 +223,11 @@ def _factor_covariance(sigma: Tensor) -> tuple[Tensor, Tensor]:
     return psd_cholesky(sigma)
 
 
-def _point(model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y: Tensor, X: Tensor):
-    """Factor, solve and evaluate ℓ at (Σ, σ²); also returns the residual vector e = P y."""
+def _point(
+    model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y: Tensor, X: Tensor, evaluate: bool = True
+):
+    """Factor, solve and evaluate ℓ at (Σ, σ²); also returns the residual vector e = P y and the
+    dense Z when it was used. ``evaluate=False`` stops after β̂ (no ũ, e or ℓ)."""
     term = model.term
     n, p, k = y.shape[-1], X.shape[-1], sigma.shape[-1]
     lam, ok = _factor_covariance(sigma)
@@ -242,6 +257,8 @@ def _point(model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y:
     rhs = (stats.b * w - F_rows.mT @ z.flatten()).unsqueeze(-1)
     beta = torch.linalg.solve_triangular(L_s.mT, torch.linalg.solve_triangular(L_s, rhs, upper=False), upper=True)
     beta = beta.squeeze(-1)
+    if not evaluate:  # β̂ and L_s are all gls needs
+        return _Point(ok, w, sigma, lam, L_inv, G, F, L_s, beta, None, None), None, None
     u_spherical = (L_inv.mT @ (z - F @ beta).unsqueeze(-1)).squeeze(-1)
     effects = u_spherical @ lam.mT  # û_g = Λ ũ_g
 
@@ -274,7 +291,7 @@ def loglik(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statisti
 def gls(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics) -> tuple[Tensor, Tensor]:
     """β̂ and (XᵀV⁻¹X)⁻¹ = (L_s L_sᵀ)⁻¹."""
     variance = _residual_variance(model, params, y.dtype, derivatives=False)[0]
-    point = _point(model, _covariance(model, params, y.dtype), variance, stats, y, X)[0]
+    point = _point(model, _covariance(model, params, y.dtype), variance, stats, y, X, evaluate=False)[0]
     beta = torch.where(point.ok, point.beta, math.nan)
     return beta, torch.where(point.ok, torch.cholesky_inverse(point.L_s), math.nan)
 
@@ -297,9 +314,9 @@ def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") ->
     if not pieces:
         return torch.zeros(0, dtype=dtype, device=x.device)
     traces = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    order = [*names, *residual_names]
-    if tuple(order) != model.names:
-        traces = traces[torch.tensor([order.index(name) for name in model.names], device=traces.device)]
+    index = _to_param_order(model, [*names, *residual_names])
+    if index is not None:
+        traces = traces[index]
     return traces
 
 
@@ -372,9 +389,8 @@ def ai_terms(
     inner = gram - _group_inner(blocked, blocked) - dense.mT @ dense
     ai = 0.25 * (inner + inner.mT)
     score = 0.5 * (twice_score[0] if len(twice_score) == 1 else torch.cat(twice_score))
-    order = [*names, *residual_names]
-    if tuple(order) != model.names:
-        index = torch.tensor([order.index(name) for name in model.names], device=y.device)
+    index = _to_param_order(model, [*names, *residual_names])
+    if index is not None:
         score, ai = score[index], ai[index][:, index]
     return AITerms(
         point.loglik,
