@@ -310,20 +310,24 @@ def fit(
         >>> bool(result.converged), round(float(result.beta[0]), 4)
         (True, 2.0333)
     """
-    check_inputs(s, y, X, x_names)
+    residual_variance = check_inputs(s, y, X, x_names)
     # The loop is host code on tiny tensors: inference mode skips autograd's per-operation
     # bookkeeping (~15 % of a small fit). The results are cloned out of it, so they are ordinary
     # tensors (usable with autograd and in-place operations).
     with torch.inference_mode():
-        result = _fit(s, y, X, init, x_names, jacobian, engine, max_iter, tol, max_step, max_tries, verbose)
+        result = _fit(
+            s, y, X, init, x_names, jacobian, engine, max_iter, tol, max_step, max_tries, verbose, residual_variance
+        )
     return pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, result)
 
 
-def _fit(s, y, X, init, x_names, jacobian, engine, max_iter, tol, max_step, max_tries, verbose) -> FitResult:
+def _fit(
+    s, y, X, init, x_names, jacobian, engine, max_iter, tol, max_step, max_tries, verbose, residual_variance
+) -> FitResult:
     names = param_names(s)
     chosen = select_engine(s, engine)
     if init is None:
-        theta = default_init(s, y, X, jacobian, engine)
+        theta = default_init(s, y, X, jacobian, engine, residual_variance)
     else:
         theta = flatten_params(s, as_params(s, init)).to(dtype=y.dtype, device=y.device)
     lower, upper = raw_bounds(s, theta)

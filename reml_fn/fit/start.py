@@ -66,36 +66,42 @@ def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
     return (residual**2).sum(-1) / (y.shape[-1] - X.shape[-1])
 
 
-def default_init(s, y: Tensor, X: Tensor, jacobian: str = "closed", engine: str = "auto") -> Tensor:
+def default_init(
+    s, y: Tensor, X: Tensor, jacobian: str = "closed", engine: str = "auto", residual_variance: Tensor | None = None
+) -> Tensor:
     """The default raw starting vector (flat, in ``param_names(s)`` order); see the module doc.
 
+    ``residual_variance``: s² when the caller already has it (:func:`ols_residual_variance`).
     Pure and vmappable over y and X (used per dataset by batched fits).
     """
+    from reml_fn.params import param_names, tree_from_names
+
     specs = _free_specs(s)
     if not specs:
         return y.new_zeros(0)
-    params = s.init_params(dtype=y.dtype, device=y.device)
-    defaults = [torch.tensor(spec.default, dtype=y.dtype, device=y.device) for spec in specs]
-    s2 = ols_residual_variance(y, X)
+    theta = torch.tensor([spec.default for spec in specs], dtype=y.dtype, device=y.device)
+    s2 = ols_residual_variance(y, X) if residual_variance is None else residual_variance
     # tr(∂V/∂θ_k) at the defaults, from the engine (the MME engine needs no n×n matrix).
-    traces = select_engine(s, engine).jacobian_traces(s, params, jacobian)
+    traces = select_engine(s, engine).jacobian_traces(s, tree_from_names(param_names(s), theta), jacobian)
     n = y.shape[-1]
     variance = [k for k, spec in enumerate(specs) if is_variance(spec.transform)]
-    # a_k = tr(∂V/∂σ²_k)/n: what one natural unit of σ²_k adds to the average diagonal of V.
-    scale = {k: traces[k] / n / specs[k].transform.derivative(defaults[k]) for k in variance}
-    usable = sum((scale[k] > 0).to(y.dtype) for k in variance) if variance else None
-    theta = []
+    if variance:
+        index = torch.tensor(variance, device=y.device)
+        slopes = torch.stack([specs[k].transform.derivative(theta[k]) for k in variance])
+        # a_k = tr(∂V/∂σ²_k)/n: what one natural unit of σ²_k adds to the average diagonal of V.
+        scale = traces.index_select(-1, index) / (n * slopes)
+        usable = scale > 0
+        share = s2.unsqueeze(-1) / (
+            usable.sum(-1, keepdim=True).clamp(min=1) * scale.clamp(min=torch.finfo(y.dtype).tiny)
+        )
+        values = torch.stack([specs[k].transform.inverse(share[..., j]) for j, k in enumerate(variance)], dim=-1)
+        theta = theta.index_copy(-1, index, torch.where(usable, values, theta.index_select(-1, index)))
     for k, spec in enumerate(specs):
-        value = defaults[k]
-        if k in scale:
-            share = s2 / (usable.clamp(min=1.0) * scale[k].clamp(min=torch.finfo(y.dtype).tiny))
-            value = torch.where(scale[k] > 0, spec.transform.inverse(share), value)
-        elif spec.name == "rho" and is_bounded(spec.transform):
+        if spec.name == "rho" and is_bounded(spec.transform):
             zero = spec.transform.inverse(torch.zeros((), dtype=y.dtype, device=y.device))
             if math.isfinite(float(zero)):  # a constant of the transform, not of the data
-                value = zero
-        theta.append(value)
-    return torch.stack(theta)
+                theta = theta.index_copy(-1, torch.tensor([k], device=y.device), zero.reshape(1))
+    return theta
 
 
 def raw_bounds(s, theta0: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,6 +131,8 @@ def raw_bounds(s, theta0: Tensor) -> tuple[Tensor, Tensor]:
 
 def dependent_columns(X: Tensor) -> list[int]:
     """Indices of columns of X that are linear combinations of the columns before them."""
+    if int(torch.linalg.matrix_rank(X)) == X.shape[1]:  # the usual case: one decomposition
+        return []
     dependent = []
     rank = 0
     for j in range(X.shape[1]):
@@ -148,8 +156,9 @@ def check_design(X: Tensor, x_names: Sequence[str] | None = None) -> None:
         )
 
 
-def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) -> None:
-    """Value checks done once before fitting (never inside vmapped code)."""
+def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) -> Tensor:
+    """Value checks done once before fitting (never inside vmapped code); returns the OLS residual
+    variance s², which the checks compute anyway (the default start uses it)."""
     from reml_fn.reml.likelihood import check_data
 
     check_data(s, y, X)
@@ -159,5 +168,7 @@ def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) 
     if x_names is not None and len(x_names) != X.shape[1]:
         raise ValueError(f"x_names has {len(x_names)} names but X has {X.shape[1]} columns")
     check_design(X, x_names)
-    if not bool(ols_residual_variance(y, X) > 0):
+    residual_variance = ols_residual_variance(y, X)
+    if not bool(residual_variance > 0):
         raise ValueError("y is an exact linear function of X (zero residual variance): nothing to estimate")
+    return residual_variance
