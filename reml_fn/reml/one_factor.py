@@ -87,15 +87,18 @@ class Layout(NamedTuple):
 class Statistics(NamedTuple):
     """The θ-independent sufficient statistics of one dataset (see the module docstring).
 
-    ``C``, ``B``, ``A`` and ``C_total`` = Σ_g C_g depend on the design only; ``c`` and ``b``
-    also on y."""
+    ``C``, ``B``, ``A`` and ``C_total`` = Σ_g C_g depend on the design only; the others on the
+    response, centred by its least-squares fit: y_c = y − Xβ₀ has the same REML likelihood (P X = 0)
+    and small cross products, so that sums such as ‖y_c‖² − ‖L⁻¹ WᵀR⁻¹y_c‖² keep their digits."""
 
     C: Tensor  # (m, k, k)
     B: Tensor  # (m, k, p)
     A: Tensor  # (p, p)
     C_total: Tensor  # (k, k)
-    c: Tensor  # (m, k)
-    b: Tensor  # (p,)
+    c: Tensor  # (m, k)   of the centred response y_c = y − Xβ₀
+    b: Tensor  # (p,)     Xᵀy_c (≈ 0)
+    offset: Tensor  # (p,) β₀, least squares: β̂ = β₀ + the GLS estimate for y_c
+    yy: Tensor  # ()      ‖y_c‖²
 
 
 def _leaves(s, path: tuple[str, ...] = ()):
@@ -157,9 +160,13 @@ def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
     """All sufficient statistics of one dataset (pure; vmappable over y, X and the term's data)."""
     term = model.term
     C, B, A, C_total = design_statistics(term, X)
+    # β₀ from the normal equations: any β₀ gives the same likelihood, it only makes y_c small.
+    factor = torch.linalg.cholesky_ex(A)[0]
+    offset = torch.cholesky_solve((X.mT @ y).unsqueeze(-1), factor).squeeze(-1)
+    centred = y - X @ offset
     x = term.covariates.to(y.dtype)
-    c = y.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * y.unsqueeze(-1))
-    return Statistics(C, B, A, C_total, c, X.mT @ y)
+    c = y.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * centred.unsqueeze(-1))
+    return Statistics(C, B, A, C_total, c, X.mT @ centred, offset, centred @ centred)
 
 
 class _Point(NamedTuple):
@@ -195,21 +202,6 @@ def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool)
     return variance, names, (torch.stack(slopes) if slopes else None)
 
 
-# Under vmap with a shared design, Z u and Zᵀe as products with the dense Z (n × m·k) are one
-# matrix product for all datasets, where the gather/segment sums cost several passes over a batch
-# of (n, k) arrays; used while Z stays this small (8 MB in float64).
-DENSE_DESIGN_LIMIT = 2**20
-
-
-def _dense_design(term: Grouped, effects: Tensor, dtype) -> Tensor | None:
-    """The dense Z when the effects are batched (vmap) but the term's data are not, and Z is small."""
-    if not _batched(effects) or _batched(term.codes) or _batched(term.covariates):
-        return None
-    if term.codes.shape[-1] * term.q > DENSE_DESIGN_LIMIT:
-        return None
-    return term.design().to(dtype)
-
-
 def _factor_covariance(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """Λ with ΛΛᵀ = Σ and an ok flag: LAPACK's Cholesky when Σ is positive definite, else (a
     variance at 0, or Σ indefinite) :func:`psd_cholesky`. Under torch.func transforms (vmap, grad,
@@ -224,10 +216,21 @@ def _factor_covariance(sigma: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _point(
-    model: Layout, sigma: Tensor, variance: Tensor, stats: Statistics, y: Tensor, X: Tensor, evaluate: bool = True
+    model: Layout,
+    sigma: Tensor,
+    variance: Tensor,
+    stats: Statistics,
+    y: Tensor,
+    X: Tensor,
+    evaluate: bool = True,
+    products: bool = False,
 ):
-    """Factor, solve and evaluate ℓ at (Σ, σ²); also returns the residual vector e = P y and the
-    dense Z when it was used. ``evaluate=False`` stops after β̂ (no ũ, e or ℓ)."""
+    """Factor, solve and evaluate ℓ at (Σ, σ²). ``evaluate=False`` stops after β̂ (no ũ or ℓ);
+    ``products=True`` also returns ze = Zᵀe (m, k) and e·e for e = P y (else None, None).
+
+    The residual r = y − Xβ̂ − Zû is formed over the data (n-vectors) for a single dataset; under
+    vmap, where those passes dominate the cost, the same quantities come from the statistics:
+    yᵀPy = w‖y_c‖² − ‖L⁻¹WᵀR⁻¹y_c‖², ze = w (c − C û − B (β̂ − β₀)), e·e = w (yᵀPy − ‖ũ‖²)."""
     term = model.term
     n, p, k = y.shape[-1], X.shape[-1], sigma.shape[-1]
     lam, ok = _factor_covariance(sigma)
@@ -255,26 +258,44 @@ def _point(
 
     z = (G @ stats.c.unsqueeze(-1)).squeeze(-1) * w  # (m, k)
     rhs = (stats.b * w - F_rows.mT @ z.flatten()).unsqueeze(-1)
-    beta = torch.linalg.solve_triangular(L_s.mT, torch.linalg.solve_triangular(L_s, rhs, upper=False), upper=True)
-    beta = beta.squeeze(-1)
+    z_s = torch.linalg.solve_triangular(L_s, rhs, upper=False)
+    beta_c = torch.linalg.solve_triangular(L_s.mT, z_s, upper=True).squeeze(-1)  # GLS estimate for y_c
+    beta = stats.offset + beta_c
     if not evaluate:  # β̂ and L_s are all gls needs
         return _Point(ok, w, sigma, lam, L_inv, G, F, L_s, beta, None, None), None, None
-    u_spherical = (L_inv.mT @ (z - F @ beta).unsqueeze(-1)).squeeze(-1)
+    u_spherical = (L_inv.mT @ (z - F @ beta_c).unsqueeze(-1)).squeeze(-1)
     effects = u_spherical @ lam.mT  # û_g = Λ ũ_g
+    u_squares = (u_spherical * u_spherical).sum()
 
-    design = _dense_design(term, effects, y.dtype)
-    if design is None:
+    ze = squares = None
+    if _batched(effects):
+        penalised = w * stats.yy - (z * z).sum() - (z_s * z_s).sum()
+        if products:
+            fitted = (stats.C @ effects.unsqueeze(-1)).squeeze(-1) + stats.B @ beta_c
+            ze, squares = (stats.c - fitted) * w, w * (penalised - u_squares)
+    else:
         x = term.covariates.to(y.dtype)
         residual = y - X @ beta - (x * effects.index_select(0, term.codes)).sum(-1)
-    else:
-        residual = y - X @ beta - design @ effects.flatten()
-    e = residual * w
-    penalised = e @ residual + (u_spherical * u_spherical).sum()
-    log_det = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum() + torch.log(torch.diagonal(L_s)).sum()
+        e = residual * w
+        penalised = e @ residual + u_squares
+        if products:
+            ze = e.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * e.unsqueeze(-1))
+            squares = e @ e
+    log_det = _log_diagonal_sum(L) + torch.log(torch.diagonal(L_s)).sum()
     value = -0.5 * (n * torch.log(torch.where(positive, variance, 1.0)) + penalised) - log_det
     value = value - 0.5 * (n - p) * math.log(2.0 * math.pi)
     loglik = torch.where(ok, value, -math.inf)
-    return _Point(ok, w, sigma, lam, L_inv, G, F, L_s, beta, u_spherical, loglik), e, design
+    return _Point(ok, w, sigma, lam, L_inv, G, F, L_s, beta, u_spherical, loglik), ze, squares
+
+
+def _log_diagonal_sum(L: Tensor) -> Tensor:
+    """Σ_g Σ_a log (L_g)_aa; under vmap through the per-group products of the k diagonal entries
+    (one log per group: elementwise logs of strided diagonals are slow there), in float64 where
+    a product of k ≤ 8 pivots of M_g ⪰ I cannot overflow."""
+    diagonal = torch.diagonal(L, dim1=-2, dim2=-1)
+    if _batched(L) and L.dtype == torch.float64:
+        return torch.log(diagonal.prod(-1)).sum()
+    return torch.log(diagonal).sum()
 
 
 def _covariance(model: Layout, params: Mapping, dtype) -> Tensor:
@@ -339,20 +360,15 @@ def ai_terms(
     """ℓ, score, AI (in ``param_names`` order) and β̂ at ``params`` (see the module docstring)."""
     dtype = y.dtype
     n, p = y.shape[-1], X.shape[-1]
-    term, cov = model.term, model.term.cov
+    cov = model.term.cov
     cov_path = (*model.term_path, "cov")
     cov_params = _subtree(params, cov_path)
     sigma = cov._build(cov_params).to(dtype)
     variance, residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)
-    point, e, design = _point(model, sigma, variance, stats, y, X)
+    point, ze, squares = _point(model, sigma, variance, stats, y, X, products=True)
     w, lam, F, L_s = point.w, point.lam, point.F, point.L_s
     names, D = derivative_stack(cov, cov_params, "/".join(cov_path), jacobian, dtype)
 
-    x = term.covariates.to(dtype)
-    if design is None:
-        ze = e.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * e.unsqueeze(-1))  # (m, k)
-    else:
-        ze = (e @ design).unflatten(-1, (term.num_groups, x.shape[-1]))
     # T = Σ_g (ZᵀPZ)_gg.
     Q = point.G @ stats.C * w  # (m, k, k)
     dense_rows = (stats.B * w - Q.mT @ F).flatten(-3, -2)  # (m·k, p): rows of w B_g − Q_gᵀF_g
@@ -369,11 +385,10 @@ def ai_terms(
         variates_s.append(_group_inner(stats.B, A) * w)
         gram = _group_inner(A, CA) * w
     if slopes is not None:
-        squares = e @ e
         twice_score.append(slopes * (squares - w * (n - p - (sigma * T).sum())))
         projected = (ze @ lam).unsqueeze(-1) * (slopes * w)  # Λᵀze_g ṙ w (m, k, K_r); Xᵀe = 0
         variates_b.append(projected)
-        variates_s.append(e.new_zeros(p, slopes.shape[0]))
+        variates_s.append(ze.new_zeros(p, slopes.shape[0]))
         residual_gram = squares * w * slopes.unsqueeze(-1) * slopes
         if gram is None:
             gram = residual_gram
