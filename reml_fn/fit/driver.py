@@ -269,7 +269,7 @@ def fit(
     jacobian: str = "closed",
     engine: str = "auto",
     max_iter: int = 200,
-    tol: float = 1e-14,
+    tol: float = 1e-12,
     max_step: float = 3.0,
     max_tries: int = 30,
     verbose: int = 0,
