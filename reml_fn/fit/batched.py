@@ -490,7 +490,10 @@ def _iteration(batch: _Batch, engine: _Engine, state: dict, max_step: float, max
             window = hint[open_].clamp(1, share)
         else:
             window = torch.full_like(open_, min(2**round_, share))
-        levels = min(max_tries, (int(window.max()) + J - 1) // J + 1) if open_.numel() else 1
+        # Damping levels spanned by each window (from its position in the current level); a window
+        # short of eligible candidates there resumes at the next level in the next round.
+        span = int((position[open_] + window).max()) if open_.numel() else 1
+        levels = min(max_tries, -(-span // J))
         steps, oks, lambdas = _sequence(
             score_r[open_], ai_r[open_], active[open_], scaled[open_], damping[open_], levels, max_step
         )
