@@ -89,7 +89,8 @@ def derivative_stack(child, child_params: Mapping, prefix: str, method: str | No
     pairs = list(_flatten_tree(_child_derivatives(child, child_params, method), prefix))
     if not pairs:
         return [], None
-    return [name for name, _ in pairs], torch.stack([d for _, d in pairs]).to(dtype)
+    stacked = torch.stack([d for _, d in pairs])
+    return [name for name, _ in pairs], stacked if stacked.dtype == dtype else stacked.to(dtype)
 
 
 def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:

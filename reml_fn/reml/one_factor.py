@@ -139,6 +139,11 @@ def _to_param_order(model: Layout, order: list[str]) -> Tensor | None:
     return torch.tensor([order.index(name) for name in param_names(model.structure)], device=model.term.codes.device)
 
 
+def _cast(tensor: Tensor, dtype) -> Tensor:
+    """``tensor.to(dtype)`` without dispatching an operation when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
     for name in path:
         params = params.get(name, {})
@@ -147,7 +152,7 @@ def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
 
 def design_statistics(term: Grouped, X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(C, B, A, C_total)``: the statistics that do not involve y."""
-    x = term.covariates.to(X.dtype)
+    x = _cast(term.covariates, X.dtype)
     m = term.num_groups
     both = torch.cat([x, X], dim=-1)  # one segment sum gives Z_gᵀ[x, X]
     sums = both.new_zeros(m, x.shape[-1], both.shape[-1]).index_add(0, term.codes, x.unsqueeze(-1) * both.unsqueeze(-2))
@@ -164,7 +169,7 @@ def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
     factor = torch.linalg.cholesky_ex(A)[0]
     offset = torch.cholesky_solve((X.mT @ y).unsqueeze(-1), factor).squeeze(-1)
     centred = y - X @ offset
-    x = term.covariates.to(y.dtype)
+    x = _cast(term.covariates, y.dtype)
     c = y.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * centred.unsqueeze(-1))
     return Statistics(C, B, A, C_total, c, X.mT @ centred, offset, centred @ centred)
 
@@ -193,11 +198,11 @@ def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool)
             value = torch.ones((), dtype=dtype)
         else:
             term_params = _subtree(params, path)
-            value = term._natural(term_params)["sigma^2"].to(dtype)
+            value = _cast(term._natural(term_params)["sigma^2"], dtype)
             spec = term.specs[0]
             if derivatives and not spec.fixed:
                 names.append("/".join((*path, spec.name)))
-                slopes.append(spec.transform.derivative(term_params[spec.name]).to(dtype))
+                slopes.append(_cast(spec.transform.derivative(term_params[spec.name]), dtype))
         variance = value if variance is None else variance + value
     return variance, names, (torch.stack(slopes) if slopes else None)
 
@@ -274,7 +279,7 @@ def _point(
             fitted = (stats.C @ effects.unsqueeze(-1)).squeeze(-1) + stats.B @ beta_c
             ze, squares = (stats.c - fitted) * w, w * (penalised - u_squares)
     else:
-        x = term.covariates.to(y.dtype)
+        x = _cast(term.covariates, y.dtype)
         residual = y - X @ beta - (x * effects.index_select(0, term.codes)).sum(-1)
         e = residual * w
         penalised = e @ residual + u_squares
@@ -300,7 +305,7 @@ def _log_diagonal_sum(L: Tensor) -> Tensor:
 
 def _covariance(model: Layout, params: Mapping, dtype) -> Tensor:
     cov = model.term.cov
-    return cov._build(_subtree(params, (*model.term_path, "cov"))).to(dtype)
+    return _cast(cov._build(_subtree(params, (*model.term_path, "cov"))), dtype)
 
 
 def loglik(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics) -> Tensor:
@@ -329,7 +334,7 @@ def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") ->
     pieces = []
     if D is not None:
         gram = x.mT @ x
-        pieces.append((D * gram.to(D.dtype)).sum((-1, -2)))
+        pieces.append((D * _cast(gram, D.dtype)).sum((-1, -2)))
     if slopes is not None:
         pieces.append(term.codes.shape[-1] * slopes)
     if not pieces:
@@ -363,7 +368,7 @@ def ai_terms(
     cov = model.term.cov
     cov_path = (*model.term_path, "cov")
     cov_params = _subtree(params, cov_path)
-    sigma = cov._build(cov_params).to(dtype)
+    sigma = _cast(cov._build(cov_params), dtype)
     variance, residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)
     point, ze, squares = _point(model, sigma, variance, stats, y, X, products=True)
     w, lam, F, L_s = point.w, point.lam, point.F, point.L_s
