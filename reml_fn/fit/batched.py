@@ -348,15 +348,17 @@ def _initial_flat(s, init, B: int, k: int, dtype, device) -> Tensor | None:
 # Datasets that cannot be fitted (flagged, never computed)
 
 
-def _degenerate_response(y: Tensor, X: Tensor) -> Tensor:
-    """True when y is an exact linear function of X up to round-off: ‖y − Xβ̂‖ ≤ n·ε·‖y‖. Pure."""
+def _degenerate_response(y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """True when y is an exact linear function of X up to round-off, ‖y − Xβ̂‖ ≤ n·ε·‖y‖; and the
+    OLS residual variance s² (the default start uses it). Pure."""
     n, p = y.shape[-1], X.shape[-1]
-    residual_ss = ols_residual_variance(y, X) * (n - p)
-    return residual_ss <= (n * torch.finfo(y.dtype).eps) ** 2 * (y * y).sum(-1)
+    residual_variance = ols_residual_variance(y, X)
+    return residual_variance * (n - p) <= (n * torch.finfo(y.dtype).eps) ** 2 * (y * y).sum(-1), residual_variance
 
 
-def _screen(batch: _Batch, status: Tensor) -> Tensor:
-    """Status codes 4, 7, 6 for datasets that cannot be fitted (host code on batched tensors)."""
+def _screen(batch: _Batch, status: Tensor) -> tuple[Tensor, Tensor]:
+    """Status codes 4, 7, 6 for datasets that cannot be fitted (host code on batched tensors), and
+    the OLS residual variance s² of the others (NaN for those flagged before it is computed)."""
     finite = torch.isfinite(batch.Y).all(-1)
     if batch.x_batched:
         finite = finite & torch.isfinite(batch.X).all(-1).all(-1)
@@ -371,11 +373,13 @@ def _screen(batch: _Batch, status: Tensor) -> Tensor:
         status = torch.where((status == RUNNING) & ~full_rank, 7, status)
     ok = status == RUNNING
     index = torch.nonzero(ok).flatten()
+    residual_variance = torch.full(status.shape, math.nan, dtype=batch.Y.dtype, device=batch.Y.device)
     if index.numel():
         sub = batch.take(index)
-        degenerate = torch.func.vmap(_degenerate_response, in_dims=(0, sub.x_in_dim))(sub.Y, sub.X)
+        degenerate, variance = torch.func.vmap(_degenerate_response, in_dims=(0, sub.x_in_dim))(sub.Y, sub.X)
         status = status.index_put((index,), torch.where(degenerate, 6, status[index]))
-    return status
+        residual_variance = residual_variance.index_put((index,), variance)
+    return status, residual_variance
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,8 +408,8 @@ class _Engine(NamedTuple):
         extra = {} if prepared is None else {"prepared": prepared}
         return self.chosen.loglik(s, unflatten_params(s, theta), y, X, **extra)
 
-    def start(self, s, y, X, prepared):
-        return default_init(s, y, X, self.jacobian, self.chosen.name)
+    def start(self, s, y, X, prepared, residual_variance):
+        return default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
 
     def bounds(self, s, y, X, prepared, theta):
         return raw_bounds(s, theta)
@@ -592,14 +596,14 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
     def filled(*shape):
         return torch.full((C, *shape), math.nan, dtype=dtype, device=device)
 
-    status = _screen(batch, torch.full((C,), RUNNING, dtype=torch.long, device=device))
+    status, residual_variance = _screen(batch, torch.full((C,), RUNNING, dtype=torch.long, device=device))
     state = {"theta": filled(k), "lower": filled(k), "upper": filled(k), "loglik": filled(), "score": filled(k)}
     state["ai"] = filled(k, k)
     good = torch.nonzero(status == RUNNING).flatten()
     if good.numel():
         batch = batch.prepare(engine) if hasattr(engine.chosen, "prepare") else batch
         sub = batch.take(good)
-        start = sub.map(engine.start) if init_flat is None else init_flat[good]
+        start = sub.map(engine.start, residual_variance[good]) if init_flat is None else init_flat[good]
         low, up = sub.map(engine.bounds, start)
         first = sub.map(engine.terms, start)
         for key, value in (
