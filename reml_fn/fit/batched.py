@@ -36,10 +36,16 @@ function of X, e.g. constant (6), a rank-deficient per-dataset X (7).
 
 * dense engine: C·(k + 7)·n² floats — V, its factor, L⁻¹, the projector and P, and the k
   derivative matrices dV/dθ (k·n² once, not C·k·n², when the structure is shared);
-* MME engine (Grouped/Propagate terms + Scalar/Diagonal residual): C·(c₁·n·(K + d) + m·k·d + d²)
-  floats with K = k + 1 work vectors, d = q_rest + p dense columns, m groups of k effects of the
-  blocked term (c₁ ≈ 6); nothing of size n² — e.g. sleepstudy (n = 180, m = 18, k = 2, p = 2)
-  needs ≈ 1.2 MB per dataset in float64.
+* MME engine, one grouping factor + Scalar residual (the fast path, :mod:`reml_fn.reml.one_factor`):
+  per dataset its sufficient statistics, C·(m·k·(k + p + 1) + p² + …) floats, and the k×k blocks of
+  one call; nothing of size n — sleepstudy (n = 180, m = 18, k = 2, p = 2) measured ≈ 20 KB per
+  dataset with results and history;
+* MME engine, other models (Grouped/Propagate terms + Scalar/Diagonal residual):
+  C·(c₁·n·(K + d) + m·k·d + d²) floats with K = k + 1 work vectors, d = q_rest + p dense columns,
+  m groups of k effects of the blocked term (c₁ ≈ 6); nothing of size n².
+
+The engine's preparation (``engine.prepare``: the statistics) runs once per dataset and travels
+with the batch.
 
 Peak memory is that of one engine call on the whole chunk; results and history add C·T·k floats for
 T iterations. Chunks run one after another, so peak memory is bounded by ``chunk_size`` whatever B.
