@@ -26,8 +26,11 @@ def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
 
     An unrolled Cholesky in which a pivot ≤ τ = 10·k·ε·max|A_ij| (= 10·k·ε·max diag A for a PSD A)
     gives a zero column instead of a failure, so A = 0 (a variance at its boundary) or a
-    rank-deficient A factor exactly. ``ok`` is False when L Lᵀ misses A by more than τ (A
-    indefinite) or A has NaN; for k = 1 that is the closed form L = √a, ok ⟺ a ≥ 0. Pure,
+    rank-deficient A factor exactly. ``ok`` is False when L Lᵀ misses A (A indefinite) or A has
+    NaN: by more than τ on the diagonal and in columns with a positive pivot, by more than
+    √(τ·max|A_ij|) off the diagonal of a column whose pivot was dropped — for a PSD A those entries
+    are at most √(pivot·A_ii), so A = LLᵀ with L_00 = 10⁻¹⁴ is accepted, and a negative eigenvalue
+    beyond about −τ is not. For k = 1 that is the closed form L = √a, ok ⟺ a ≥ 0. Pure,
     vmappable and differentiable at positive-definite A (a square root of
     ``where(pivot > τ, pivot, 1)`` times the mask, so no gradient is NaN). Meant for small k.
 
@@ -46,19 +49,27 @@ def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
     if k == 1:  # τ = 10ε|a|, so "a > τ" is "a > 0" and "|L² − a| ≤ τ" is "a ≥ 0"
         positive = A > 0
         return torch.sqrt(torch.where(positive, A, 1.0)) * positive, (A >= 0).reshape(A.shape[:-2])
-    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * A.abs().amax((-1, -2))
+    largest = A.abs().amax((-1, -2))
+    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * largest
     columns: list[Tensor] = []  # column j holds rows j … k−1 of L
+    kept: list[Tensor] = []
     for j in range(k):
         v = A[..., j:, j]
         for i, column in enumerate(columns):
             v = v - column[..., j - i :] * column[..., j - i : j - i + 1]  # − L[j:, i] L[j, i]
         pivot = v[..., 0]
         positive = pivot > tolerance
+        kept.append(positive)
         scale = torch.rsqrt(torch.where(positive, pivot, 1.0)) * positive  # 1/√pivot, or 0
         columns.append(v * scale.unsqueeze(-1))
     L = torch.stack([F.pad(column, (j, 0)) if j else column for j, column in enumerate(columns)], dim=-1)
-    error = (L @ L.mT - A).abs().amax((-1, -2))
-    return L, error <= tolerance
+    dropped = ~torch.stack(kept, dim=-1)  # (…, k)
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=A.device)
+    loose = (dropped.unsqueeze(-1) | dropped.unsqueeze(-2)) & off_diagonal
+    allowed = torch.where(
+        loose, torch.sqrt(tolerance * largest).unsqueeze(-1).unsqueeze(-1), tolerance[..., None, None]
+    )
+    return L, ((L @ L.mT - A).abs() <= allowed).all(-1).all(-1)
 
 
 def _flatten_tree(tree: Mapping, prefix: str) -> Iterator[tuple[str, Tensor]]:
