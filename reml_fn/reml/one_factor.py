@@ -7,19 +7,30 @@ iteration needs then follows from *sufficient statistics* computed once per data
 (:func:`statistics`), per group g (x_i: the term's covariates, X_i: a row of X):
 
     C_g = Σ_{i∈g} x_i x_iᵀ (m, k, k),   B_g = Σ_{i∈g} x_i X_iᵀ (m, k, p),   A = XᵀX (p, p),
-    c_g = Σ_{i∈g} x_i y_i  (m, k),      b = Xᵀy (p,).
+    c_g = Σ_{i∈g} x_i y_c,i (m, k),     b = Xᵀy_c (p,),   ‖y_c‖²,
+
+for the response centred by its least-squares fit, y_c = y − Xβ₀ (P X = 0, so y_c has y's REML
+likelihood; β̂ = β₀ + the estimate below). Centring keeps the cross products small, so that the
+differences formed from them keep their digits.
 
 With Λ the lower (semidefinite) Cholesky factor of Σ, w = 1/σ² and the blocks of the
 mixed-model matrix of :mod:`reml_fn.reml.mme` (lme4's Λ form, so Σ may be singular),
 
     M_g = I_k + w ΛᵀC_gΛ = L_g L_gᵀ,         G_g = L_g⁻¹Λᵀ,   F_g = w G_g B_g (k×p),
     S = w A − Σ_g F_gᵀF_g = L_s L_sᵀ           (S = XᵀV⁻¹X),
-    z_g = w G_g c_g,   z_s = L_s⁻¹(w b − Σ_g F_gᵀ z_g),   β̂ = L_s⁻ᵀ z_s,
-    ũ_g = L_g⁻ᵀ(z_g − F_g β̂),   û_g = Λ ũ_g,
+    z_g = w G_g c_g,   z_s = L_s⁻¹(w b − Σ_g F_gᵀ z_g),   β̂ − β₀ = L_s⁻ᵀ z_s,
+    ũ_g = L_g⁻ᵀ(z_g − F_g (β̂ − β₀)),   û_g = Λ ũ_g,
 
-and, with one pass over the data for the residual r = y − Xβ̂ − Zû and e = P y = w r,
+and with the residual r = y − Xβ̂ − Zû, e = P y = w r,
 
-    ℓ = −½ (n log σ² + e·r + ‖ũ‖²) − Σ_g Σ_a log (L_g)_aa − Σ_a log (L_s)_aa − ½ (n − p) log 2π.
+    ℓ = −½ (n log σ² + yᵀPy) − Σ_g Σ_a log (L_g)_aa − Σ_a log (L_s)_aa − ½ (n − p) log 2π,
+    yᵀPy = e·r + ‖ũ‖² = w‖y_c‖² − ‖z‖² − ‖z_s‖².
+
+A single dataset takes the first form (one pass over the data, the most accurate); under vmap,
+where those passes dominate the cost, everything comes from the statistics: the second form, and
+ze = Zᵀe = w (c − C û − B (β̂ − β₀)), e·e = w (yᵀPy − ‖ũ‖²). The k×k blocks M_g are then
+factorised by unrolled recurrences over all datasets and groups at once
+(:func:`~reml_fn.reml.covariance_blocks.unrolled_cholesky`), not one LAPACK call per block.
 
 Score and AI, for the parameters θ_j of Σ (Σ̇_j) and of σ² (ṙ_j), with ze_g = Σ_{i∈g} x_i e_i
 and T = Σ_g (ZᵀPZ)_gg (k×k):
@@ -30,9 +41,10 @@ and T = Σ_g (ZᵀPZ)_gg (k×k):
     SᵀPS = w SᵀS − ‖L⁻¹ w WᵀS‖², W = [ZΛ, X], with every product taken from the statistics
     (SᵀS from C_g, ze and e·e; WᵀS = [ΛᵀC_g a_g, Σ_g B_gᵀa_g; Λᵀze_g ṙ, Xᵀe ṙ = 0]).
 
-Per call: O(m·k³ + m·k·p² + p³) for the algebra plus a few O(n·k) operations for the residual —
-about a hundred tensor operations at any n, where the general MME path forms cross products over
-the data in every call. The results are those of the general path to round-off (tested).
+Per call: O(m·k³ + m·k·p² + p³) for the algebra plus (single datasets) a few O(n·k) operations
+for the residual — about two hundred tensor operations at any n, a third of the general MME path,
+which forms cross products over the data in every call. The results are those of the general
+path to round-off (tested).
 
 Everything is pure and vmappable: Σ indefinite, σ² ≤ 0 or X rank-deficient give ℓ = −∞ and NaN
 score, AI and β̂, never an exception.
