@@ -125,13 +125,17 @@ def candidate_steps(
     ``undamped``: the ``(delta, ok)`` of :func:`ai_direction` at λ = 0 when the caller already has
     it (used only where ``damping`` is 0).
     """
-    if undamped is not None and not bool((torch.as_tensor(damping) != 0).any()):
+    if isinstance(damping, (int, float)):
+        undamped_level = damping == 0
+    else:
+        undamped_level = not bool((torch.as_tensor(damping) != 0).any())
+    if undamped is not None and undamped_level:
         delta, ok = undamped
     else:
         delta, _, ok = ai_direction(score, ai, active, damping)
     delta = capped(delta, scaled, max_step)
     for fraction in STEP_FRACTIONS:
-        yield fraction * delta, ok
+        yield (delta if fraction == 1.0 else fraction * delta), ok
     mixed = scaled.any(-1) & ~scaled.all(-1)
     for held in (active | ~scaled, active | scaled):
         block, _, block_ok = ai_direction(score, ai, held, damping)
@@ -244,13 +248,27 @@ def accepts(ll_candidate: Tensor, ll_now: Tensor) -> Tensor:
     return torch.isfinite(ll_candidate) & (ll_candidate >= ll_now - ACCEPT_SLACK * (1.0 + ll_now.abs()))
 
 
-def relaxed(damping: Tensor) -> Tensor:
-    """Marquardt λ after an accepted step: λ/10, or 0 once it is small. Pure, elementwise."""
+def _accepted(ll_candidate: Tensor, ll_now: Tensor, in_float64: bool) -> bool:
+    """:func:`accepts` for one fit: in float64 the same test on host floats (one read, no tensor
+    operations); otherwise the tensor test in the data's precision."""
+    if not in_float64:
+        return bool(accepts(ll_candidate, ll_now))
+    candidate, now = float(ll_candidate), float(ll_now)
+    return math.isfinite(candidate) and candidate >= now - ACCEPT_SLACK * (1.0 + abs(now))
+
+
+def relaxed(damping: Tensor | float) -> Tensor | float:
+    """Marquardt λ after an accepted step: λ/10, or 0 once it is small. Pure, elementwise (a
+    Python float for fit's host loop gives the same value as the 0-d tensor)."""
+    if isinstance(damping, float):
+        return damping / 10.0 if damping > 1e-6 else 0.0
     return torch.where(damping > 1e-6, damping / 10.0, torch.zeros_like(damping))
 
 
-def stiffened(damping: Tensor) -> Tensor:
+def stiffened(damping: Tensor | float) -> Tensor | float:
     """Marquardt λ after a damping level without an acceptable step: max(10λ, 10⁻³). Pure."""
+    if isinstance(damping, float):
+        return max(10.0 * damping, 1e-3)
     return torch.clamp(10.0 * damping, min=1e-3)
 
 
@@ -357,7 +375,8 @@ def _fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_iter, desc="AI-REML", leave=False)
-    damping = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    damping = 0.0  # Marquardt λ, a host float in this loop (a tensor per dataset in fit_batched)
+    in_float64 = theta.dtype == torch.float64
     for _ in range(max_iter):
         system = boundary_system(theta, current.score, current.ai, lower, upper, pairs)
         step_now, decrement, ok_now = ai_direction(system.score, system.ai, system.active)
@@ -369,7 +388,7 @@ def _fit(
             # decrement bounds the log-likelihood gap, not the parameters' last digits).
             polished = propose(theta, step_now, lower, upper, pairs, system.boundary)
             final = terms(polished)
-            if bool(accepts(final.loglik, current.loglik)):
+            if _accepted(final.loglik, current.loglik, in_float64):
                 history_step.append(polished - theta)
                 theta, current = polished, final
                 history_ll.append(current.loglik)
@@ -390,7 +409,7 @@ def _fit(
                 evaluated = terms(candidate) if first else None
                 value = evaluated.loglik if first else loglik(candidate)
                 first = False
-                if bool(accepts(value, current.loglik)):
+                if _accepted(value, current.loglik, in_float64):
                     accepted, accepted_terms = candidate, evaluated
                     break
             if accepted is not None:
