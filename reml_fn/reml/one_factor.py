@@ -207,7 +207,7 @@ def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool)
     variance, names, slopes = None, [], []
     for path, term in model.residual:
         if isinstance(term, Identity):
-            value = torch.ones((), dtype=dtype)
+            value = torch.ones((), dtype=dtype, device=model.term.codes.device)
         else:
             term_params = _subtree(params, path)
             value = _cast(term._natural(term_params)["sigma^2"], dtype)
