@@ -76,6 +76,10 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from reml_fn.fit.driver import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_MAX_STEP,
+    DEFAULT_MAX_TRIES,
+    DEFAULT_TOL,
     STEP_FRACTIONS,
     accepts,
     ai_direction,
@@ -91,7 +95,7 @@ from reml_fn.fit.driver import (
 from reml_fn.fit.result import FitResult
 from reml_fn.fit.start import check_design, default_init, ols_residual_variance, raw_bounds
 from reml_fn.params import constrain, param_names, unflatten_params
-from reml_fn.reml.engines import select_engine
+from reml_fn.reml.engines import prepared_data, prepared_keyword, select_engine
 from reml_fn.reml.likelihood import check_data
 from reml_fn.structures.base import Structure
 
@@ -167,8 +171,11 @@ class _Batch(NamedTuple):
     def prepare(self, engine: _Engine) -> _Batch:
         """The batch with the engine's per-dataset preparation (:meth:`_Engine.prepare`) attached."""
         first = self.take(torch.zeros(1, dtype=torch.long, device=self.Y.device))
-        probe = engine.chosen.prepare(
-            dataset_structure(first.s, first.s_in_dims, 0), first.Y[0], first.X[0] if self.x_batched else first.X
+        probe = prepared_data(
+            engine.chosen,
+            dataset_structure(first.s, first.s_in_dims, 0),
+            first.Y[0],
+            first.X[0] if self.x_batched else first.X,
         )
         if probe is None:  # this engine prepares nothing for this structure
             return self
@@ -404,15 +411,13 @@ class _Engine(NamedTuple):
     jacobian: str
 
     def prepare(self, s, y, X, prepared):
-        return self.chosen.prepare(s, y, X)
+        return prepared_data(self.chosen, s, y, X)
 
     def terms(self, s, y, X, prepared, theta):
-        extra = {} if prepared is None else {"prepared": prepared}
-        return self.chosen.ai_terms(s, unflatten_params(s, theta), y, X, self.jacobian, **extra)
+        return self.chosen.ai_terms(s, unflatten_params(s, theta), y, X, self.jacobian, **prepared_keyword(prepared))
 
     def loglik(self, s, y, X, prepared, theta):
-        extra = {} if prepared is None else {"prepared": prepared}
-        return self.chosen.loglik(s, unflatten_params(s, theta), y, X, **extra)
+        return self.chosen.loglik(s, unflatten_params(s, theta), y, X, **prepared_keyword(prepared))
 
     def start(self, s, y, X, prepared, residual_variance):
         return default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
@@ -421,8 +426,7 @@ class _Engine(NamedTuple):
         return raw_bounds(s, theta)
 
     def gls(self, s, y, X, prepared, theta):
-        extra = {} if prepared is None else {"prepared": prepared}
-        return self.chosen.gls(s, unflatten_params(s, theta), y, X, **extra)
+        return self.chosen.gls(s, unflatten_params(s, theta), y, X, **prepared_keyword(prepared))
 
 
 class _Iterate(NamedTuple):
@@ -607,7 +611,7 @@ def _fit_chunk(s_template, batch: _Batch, init_flat, engine: _Engine, max_iter, 
     state["ai"] = filled(k, k)
     good = torch.nonzero(status == RUNNING).flatten()
     if good.numel():
-        batch = batch.prepare(engine) if hasattr(engine.chosen, "prepare") else batch
+        batch = batch.prepare(engine)
         sub = batch.take(good)
         start = sub.map(engine.start, residual_variance[good]) if init_flat is None else init_flat[good]
         low, up = sub.map(engine.bounds, start)
@@ -726,10 +730,10 @@ def fit_batched(
     x_names: Sequence[str] | None = None,
     jacobian: str = "closed",
     engine: str = "auto",
-    max_iter: int = 200,
-    tol: float = 1e-12,
-    max_step: float = 3.0,
-    max_tries: int = 30,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    max_step: float = DEFAULT_MAX_STEP,
+    max_tries: int = DEFAULT_MAX_TRIES,
     chunk_size: int | None = None,
     verbose: int = 0,
 ) -> FitResult:

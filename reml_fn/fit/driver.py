@@ -39,7 +39,7 @@ from reml_fn.params import (
     tree_from_names,
     unflatten_params,
 )
-from reml_fn.reml.engines import select_engine
+from reml_fn.reml.engines import prepared_data, prepared_keyword, select_engine
 from reml_fn.transforms import ExpPow2
 from reml_fn.transforms import Identity as IdentityTransform
 
@@ -57,6 +57,12 @@ __all__ = [
     "propose",
     "at_correlation_limit",
 ]
+
+# Defaults of fit and fit_batched (one algorithm, one set of settings).
+DEFAULT_MAX_ITER = 200
+DEFAULT_TOL = 1e-12  # Newton decrement sᵀAI⁻¹s at which the polishing step ends the fit
+DEFAULT_MAX_STEP = 3.0
+DEFAULT_MAX_TRIES = 30
 
 # A Newton decrement this small cannot be realised in float64 log-likelihoods of ordinary size.
 ROUNDOFF_DECREMENT = 1e-8
@@ -286,10 +292,10 @@ def fit(
     x_names: Sequence[str] | None = None,
     jacobian: str = "closed",
     engine: str = "auto",
-    max_iter: int = 200,
-    tol: float = 1e-12,
-    max_step: float = 3.0,
-    max_tries: int = 30,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    max_step: float = DEFAULT_MAX_STEP,
+    max_tries: int = DEFAULT_MAX_TRIES,
     verbose: int = 0,
 ) -> FitResult:
     """Fit the REML linear mixed model y ~ N(Xβ, V(θ)) by AI-REML.
@@ -353,8 +359,7 @@ def _fit(
     pairs = correlation_pairs(s)
 
     # What does not depend on θ, once (engines without ``prepare`` get no keyword).
-    prepared = chosen.prepare(s, y, X) if hasattr(chosen, "prepare") else None
-    extra = {} if prepared is None else {"prepared": prepared}
+    extra = prepared_keyword(prepared_data(chosen, s, y, X))
 
     def loglik(t: Tensor) -> Tensor:
         return chosen.loglik(s, tree_from_names(names, t), y, X, **extra)

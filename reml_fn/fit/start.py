@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from reml_fn.params import ParamSpec, param_specs
+from reml_fn.params import ParamSpec, param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
 
@@ -74,8 +74,6 @@ def default_init(
     ``residual_variance``: s² when the caller already has it (:func:`ols_residual_variance`).
     Pure and vmappable over y and X (used per dataset by batched fits).
     """
-    from reml_fn.params import param_names, tree_from_names
-
     specs = _free_specs(s)
     if not specs:
         return y.new_zeros(0)

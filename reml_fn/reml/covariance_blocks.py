@@ -1,5 +1,6 @@
-r"""Covariance blocks for the mixed-model-equation engines: a semidefinite Cholesky factor and
-the stacked derivatives of a block's structure.
+r"""Covariance blocks for the mixed-model-equation engines: a semidefinite Cholesky factor, the
+stacked derivatives of a block's structure, the residual variances, and the small block helpers
+both MME paths use.
 
 Both MME paths (:mod:`reml_fn.reml.mme` and :mod:`reml_fn.reml.one_factor`) work with the lower
 factor Λ of each random term's covariance (G = ΛΛᵀ, lme4's form, so a variance at 0 is allowed)
@@ -9,12 +10,26 @@ and with ∂Σ/∂θ_j stacked into one (K, k, k) tensor.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PSD_CHOLESKY_MAX_SIZE", "psd_cholesky", "unrolled_cholesky", "derivative_stack"]
+from reml_fn.structures import Diagonal, Identity
+
+__all__ = [
+    "PSD_CHOLESKY_MAX_SIZE",
+    "psd_cholesky",
+    "unrolled_cholesky",
+    "derivative_stack",
+    "Residual",
+    "residual_variance",
+    "group_inner",
+    "cast",
+    "concat",
+    "plus",
+]
 
 PSD_CHOLESKY_MAX_SIZE = 8
 """Covariance blocks up to this size use :func:`psd_cholesky` (zero variances allowed); larger
@@ -158,3 +173,64 @@ def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.stack([rows[i][j] if j <= i else zero for i in range(k) for j in range(k)], dim=-1).reshape(shape)
 
     return assemble(L), assemble(inverse), ok
+
+
+# ------------------------------------------------------------------------------------------------
+# Small pieces shared by the general MME path and the one-factor fast path
+
+
+def cast(tensor: Tensor, dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipping the (not free) call when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def concat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy for a single piece (most models have one piece)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b where None stands for zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def group_inner(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_g a_gᵀ b_g for per-group blocks a (m, k, c_a) and b (m, k, c_b): (c_a, c_b), one matmul."""
+    return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
+
+
+class Residual(NamedTuple):
+    """R = diag(r): r is 0-d (σ², R = σ²I: only Scalar/Identity children) or (n,) (a Diagonal
+    child); ``slopes`` stacks ṙ_j = ∂r/∂θ_j of the free parameters ``names``: (K_r,) or (K_r, n)."""
+
+    r: Tensor
+    names: list[str]
+    slopes: Tensor | None
+
+
+def residual_variance(parts, n: int, dtype, device, derivatives: bool) -> Residual:
+    """R = diag(r) of the residual terms ``parts`` = ``(path, Scalar | Identity | Diagonal, its params)``
+    (summed), with the slopes ṙ_j of their free parameters when ``derivatives``."""
+    scalar = not any(isinstance(term, Diagonal) for _, term, _ in parts)
+    r, names, slopes = None, [], []
+    for path, term, term_params in parts:
+        if isinstance(term, Identity):
+            r = plus(r, torch.ones((), dtype=dtype, device=device))
+            continue
+        natural = term._natural(term_params)
+        if isinstance(term, Diagonal):
+            r = plus(r, cast(torch.stack([natural[spec.name] for spec in term.specs]), dtype))
+        else:
+            r = plus(r, cast(natural["sigma^2"], dtype))
+        free = [(i, spec) for i, spec in enumerate(term.specs) if not spec.fixed]
+        if not derivatives or not free:
+            continue
+        names += [f"{path}/{spec.name}" for _, spec in free]
+        values = cast(torch.stack([spec.transform.derivative(term_params[spec.name]) for _, spec in free]), dtype)
+        if isinstance(term, Diagonal):  # ṙ_j = r'_j e_j: row j of the identity, scaled
+            slopes.append(torch.eye(n, dtype=dtype, device=device)[[i for i, _ in free]] * values.unsqueeze(-1))
+        else:
+            slopes.append(values if scalar else values.unsqueeze(-1).expand(len(free), n))
+    return Residual(r, names, concat(slopes, dim=0) if slopes else None)

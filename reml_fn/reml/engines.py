@@ -27,6 +27,8 @@ __all__ = [
     "propagate_terms",
     "term_effects",
     "term_fitted",
+    "prepared_data",
+    "prepared_keyword",
 ]
 
 
@@ -134,6 +136,31 @@ class DenseEngine:
         for path, term, p in random_terms(s, params):
             total = total + term_fitted(term, p, effects[path])
         return total
+
+
+def prepared_data(engine, s, y: Tensor, X: Tensor):
+    """``engine.prepare(s, y, X)``, or None for an engine without ``prepare`` (written against the
+    original protocol). Pure and vmappable when the engine's ``prepare`` is."""
+    return engine.prepare(s, y, X) if hasattr(engine, "prepare") else None
+
+
+def prepared_keyword(prepared) -> dict:
+    """The keyword that passes prepared data back to an engine call: ``{"prepared": prepared}``, or
+    none at all when there is nothing prepared (so engines without ``prepared=`` keep working).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.engines import prepared_data, prepared_keyword, select_engine
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+        >>> engine = select_engine(s)
+        >>> keyword = prepared_keyword(prepared_data(engine, s, y, X))
+        >>> sorted(keyword), float(engine.loglik(s, s.init_params(), y, X, **keyword)) == float(rf.reml_loglik(s, None, y, X))
+        (['prepared'], True)
+        >>> prepared_keyword(None)
+        {}
+    """
+    return {} if prepared is None else {"prepared": prepared}
 
 
 ENGINES: dict[str, object] = {"dense": DenseEngine()}

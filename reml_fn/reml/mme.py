@@ -96,7 +96,17 @@ from reml_fn.combinators import Grouped, Propagate, Sum
 from reml_fn.combinators.products import kron
 from reml_fn.params import param_names
 from reml_fn.reml import one_factor
-from reml_fn.reml.covariance_blocks import PSD_CHOLESKY_MAX_SIZE, derivative_stack, psd_cholesky
+from reml_fn.reml.covariance_blocks import (
+    PSD_CHOLESKY_MAX_SIZE,
+    Residual,
+    cast,
+    concat,
+    derivative_stack,
+    group_inner,
+    plus,
+    psd_cholesky,
+    residual_variance,
+)
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import register_engine
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
@@ -141,7 +151,7 @@ def _block_diag(blocks: list[Tensor]) -> Tensor:
         size = block.shape[-1]
         bands.append(F.pad(block, (start, total - start - size)))
         start += size
-    return _concat(bands, dim=-2)
+    return concat(bands, dim=-2)
 
 
 def _embed_blocks(blocks: Tensor) -> Tensor:
@@ -149,28 +159,6 @@ def _embed_blocks(blocks: Tensor) -> Tensor:
     m, k = blocks.shape[-3], blocks.shape[-1]
     eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
     return (blocks.unsqueeze(-2) * eye[:, None, :, None]).reshape(m * k, m * k)
-
-
-def _cast(tensor: Tensor, dtype) -> Tensor:
-    """``tensor.to(dtype)``, skipping the (not free) call when it already has that dtype."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _concat(tensors: list[Tensor], dim: int) -> Tensor:
-    """``torch.cat`` without the copy for a single piece (most models have one piece)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
-
-
-def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    """a + b where None stands for zero."""
-    if a is None:
-        return b
-    return a if b is None else a + b
-
-
-def _group_inner(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_g a_gᵀ b_g for per-group blocks a (m, k, c_a) and b (m, k, c_b): (c_a, c_b), one matmul."""
-    return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +211,7 @@ class _Columns(NamedTuple):
 
 
 def _grouped_columns(term, dtype) -> _Columns:
-    return _Columns(term.q, term.codes, _cast(term.covariates, dtype), term.num_groups, term.k)
+    return _Columns(term.q, term.codes, cast(term.covariates, dtype), term.num_groups, term.k)
 
 
 def _cross_grouped(a: _Columns, w: Tensor, values: Tensor) -> Tensor:
@@ -312,16 +300,7 @@ class _Term(NamedTuple):
     derivatives: Tensor | None  # Σ̇ (K, k, k) or Ġ (K, q, q); None without free parameters
 
 
-class _Residual(NamedTuple):
-    """R = diag(r): r is 0-d (σ², R = σ²I: only Scalar/Identity children) or (n,) (a Diagonal
-    child); ``slopes`` stacks ṙ_j = ∂r/∂θ_j of the free parameters ``names``: (K_r,) or (K_r, n)."""
-
-    r: Tensor
-    names: list[str]
-    slopes: Tensor | None
-
-
-def _terms(s, params: Mapping, dtype, device, method: str | None = None) -> tuple[list[_Term], _Residual]:
+def _terms(s, params: Mapping, dtype, device, method: str | None = None) -> tuple[list[_Term], Residual]:
     """The random terms and the residual at ``params``; the derivatives of Σ_t / G_t only when a
     Jacobian ``method`` is given."""
     random, residual_parts = [], []
@@ -336,37 +315,13 @@ def _terms(s, params: Mapping, dtype, device, method: str | None = None) -> tupl
         else:
             (z_name, g_name), (z, child) = term.names, term.children
             child_params, prefix = term_params.get(g_name, {}), f"{path}/{g_name}"
-            design = _cast(z._build(term_params.get(z_name, {})), dtype)
+            design = cast(z._build(term_params.get(z_name, {})), dtype)
             columns = _Columns(design.shape[-1], dense=design)
-        block = _cast(child._build(child_params), dtype)
+        block = cast(child._build(child_params), dtype)
         lam, ok = _factor_block(block)
         names, derivatives = derivative_stack(child, child_params, prefix, method, dtype)
         random.append(_Term(path, kind == "grouped", columns, block, lam, ok, names, derivatives))
-    return random, _residual(residual_parts, s.shape[0], dtype, device, method is not None)
-
-
-def _residual(parts, n: int, dtype, device, derivatives: bool) -> _Residual:
-    scalar = not any(isinstance(term, Diagonal) for _, term, _ in parts)
-    r, names, slopes = None, [], []
-    for path, term, term_params in parts:
-        if isinstance(term, Identity):
-            r = _plus(r, torch.ones((), dtype=dtype, device=device))
-            continue
-        natural = term._natural(term_params)
-        if isinstance(term, Diagonal):
-            r = _plus(r, _cast(torch.stack([natural[spec.name] for spec in term.specs]), dtype))
-        else:
-            r = _plus(r, _cast(natural["sigma^2"], dtype))
-        free = [(i, spec) for i, spec in enumerate(term.specs) if not spec.fixed]
-        if not derivatives or not free:
-            continue
-        names += [f"{path}/{spec.name}" for _, spec in free]
-        values = _cast(torch.stack([spec.transform.derivative(term_params[spec.name]) for _, spec in free]), dtype)
-        if isinstance(term, Diagonal):  # ṙ_j = r'_j e_j: row j of the identity, scaled
-            slopes.append(torch.eye(n, dtype=dtype, device=device)[[i for i, _ in free]] * values.unsqueeze(-1))
-        else:
-            slopes.append(values if scalar else values.unsqueeze(-1).expand(len(free), n))
-    return _Residual(r, names, _concat(slopes, dim=0) if slopes else None)
+    return random, residual_variance(residual_parts, s.shape[0], dtype, device, method is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +335,7 @@ def _residual(parts, n: int, dtype, device, derivatives: bool) -> _Residual:
 class _Factor(NamedTuple):
     blocked: _Term | None
     rest: list[_Term]
-    residual: _Residual
+    residual: Residual
     w: Tensor  # 1/r
     X: Tensor  # (n, p)
     lam_s: Tensor | None  # Λ_s = blockdiag(Λ_rest, I_p); None when there is no rest (Λ_s = I)
@@ -436,19 +391,19 @@ def _cross_times(fac: _Factor, a: _Split) -> _Split:
     """C a = TᵀR⁻¹T a from the cross products."""
     blocked = dense = None
     if a.blocked is not None:
-        blocked, dense = fac.C_bb @ a.blocked, _group_inner(fac.C_bs, a.blocked)
+        blocked, dense = fac.C_bb @ a.blocked, group_inner(fac.C_bs, a.blocked)
     if a.dense is not None:
-        dense = _plus(dense, fac.C_ss @ a.dense)
+        dense = plus(dense, fac.C_ss @ a.dense)
         if fac.blocked is not None:
-            blocked = _plus(blocked, fac.C_bs @ a.dense)
+            blocked = plus(blocked, fac.C_bs @ a.dense)
     return _Split(blocked, dense)
 
 
 def _inner(a: _Split, b: _Split) -> Tensor:
     """aᵀb (c_a, c_b) over both parts (at least one part must be present in both)."""
-    blocked = _group_inner(a.blocked, b.blocked) if a.blocked is not None and b.blocked is not None else None
+    blocked = group_inner(a.blocked, b.blocked) if a.blocked is not None and b.blocked is not None else None
     dense = a.dense.mT @ b.dense if a.dense is not None and b.dense is not None else None
-    return _plus(blocked, dense)
+    return plus(blocked, dense)
 
 
 def _columns(a: _Split, b: _Split) -> _Split:
@@ -463,7 +418,7 @@ def _forward(fac: _Factor, a: _Split) -> _Split:
     if fac.blocked is None or a.blocked is None:
         return _Split(None, torch.linalg.solve_triangular(fac.L_ss, a.dense, upper=False))
     blocked = fac.L_bb_inv @ a.blocked
-    projected = _group_inner(fac.F, blocked)
+    projected = group_inner(fac.F, blocked)
     dense = -projected if a.dense is None else a.dense - projected
     return _Split(blocked, torch.linalg.solve_triangular(fac.L_ss, dense, upper=False))
 
@@ -486,15 +441,15 @@ def _cross_products(blocked: _Term | None, rest: list[_Term], X: Tensor, w: Tens
     """C_bb (m, k, k), C_bs (m, k, d) and C_ss (d, d): the blocks of TᵀR⁻¹T."""
     p = X.shape[-1]
     dense = [t.columns for t in rest] + [_Columns(p, dense=X)]
-    C_ss = _concat(
-        [_concat([_cross(a, b, w, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
+    C_ss = concat(
+        [concat([_cross(a, b, w, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
     )
     if blocked is None:
         return None, None, C_ss
     # X and the blocked term's covariates side by side: one pass gives Z_bᵀR⁻¹[X, Z_b].
     b = blocked.columns
     with_x = _cross_grouped(b, w, torch.cat([X, b.x], dim=-1))  # (m, k, p + k)
-    C_bs = _concat([_cross_blocked(b, t.columns, w) for t in rest] + [with_x[..., :p]], dim=-1)
+    C_bs = concat([_cross_blocked(b, t.columns, w) for t in rest] + [with_x[..., :p]], dim=-1)
     return with_x[..., p:], C_bs, C_ss
 
 
@@ -520,7 +475,7 @@ def _factor(s, params: Mapping, X: Tensor, jacobian: str | None = None) -> _Fact
     return _factor_omega(blocked, rest, residual, X)
 
 
-def _factor_omega(blocked: _Term | None, rest: list[_Term], residual: _Residual, X: Tensor) -> _Factor:
+def _factor_omega(blocked: _Term | None, rest: list[_Term], residual: Residual, X: Tensor) -> _Factor:
     """Cross products and the Cholesky factor of Ω."""
     p, dtype, device = X.shape[-1], X.dtype, X.device
     q_rest = _rest_sizes(rest)
@@ -546,7 +501,7 @@ def _factor_omega(blocked: _Term | None, rest: list[_Term], residual: _Residual,
         # M_g ⪰ I, so ‖L_g⁻¹‖ ≤ 1: the explicit k×k inverses are as accurate as solves and cheaper to apply.
         L_bb_inv = torch.linalg.solve_triangular(L_bb, eye_k, upper=False)
         F_ = L_bb_inv @ (lam.mT @ _times_lam_s(C_bs, lam_s))
-        schur = omega_ss - _group_inner(F_, F_)
+        schur = omega_ss - group_inner(F_, F_)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
@@ -565,7 +520,7 @@ def _solve(fac: _Factor, y: Tensor) -> _Factor:
     if blocked is not None:
         b = blocked.columns
         c_by = _rescale(w, _segment_sum(b.codes, b.x * wy.unsqueeze(-1), b.m)).unsqueeze(-1)  # (m, k, 1)
-    c_sy = _rescale(w, _concat([_transpose_times(t.columns, wy) for t in rest] + [X.mT @ wy], dim=-1))  # (d,)
+    c_sy = _rescale(w, concat([_transpose_times(t.columns, wy) for t in rest] + [X.mT @ wy], dim=-1))  # (d,)
     solution = _backward(fac, _forward(fac, _lam_transpose_times(fac, _Split(c_by, c_sy.unsqueeze(-1)))))
     u_b = solution.blocked.squeeze(-1) if blocked is not None else None
     return fac._replace(u_b=u_b, u_s=solution.dense.squeeze(-1))
@@ -586,7 +541,7 @@ def _loglik(fac: _Factor, y: Tensor) -> _Factor:
             offset += size
     if blocked is not None:
         fitted = fitted + _expand(blocked.columns, u_b @ blocked.lam.mT)
-        penalty = _plus(penalty, (u_b * u_b).sum())
+        penalty = plus(penalty, (u_b * u_b).sum())
     residual_vector = y - fitted
     e = w * residual_vector
     pwrss = e @ residual_vector + penalty
@@ -635,7 +590,7 @@ def _ztpz_blocked(fac: _Factor) -> Tensor:
     # One triangular solve for all groups: the transposed rows times L_ss⁻ᵀ.
     dense = torch.linalg.solve_triangular(fac.L_ss.mT, dense_rows.reshape(m * k, d), upper=True, left=False)
     dense = dense.reshape(m, k, d).mT  # (m, d, k): L_ss⁻¹ (dense rows of U_g)
-    return fac.C_bb.sum(-3) - _group_inner(blocked, blocked) - _group_inner(dense, dense)
+    return fac.C_bb.sum(-3) - group_inner(blocked, blocked) - group_inner(dense, dense)
 
 
 def _ztpz_rest(fac: _Factor) -> Tensor:
@@ -690,7 +645,7 @@ def _random_parts(fac: _Factor, e: Tensor, need_trace_g: bool):
             ze = ze_rest[-1].reshape(c.m, c.k) if t.grouped else ze_rest[-1]
             offset += c.size
         if need_trace_g:  # ztpz and G_t are symmetric: tr(G ZᵀPZ) = Σ G ⊙ ZᵀPZ
-            trace_g = _plus(trace_g, (t.block * ztpz).sum((-1, -2)))
+            trace_g = plus(trace_g, (t.block * ztpz).sum((-1, -2)))
         D = t.derivatives
         if D is None:
             if t is not blocked:
@@ -714,7 +669,7 @@ def _random_parts(fac: _Factor, e: Tensor, need_trace_g: bool):
             A_blocked = e.new_zeros(blocked.columns.m, blocked.columns.k, len(names))
         else:
             A_blocked = F.pad(own_blocked, (0, len(names) - count_blocked)) if rest else own_blocked
-    ze = _Split(ze_blocked, _concat(ze_rest, dim=-1) if rest else None)
+    ze = _Split(ze_blocked, concat(ze_rest, dim=-1) if rest else None)
     return names, twice_score, _Split(A_blocked, A_dense), ze, trace_g
 
 
@@ -740,7 +695,7 @@ def _residual_parts(fac: _Factor, e: Tensor, ze: _Split, trace_g: Tensor | None)
     if fac.blocked is not None:
         b = fac.blocked.columns
         blocked = _segment_sum(b.codes, b.x.unsqueeze(-1) * weighted.unsqueeze(-2), b.m)
-    dense = _concat([_transpose_times(t.columns, weighted) for t in fac.rest] + [fac.X.mT @ weighted], dim=-2)
+    dense = concat([_transpose_times(t.columns, weighted) for t in fac.rest] + [fac.X.mT @ weighted], dim=-2)
     return twice_score, _Split(blocked, dense), vectors.mT @ weighted
 
 
@@ -765,7 +720,7 @@ def _score_and_ai(fac: _Factor, names: list[str]) -> tuple[Tensor, Tensor]:
         top = _inner(A, cross)  # [AᵀCA, AᵀTᵀR⁻¹V_r]
         gram = torch.cat([top, torch.cat([top[..., len(order) :].mT, gram_rr], dim=-1)], dim=-2)
         order, twice_score = order + residual.names, twice_score + [twice_score_r]
-    score = 0.5 * _concat(twice_score, dim=-1)
+    score = 0.5 * concat(twice_score, dim=-1)
     inner = _p_gram(fac, gram, cross)
     ai = 0.25 * (inner + inner.mT)  # ½ SᵀPS, symmetrised
     if order != names:
@@ -776,6 +731,15 @@ def _score_and_ai(fac: _Factor, names: list[str]) -> tuple[Tensor, Tensor]:
 
 # ------------------------------------------------------------------------------------------------
 # The engine
+
+
+def _one_factor_inputs(s, y, X, prepared):
+    """``(layout, statistics)`` of the one-factor fast path for ``s`` (the statistics ``prepared``
+    or computed now), or ``(None, None)`` when ``s`` takes the general path."""
+    model = one_factor.layout(s)
+    if model is None:
+        return None, None
+    return model, prepared if prepared is not None else one_factor.statistics(model, y, X)
 
 
 class MMEEngine:
@@ -808,9 +772,8 @@ class MMEEngine:
         return None if model is None else one_factor.statistics(model, y, X)
 
     def loglik(self, s, params, y, X, prepared=None) -> Tensor:
-        model = one_factor.layout(s)
+        model, stats = _one_factor_inputs(s, y, X, prepared)
         if model is not None:
-            stats = prepared if prepared is not None else one_factor.statistics(model, y, X)
             return one_factor.loglik(model, params, y, X, stats)
         return _factorize(s, params, y, X).loglik
 
@@ -820,9 +783,8 @@ class MMEEngine:
         """Exact traces always (``trace="hutchpp"`` is accepted and computed exactly: they are cheap here)."""
         if trace not in ("exact", "hutchpp"):
             raise ValueError(f"unknown trace method {trace!r}; expected 'exact' or 'hutchpp'")
-        model = one_factor.layout(s)
+        model, stats = _one_factor_inputs(s, y, X, prepared)
         if model is not None:
-            stats = prepared if prepared is not None else one_factor.statistics(model, y, X)
             return one_factor.ai_terms(model, params, y, X, stats, jacobian)
         fac = _factorize(s, params, y, X, jacobian)
         score, ai = _score_and_ai(fac, param_names(s))
@@ -857,9 +819,8 @@ class MMEEngine:
 
     def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
         """β̂ and (XᵀV⁻¹X)⁻¹ from the last p×p block of the factor."""
-        model = one_factor.layout(s)
+        model, stats = _one_factor_inputs(s, y, X, prepared)
         if model is not None:
-            stats = prepared if prepared is not None else one_factor.statistics(model, y, X)
             return one_factor.gls(model, params, y, X, stats)
         fac = _solve(_factor(s, params, X), y)
         q_rest = _rest_sizes(fac.rest)

@@ -73,7 +73,16 @@ import torch
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
-from reml_fn.reml.covariance_blocks import PSD_CHOLESKY_MAX_SIZE, derivative_stack, psd_cholesky, unrolled_cholesky
+from reml_fn.params import param_names
+from reml_fn.reml.covariance_blocks import (
+    PSD_CHOLESKY_MAX_SIZE,
+    cast,
+    derivative_stack,
+    group_inner,
+    psd_cholesky,
+    residual_variance,
+    unrolled_cholesky,
+)
 from reml_fn.reml.dense import AITerms
 from reml_fn.structures import Identity, Scalar
 from reml_fn.structures.base import first_leaf
@@ -146,14 +155,7 @@ def _to_param_order(model: Layout, order: list[str]) -> Tensor | None:
     ``param_names`` order; None when they already are in it."""
     if model.in_order:
         return None
-    from reml_fn.params import param_names
-
     return torch.tensor([order.index(name) for name in param_names(model.structure)], device=model.term.codes.device)
-
-
-def _cast(tensor: Tensor, dtype) -> Tensor:
-    """``tensor.to(dtype)`` without dispatching an operation when it already has that dtype."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
@@ -164,7 +166,7 @@ def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
 
 def design_statistics(term: Grouped, X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(C, B, A, C_total)``: the statistics that do not involve y."""
-    x = _cast(term.covariates, X.dtype)
+    x = cast(term.covariates, X.dtype)
     m = term.num_groups
     both = torch.cat([x, X], dim=-1)  # one segment sum gives Z_gᵀ[x, X]
     sums = both.new_zeros(m, x.shape[-1], both.shape[-1]).index_add(0, term.codes, x.unsqueeze(-1) * both.unsqueeze(-2))
@@ -181,7 +183,7 @@ def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
     factor = torch.linalg.cholesky_ex(A)[0]
     offset = torch.cholesky_solve((X.mT @ y).unsqueeze(-1), factor).squeeze(-1)
     centred = y - X @ offset
-    x = _cast(term.covariates, y.dtype)
+    x = cast(term.covariates, y.dtype)
     c = y.new_zeros(term.num_groups, x.shape[-1]).index_add(0, term.codes, x * centred.unsqueeze(-1))
     return Statistics(C, B, A, C_total, c, X.mT @ centred, offset, centred @ centred)
 
@@ -203,20 +205,11 @@ class _Point(NamedTuple):
 
 
 def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool):
-    """σ² (0-d) and, when ``derivatives``, the slopes dσ²/dθ_r (K_r,) with their names."""
-    variance, names, slopes = None, [], []
-    for path, term in model.residual:
-        if isinstance(term, Identity):
-            value = torch.ones((), dtype=dtype, device=model.term.codes.device)
-        else:
-            term_params = _subtree(params, path)
-            value = _cast(term._natural(term_params)["sigma^2"], dtype)
-            spec = term.specs[0]
-            if derivatives and not spec.fixed:
-                names.append("/".join((*path, spec.name)))
-                slopes.append(_cast(spec.transform.derivative(term_params[spec.name]), dtype))
-        variance = value if variance is None else variance + value
-    return variance, names, (torch.stack(slopes) if slopes else None)
+    """σ² (0-d) and, when ``derivatives``, the names and slopes dσ²/dθ_r (K_r,) of its parameters."""
+    parts = [("/".join(path), term, _subtree(params, path)) for path, term in model.residual]
+    term = model.term
+    residual = residual_variance(parts, term.codes.shape[-1], dtype, term.codes.device, derivatives)
+    return residual.r, residual.names, residual.slopes
 
 
 def _factor_covariance(sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -291,7 +284,7 @@ def _point(
             fitted = (stats.C @ effects.unsqueeze(-1)).squeeze(-1) + stats.B @ beta_c
             ze, squares = (stats.c - fitted) * w, w * (penalised - u_squares)
     else:
-        x = _cast(term.covariates, y.dtype)
+        x = cast(term.covariates, y.dtype)
         residual = y - X @ beta - (x * effects.index_select(0, term.codes)).sum(-1)
         e = residual * w
         penalised = e @ residual + u_squares
@@ -317,19 +310,25 @@ def _log_diagonal_sum(L: Tensor) -> Tensor:
 
 def _covariance(model: Layout, params: Mapping, dtype) -> Tensor:
     cov = model.term.cov
-    return _cast(cov._build(_subtree(params, (*model.term_path, "cov"))), dtype)
+    return cast(cov._build(_subtree(params, (*model.term_path, "cov"))), dtype)
+
+
+def _point_at(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics, evaluate: bool) -> _Point:
+    """:func:`_point` at a parameter tree (no derivatives)."""
+    cov = model.term.cov
+    sigma = cast(cov._build(_subtree(params, (*model.term_path, "cov"))), y.dtype)
+    variance = _residual_variance(model, params, y.dtype, derivatives=False)[0]
+    return _point(model, sigma, variance, stats, y, X, evaluate=evaluate)[0]
 
 
 def loglik(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics) -> Tensor:
     """The REML log-likelihood ℓ(θ) (0-d)."""
-    variance = _residual_variance(model, params, y.dtype, derivatives=False)[0]
-    return _point(model, _covariance(model, params, y.dtype), variance, stats, y, X)[0].loglik
+    return _point_at(model, params, y, X, stats, evaluate=True).loglik
 
 
 def gls(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics) -> tuple[Tensor, Tensor]:
     """β̂ and (XᵀV⁻¹X)⁻¹ = (L_s L_sᵀ)⁻¹."""
-    variance = _residual_variance(model, params, y.dtype, derivatives=False)[0]
-    point = _point(model, _covariance(model, params, y.dtype), variance, stats, y, X, evaluate=False)[0]
+    point = _point_at(model, params, y, X, stats, evaluate=False)
     beta = torch.where(point.ok, point.beta, math.nan)
     return beta, torch.where(point.ok, torch.cholesky_inverse(point.L_s), math.nan)
 
@@ -346,7 +345,7 @@ def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") ->
     pieces = []
     if D is not None:
         gram = x.mT @ x
-        pieces.append((D * _cast(gram, D.dtype)).sum((-1, -2)))
+        pieces.append((D * cast(gram, D.dtype)).sum((-1, -2)))
     if slopes is not None:
         pieces.append(term.codes.shape[-1] * slopes)
     if not pieces:
@@ -366,11 +365,6 @@ def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
     return (blocks.flatten(-3, -2) @ matrix).unflatten(-2, blocks.shape[-3:-1])
 
 
-def _group_inner(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_g a_gᵀ b_g for per-group blocks (m, r, c_a) and (m, r, c_b)."""
-    return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
-
-
 def ai_terms(
     model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics, jacobian: str = "closed"
 ) -> AITerms:
@@ -380,7 +374,7 @@ def ai_terms(
     cov = model.term.cov
     cov_path = (*model.term_path, "cov")
     cov_params = _subtree(params, cov_path)
-    sigma = _cast(cov._build(cov_params), dtype)
+    sigma = cast(cov._build(cov_params), dtype)
     variance, residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)
     point, ze, squares = _point(model, sigma, variance, stats, y, X, products=True)
     w, lam, F, L_s = point.w, point.lam, point.F, point.L_s
@@ -391,7 +385,7 @@ def ai_terms(
     dense_rows = (stats.B * w - Q.mT @ F).flatten(-3, -2)  # (m·k, p): rows of w B_g − Q_gᵀF_g
     solved = torch.linalg.solve_triangular(L_s.mT, dense_rows, upper=True, left=False).unflatten(0, Q.shape[-3:-1])
     solved = solved.transpose(-3, -2).flatten(-2)  # (k, m·p): Σ_g R_g R_gᵀ as one product
-    T = stats.C_total * w - _group_inner(Q, Q) - solved @ solved.mT
+    T = stats.C_total * w - group_inner(Q, Q) - solved @ solved.mT
 
     twice_score, variates_b, variates_s, gram = [], [], [], None
     if D is not None:
@@ -399,8 +393,8 @@ def ai_terms(
         A = (ze @ D.mT).movedim(0, -1)  # (m, k, K): a_{j,g} = Σ̇_j ze_g
         CA = stats.C @ A
         variates_b.append(_blocks_times(CA.mT, lam).mT * w)  # Λᵀ C_g A_g
-        variates_s.append(_group_inner(stats.B, A) * w)
-        gram = _group_inner(A, CA) * w
+        variates_s.append(group_inner(stats.B, A) * w)
+        gram = group_inner(A, CA) * w
     if slopes is not None:
         twice_score.append(slopes * (squares - w * (n - p - (sigma * T).sum())))
         projected = (ze @ lam).unsqueeze(-1) * (slopes * w)  # Λᵀze_g ṙ w (m, k, K_r); Xᵀe = 0
@@ -417,8 +411,8 @@ def ai_terms(
         return AITerms(point.loglik, zero, y.new_zeros(0, 0), torch.where(point.ok, point.beta, math.nan))
     blocked = point.L_inv @ (variates_b[0] if len(variates_b) == 1 else torch.cat(variates_b, dim=-1))
     dense = variates_s[0] if len(variates_s) == 1 else torch.cat(variates_s, dim=-1)
-    dense = torch.linalg.solve_triangular(L_s, dense - _group_inner(F, blocked), upper=False)
-    inner = gram - _group_inner(blocked, blocked) - dense.mT @ dense
+    dense = torch.linalg.solve_triangular(L_s, dense - group_inner(F, blocked), upper=False)
+    inner = gram - group_inner(blocked, blocked) - dense.mT @ dense
     ai = 0.25 * (inner + inner.mT)
     score = 0.5 * (twice_score[0] if len(twice_score) == 1 else torch.cat(twice_score))
     index = _to_param_order(model, [*names, *residual_names])
