@@ -108,8 +108,18 @@ def _child_derivatives(child, child_params: Mapping, method: str) -> Mapping:
 
 
 def derivative_stack(child, child_params: Mapping, prefix: str, method: str | None, dtype):
-    """``(names, Ġ)``: the child's free parameter names and its derivatives stacked (K, a, a);
-    ``([], None)`` when it has no free parameter or no derivatives are wanted (``method`` None)."""
+    """``(names, Ġ)``: the child's free parameter names (``prefix/…``) and its derivatives
+    Ġ_j = ∂G/∂θ_j stacked (K, a, a) by ``method`` (``"closed"``, ``"fwd"``, ``"rev"``); ``([], None)``
+    when it has no free parameter or no derivatives are wanted (``method`` None).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.covariance_blocks import derivative_stack
+        >>> cov = rf.Diagonal(2)
+        >>> names, D = derivative_stack(cov, cov.init_params(), "g/cov", "closed", torch.float64)
+        >>> names, D.tolist()                      # ∂(e^{2θ_i})/∂θ_i = 2 at θ = 0
+        (['g/cov/sigma^2_0', 'g/cov/sigma^2_1'], [[[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]])
+    """
     if method is None:
         return [], None
     pairs = list(_flatten_tree(_child_derivatives(child, child_params, method), prefix))
@@ -180,24 +190,55 @@ def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def cast(tensor: Tensor, dtype) -> Tensor:
-    """``tensor.to(dtype)``, skipping the (not free) call when it already has that dtype."""
+    """``tensor.to(dtype)``, skipping the (not free) call when it already has that dtype.
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.reml.covariance_blocks import cast
+        >>> x = torch.zeros(2, dtype=torch.float64)
+        >>> cast(x, torch.float64) is x, cast(x, torch.float32).dtype
+        (True, torch.float32)
+    """
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def concat(tensors: list[Tensor], dim: int) -> Tensor:
-    """``torch.cat`` without the copy for a single piece (most models have one piece)."""
+    """``torch.cat`` without the copy for a single piece (most models have one piece).
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.reml.covariance_blocks import concat
+        >>> x = torch.ones(2)
+        >>> concat([x], 0) is x, concat([x, x], 0).tolist()
+        (True, [1.0, 1.0, 1.0, 1.0])
+    """
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    """a + b where None stands for zero."""
+    """a + b where None stands for zero.
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.reml.covariance_blocks import plus
+        >>> plus(None, torch.tensor(2.0)).item(), plus(torch.tensor(1.0), torch.tensor(2.0)).item(), plus(None, None)
+        (2.0, 3.0, None)
+    """
     if a is None:
         return b
     return a if b is None else a + b
 
 
 def group_inner(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_g a_gᵀ b_g for per-group blocks a (m, k, c_a) and b (m, k, c_b): (c_a, c_b), one matmul."""
+    """Σ_g a_gᵀ b_g for per-group blocks a (m, k, c_a) and b (m, k, c_b): (c_a, c_b), one matmul.
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.reml.covariance_blocks import group_inner
+        >>> a = torch.arange(8.0).reshape(2, 2, 2)
+        >>> bool(torch.equal(group_inner(a, a), a[0].T @ a[0] + a[1].T @ a[1]))
+        True
+    """
     return a.flatten(-3, -2).mT @ b.flatten(-3, -2)
 
 
@@ -212,7 +253,17 @@ class Residual(NamedTuple):
 
 def residual_variance(parts, n: int, dtype, device, derivatives: bool) -> Residual:
     """R = diag(r) of the residual terms ``parts`` = ``(path, Scalar | Identity | Diagonal, its params)``
-    (summed), with the slopes ṙ_j of their free parameters when ``derivatives``."""
+    (summed), with the slopes ṙ_j = ∂r/∂θ_j of their free parameters when ``derivatives``.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.covariance_blocks import residual_variance
+        >>> noise = rf.Scalar(3)
+        >>> parts = [("residual", noise, {"sigma^2": torch.tensor(0.0)}), ("fixed", rf.Identity(3), {})]
+        >>> R = residual_variance(parts, 3, torch.float64, None, derivatives=True)
+        >>> R.r.item(), R.names, R.slopes.tolist()           # σ² + 1, ∂(e^{2θ})/∂θ = 2
+        (2.0, ['residual/sigma^2'], [2.0])
+    """
     scalar = not any(isinstance(term, Diagonal) for _, term, _ in parts)
     r, names, slopes = None, [], []
     for path, term, term_params in parts:

@@ -767,7 +767,18 @@ class MMEEngine:
         statistics of :mod:`reml_fn.reml.one_factor` when ``s`` is one Grouped term plus a
         Scalar residual (lme4's ``(x | g)`` models), else None. Pure and vmappable; pass the
         result as ``prepared=`` to :meth:`loglik`, :meth:`ai_terms` and :meth:`gls` with the
-        same ``s``, y and X."""
+        same ``s``, y and X.
+
+        Example:
+            >>> import torch, reml_fn as rf
+            >>> from reml_fn.reml import ENGINES
+            >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+            >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+            >>> prepared = ENGINES["mme"].prepare(s, y, X)
+            >>> type(prepared).__name__, bool(ENGINES["mme"].loglik(s, s.init_params(), y, X, prepared=prepared)
+            ...                                == ENGINES["mme"].loglik(s, s.init_params(), y, X))
+            ('Statistics', True)
+        """
         model = one_factor.layout(s)
         return None if model is None else one_factor.statistics(model, y, X)
 

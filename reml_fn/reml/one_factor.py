@@ -132,7 +132,18 @@ def _leaves(s, path: tuple[str, ...] = ()):
 
 def layout(s) -> Layout | None:
     """The :class:`Layout` of ``s`` when it is one Grouped term (with a k×k covariance, k ≤ 8)
-    plus Scalar/Identity residual terms in (nested) Sums; None otherwise."""
+    plus Scalar/Identity residual terms in (nested) Sums; None otherwise.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import one_factor
+        >>> g = torch.arange(6) % 2
+        >>> model = one_factor.layout(rf.Sum(residual=rf.Scalar(6), group=rf.Grouped(g)))
+        >>> model.term_path, model.in_order                 # σ² comes first in param_names
+        (('group',), False)
+        >>> one_factor.layout(rf.Sum(a=rf.Grouped(g), b=rf.Grouped(g), residual=rf.Scalar(6))) is None
+        True
+    """
     if not isinstance(s, Sum):
         return None
     grouped, residual, in_order = [], [], True
@@ -165,7 +176,16 @@ def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
 
 
 def design_statistics(term: Grouped, X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(C, B, A, C_total)``: the statistics that do not involve y."""
+    """``(C, B, A, C_total)``: the statistics that do not involve y, C_g = Σ_{i∈g} x_i x_iᵀ (m, k, k),
+    B_g = Σ_{i∈g} x_i X_iᵀ (m, k, p), A = XᵀX and C_total = Σ_g C_g.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.one_factor import design_statistics
+        >>> C, B, A, C_total = design_statistics(rf.Grouped(torch.tensor([0, 0, 1])), torch.ones(3, 1))
+        >>> C.flatten().tolist(), B.flatten().tolist(), A.tolist(), C_total.tolist()   # group sizes
+        ([2.0, 1.0], [2.0, 1.0], [[3.0]], [[3.0]])
+    """
     x = cast(term.covariates, X.dtype)
     m = term.num_groups
     both = torch.cat([x, X], dim=-1)  # one segment sum gives Z_gᵀ[x, X]
@@ -176,7 +196,20 @@ def design_statistics(term: Grouped, X: Tensor) -> tuple[Tensor, Tensor, Tensor,
 
 
 def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
-    """All sufficient statistics of one dataset (pure; vmappable over y, X and the term's data)."""
+    """All sufficient statistics of one dataset (pure; vmappable over y, X and the term's data):
+    :func:`design_statistics`, β₀ = (XᵀX)⁻¹Xᵀy, and c_g = Σ_{i∈g} x_i y_c,i, b = Xᵀy_c, ‖y_c‖² for
+    y_c = y − Xβ₀ (below: β₀ the mean 2.5, c the group sums of y − 2.5, ‖y_c‖² = 7).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import one_factor
+        >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+        >>> model = one_factor.layout(s)
+        >>> stats = one_factor.statistics(model, y, X)
+        >>> [round(v, 10) for v in (*stats.offset.tolist(), *stats.c.flatten().tolist(), float(stats.yy))]
+        [2.5, -3.0, 3.0, 7.0]
+    """
     term = model.term
     C, B, A, C_total = design_statistics(term, X)
     # β₀ from the normal equations: any β₀ gives the same likelihood, it only makes y_c small.
@@ -322,19 +355,52 @@ def _point_at(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Stati
 
 
 def loglik(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics) -> Tensor:
-    """The REML log-likelihood ℓ(θ) (0-d)."""
+    """The REML log-likelihood ℓ(θ) (0-d), ℓ = −½ (n log σ² + yᵀPy) − Σ log diag L − ½(n − p) log 2π
+    (module docstring).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import one_factor
+        >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+        >>> model = one_factor.layout(s)
+        >>> stats = one_factor.statistics(model, y, X)
+        >>> value = one_factor.loglik(model, s.init_params(), y, X, stats)
+        >>> bool(torch.isclose(value, rf.reml_loglik(s, None, y, X, engine="dense")))
+        True
+    """
     return _point_at(model, params, y, X, stats, evaluate=True).loglik
 
 
 def gls(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics) -> tuple[Tensor, Tensor]:
-    """β̂ and (XᵀV⁻¹X)⁻¹ = (L_s L_sᵀ)⁻¹."""
+    """β̂ = β₀ + L_s⁻ᵀ z_s and (XᵀV⁻¹X)⁻¹ = (L_s L_sᵀ)⁻¹.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import one_factor
+        >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+        >>> model = one_factor.layout(s)
+        >>> stats = one_factor.statistics(model, y, X)
+        >>> beta, vcov = one_factor.gls(model, s.init_params(), y, X, stats)
+        >>> round(float(beta), 10), round(float(vcov), 6)     # (σ_g² + σ²/3)/2 at σ_g² = σ² = 1
+        (2.5, 0.666667)
+    """
     point = _point_at(model, params, y, X, stats, evaluate=False)
     beta = torch.where(point.ok, point.beta, math.nan)
     return beta, torch.where(point.ok, torch.cholesky_inverse(point.L_s), math.nan)
 
 
 def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") -> Tensor:
-    """tr(∂V/∂θ_j) (k,) in ``param_names`` order: tr(Σ̇_j Σ_i x_i x_iᵀ) for Σ's parameters, n ṙ_j for σ²'s."""
+    """tr(∂V/∂θ_j) (k,) in ``param_names`` order: tr(Σ̇_j Σ_i x_i x_iᵀ) for Σ's parameters, n ṙ_j for σ²'s.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import one_factor
+        >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> one_factor.jacobian_traces(one_factor.layout(s), s.init_params()).tolist()   # 2·σ²·n each
+        [12.0, 12.0]
+    """
     term = model.term
     x = term.covariates
     cov_path = (*model.term_path, "cov")
@@ -368,7 +434,22 @@ def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
 def ai_terms(
     model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics, jacobian: str = "closed"
 ) -> AITerms:
-    """ℓ, score, AI (in ``param_names`` order) and β̂ at ``params`` (see the module docstring)."""
+    """ℓ, score, AI (in ``param_names`` order) and β̂ at ``params``: 2 s_j = tr(Σ̇_j (Σ_g ze_g ze_gᵀ − T)),
+    AI = ½ SᵀPS for the working variates S (see the module docstring).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import one_factor
+        >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+        >>> model = one_factor.layout(s)
+        >>> stats = one_factor.statistics(model, y, X)
+        >>> fast = one_factor.ai_terms(model, s.init_params(), y, X, stats)
+        >>> torch.func.grad(lambda p: one_factor.loglik(model, p, y, X, stats))(s.init_params())["residual"]
+        {'sigma^2': tensor(...)}
+        >>> bool(torch.allclose(fast.score, rf.ai_terms(s, None, y, X, engine="dense").score))
+        True
+    """
     dtype = y.dtype
     n, p = y.shape[-1], X.shape[-1]
     cov = model.term.cov
