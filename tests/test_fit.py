@@ -12,6 +12,7 @@ import torch.utils._pytree as torch_pytree
 import reml_fn as rf
 from reml_fn import datasets
 from reml_fn.design import indicator_matrix
+from reml_fn.fit.start import exact_linear_response
 
 
 def peer_sim():
@@ -163,3 +164,35 @@ def test_singular_random_slope_fit_stops_at_the_correlation_limit():
     best = rf.fit(rank_one, y, X, init=start)
     assert float(result.loglik) == pytest.approx(float(best.loglik), abs=1e-6)
     assert float(result.loglik) >= float(best.loglik) - 1e-6
+
+
+@pytest.mark.parametrize("case", ["constant", "linear", "linear_roundoff", "linear_huge", "constant_float32"])
+def test_exact_fit_is_rejected_by_fit_and_flagged_by_fit_batched(case):
+    """One relative test in both drivers: an exactly linear y leaves a residual of exactly 0 on
+    some BLAS and of round-off size (≈1e-30 relative) on others; both must be refused."""
+    y, X, Z1 = peer_sim()
+    s = rf.Sum(g=rf.Propagate(Z=Z1, G=rf.Scalar(10)), residual=rf.Scalar(60))
+    exact = X @ torch.tensor([1.0, 2.0])
+    if case == "constant":
+        y = torch.full_like(y, 7.25)
+    elif case == "linear":
+        y = exact
+    elif case == "linear_roundoff":  # what lstsq leaves on some BLAS, made explicit
+        y = exact * (1.0 + 1e-16 * torch.sin(torch.arange(60.0)))
+    elif case == "linear_huge":
+        y = exact * 1e80
+    else:
+        y, X = torch.full((60,), 3.5, dtype=torch.float32), X.float()
+        s = rf.Sum(g=rf.Propagate(Z=Z1.float(), G=rf.Scalar(10)), residual=rf.Scalar(60))
+    with pytest.raises(ValueError, match="exact linear function of X"):
+        rf.fit(s, y, X)
+    batched = rf.fit_batched(s, y[None], X)
+    assert batched.status.tolist() == [6]
+
+
+def test_small_real_noise_is_not_an_exact_fit():
+    """The tolerance is relative to ‖y‖ and to ε: noise of 1e-9 relative on a linear trend is data."""
+    y, X, _ = peer_sim()
+    y = (X @ torch.tensor([1.0, 2.0])) * 1e60 + 1e51 * y
+    exact, s2 = exact_linear_response(y, X)
+    assert not bool(exact) and float(s2) > 0

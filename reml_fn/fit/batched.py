@@ -93,7 +93,7 @@ from reml_fn.fit.driver import (
     stiffened,
 )
 from reml_fn.fit.result import FitResult
-from reml_fn.fit.start import check_design, default_init, ols_residual_variance, raw_bounds
+from reml_fn.fit.start import check_design, default_init, exact_linear_response, raw_bounds
 from reml_fn.params import constrain, param_names, unflatten_params
 from reml_fn.reml.engines import prepared_data, prepared_keyword, select_engine
 from reml_fn.reml.likelihood import check_data
@@ -361,14 +361,6 @@ def _initial_flat(s, init, B: int, k: int, dtype, device) -> Tensor | None:
 # Datasets that cannot be fitted (flagged, never computed)
 
 
-def _degenerate_response(y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-    """True when y is an exact linear function of X up to round-off, ‖y − Xβ̂‖ ≤ n·ε·‖y‖; and the
-    OLS residual variance s² (the default start uses it). Pure."""
-    n, p = y.shape[-1], X.shape[-1]
-    residual_variance = ols_residual_variance(y, X)
-    return residual_variance * (n - p) <= (n * torch.finfo(y.dtype).eps) ** 2 * (y * y).sum(-1), residual_variance
-
-
 def _screen(batch: _Batch, status: Tensor) -> tuple[Tensor, Tensor]:
     """Status codes 4, 7, 6 for datasets that cannot be fitted (host code on batched tensors), and
     the OLS residual variance s² of the others (NaN for those flagged before it is computed)."""
@@ -389,7 +381,7 @@ def _screen(batch: _Batch, status: Tensor) -> tuple[Tensor, Tensor]:
     residual_variance = torch.full(status.shape, math.nan, dtype=batch.Y.dtype, device=batch.Y.device)
     if index.numel():
         sub = batch.take(index)
-        degenerate, variance = torch.func.vmap(_degenerate_response, in_dims=(0, sub.x_in_dim))(sub.Y, sub.X)
+        degenerate, variance = torch.func.vmap(exact_linear_response, in_dims=(0, sub.x_in_dim))(sub.Y, sub.X)
         status = status.index_put((index,), torch.where(degenerate, 6, status[index]))
         residual_variance = residual_variance.index_put((index,), variance)
     return status, residual_variance

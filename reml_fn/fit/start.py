@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from reml_fn.fit.result import STATUS
 from reml_fn.params import ParamSpec, param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
@@ -30,6 +31,8 @@ __all__ = [
     "is_variance",
     "is_bounded",
     "ols_residual_variance",
+    "exact_linear_response",
+    "EXACT_FIT_TOLERANCE",
     "default_init",
     "raw_bounds",
     "check_inputs",
@@ -64,6 +67,35 @@ def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
     beta = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
     residual = y - X @ beta
     return (residual**2).sum(-1) / (y.shape[-1] - X.shape[-1])
+
+
+# ‖y − Xβ̂‖ ≤ EXACT_FIT_TOLERANCE · √n · ε · ‖y‖ counts as an exact fit: lstsq's residual of an
+# exactly linear y is round-off of that size (about 1e-30 relative in float64 on some BLAS, exactly
+# 0 on others), while any real noise is many orders of magnitude above it.
+EXACT_FIT_TOLERANCE = 10.0
+
+
+def exact_linear_response(y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """Whether y is an exact linear function of X up to round-off, and the OLS residual variance s².
+
+    The test is relative, ‖y − Xβ̂‖² ≤ (10·√n·ε)²·‖y‖² with ε the dtype's machine epsilon, so it
+    gives the same answer on every BLAS (an exactly linear y leaves a residual of 0 or of round-off
+    size depending on the library) and at every scale of y. A constant y with an intercept in X is
+    such a response. Pure and vmappable over y and X; :func:`check_inputs` (``fit``) raises on it,
+    ``fit_batched`` flags the dataset with status 6.
+
+    Example:
+        >>> import torch
+        >>> X = torch.stack([torch.ones(5), torch.arange(5.0)], 1)
+        >>> bool(exact_linear_response(3.0 + 2.0 * torch.arange(5.0), X)[0])
+        True
+        >>> bool(exact_linear_response(torch.tensor([1.0, 0.0, 2.0, 1.0, 5.0]), X)[0])
+        False
+    """
+    n, p = y.shape[-1], X.shape[-1]
+    residual_variance = ols_residual_variance(y, X)
+    allowance = (EXACT_FIT_TOLERANCE * torch.finfo(y.dtype).eps) ** 2 * n * (y * y).sum(-1)
+    return residual_variance * (n - p) <= allowance, residual_variance
 
 
 def default_init(
@@ -166,7 +198,7 @@ def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) 
     if x_names is not None and len(x_names) != X.shape[1]:
         raise ValueError(f"x_names has {len(x_names)} names but X has {X.shape[1]} columns")
     check_design(X, x_names)
-    residual_variance = ols_residual_variance(y, X)
-    if not bool(residual_variance > 0):
-        raise ValueError("y is an exact linear function of X (zero residual variance): nothing to estimate")
+    exact, residual_variance = exact_linear_response(y, X)
+    if bool(exact):
+        raise ValueError(f"{STATUS[6]} (up to round-off; e.g. a constant response with an intercept in X)")
     return residual_variance
