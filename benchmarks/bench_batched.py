@@ -129,8 +129,8 @@ def summarise(result, seconds: float, lme4_logliks, lme4_seconds) -> dict:
 
 def profile(s, Y, X, engine: str, threads: int) -> None:
     """Time per iteration (datasets still running) and the top functions of one call."""
-    batched = sys.modules["reml_fn.fit.batched"]
-    original = batched._iteration
+    algorithm = sys.modules["reml_fn.fit.algorithm"]
+    original = algorithm.iterate
     trace: list[tuple[int, float]] = []
 
     def timed(batch, *args):
@@ -140,13 +140,13 @@ def profile(s, Y, X, engine: str, threads: int) -> None:
         return out
 
     torch.set_num_threads(threads)
-    batched._iteration = timed
+    algorithm.iterate = timed
     try:
         start = time.perf_counter()
         result = rf.fit_batched(s, Y, X, engine=engine)
         total = time.perf_counter() - start
     finally:
-        batched._iteration = original
+        algorithm.iterate = original
     in_loop = sum(t for _, t in trace)
     print(
         f"\nprofile ({engine}, {threads} thread(s)): {total:.3f} s in all, {in_loop:.3f} s in {len(trace)} iterations"

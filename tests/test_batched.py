@@ -152,7 +152,9 @@ def test_chunked_equals_unchunked():
             close(getattr(part, field).double(), getattr(whole, field).double(), tol=1e-12)
         for name in ("loglik", "params", "step"):
             assert part.history[name].shape == whole.history[name].shape
-            close(part.history[name], whole.history[name], tol=1e-12)
+            # A chunk of one runs without vmap (another summation order): round-off differences
+            # of 1e-15 grow along the path of a variance heading for its floor (log σ → −16).
+            close(part.history[name], whole.history[name], tol=1e-9)
 
 
 def test_history_rows_repeat_the_final_point_after_a_dataset_stops():
@@ -332,7 +334,7 @@ def _inputs():
         (lambda s, Y, X: (s, Y, X, {"in_dims": (0, 0, 0)}), ValueError, "in_dims must be"),
         (lambda s, Y, X: (s, Y, X, {"in_dims": 0}), ValueError, "entries along its batch dimension"),
         (lambda s, Y, X: (s, Y, X, {"init": torch.zeros(3)}), ValueError, r"init must have shape \(k,\)"),
-        (lambda s, Y, X: (s, Y, X, {"init": {"group": {}}}), ValueError, "init misses parameter"),
+        (lambda s, Y, X: (s, Y, X, {"init": {"group": {}}}), ValueError, "init is missing"),
         (lambda s, Y, X: (s, Y, X, {"chunk_size": 0}), ValueError, "chunk_size"),
         (lambda s, Y, X: (s, Y, X, {"max_iter": -1}), ValueError, "max_iter"),
         (lambda s, Y, X: (s, Y, X, {"jacobian": "numeric"}), ValueError, "unknown Jacobian"),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from reml_fn.tree import static, structure
 
-__all__ = ["FitResult", "STATUS", "status_message"]
+__all__ = ["FitResult", "STATUS", "status_message", "confounded_parameters", "build_result"]
 
 # Status codes (``FitResult.status``): an int per fit, so batched results can carry them.
 STATUS = {
@@ -21,11 +23,49 @@ STATUS = {
     5: "the AI matrix is singular: parameters are not identifiable from these data",
     6: "y is an exact linear function of X (zero residual variance): nothing to estimate",
     7: "X is rank deficient",
+    8: (
+        "the score or AI matrix overflowed (not finite) at a finite log-likelihood: y's scale is too "
+        "extreme for this dtype; divide y by its standard deviation (variances scale by its square, "
+        "logLik shifts by (n - p)·log sd)"
+    ),
 }
 
 
 def status_message(code: int) -> str:
     return STATUS.get(int(code), f"unknown status {int(code)}")
+
+
+def confounded_parameters(ai: Tensor, names: Sequence[str], at_boundary: Tensor | None = None) -> list[str]:
+    """The free parameters in the null space of the AI matrix (k, k): those without information
+    (AI_kk ≈ 0) and those with a large component in the eigenvector of the smallest eigenvalue of
+    the unit-diagonal scaled AI, when that eigenvalue is below 10³·ε (parameters at a bound are
+    left out). Names the parameters of a status-5 fit.
+
+    Example:
+        >>> import torch
+        >>> ai = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+        >>> confounded_parameters(ai, ["a", "b", "c"])
+        ['a', 'b']
+    """
+    free = torch.ones(len(names), dtype=torch.bool) if at_boundary is None else ~at_boundary.cpu()
+    ai = ai.detach().cpu().to(torch.float64)
+    index = [j for j in range(len(names)) if bool(free[j])]
+    if not index:
+        return []
+    sub = ai[index][:, index]
+    diagonal = torch.diagonal(sub)
+    tiny = 1e3 * torch.finfo(torch.float64).eps * float(diagonal.abs().max().clamp(min=1e-300))
+    silent = [index[j] for j in range(len(index)) if float(diagonal[j]) <= tiny]
+    informative = [j for j in range(len(index)) if float(diagonal[j]) > tiny]
+    named = set(silent)
+    if len(informative) > 1:
+        root = diagonal[informative].rsqrt()
+        scaled = sub[informative][:, informative] * root[:, None] * root[None, :]
+        values, vectors = torch.linalg.eigh(scaled)
+        if float(values[0]) <= 1e3 * torch.finfo(torch.float64).eps * len(informative):
+            weights = vectors[:, 0].abs()
+            named |= {index[informative[j]] for j in range(len(informative)) if float(weights[j]) > 0.1}
+    return [names[j] for j in sorted(named)]
 
 
 def _leaves(tree: Mapping, prefix: str = ""):
@@ -85,13 +125,35 @@ class FitResult:
     engine: str = static()
     n: int = static()
     p: int = static()
+    dtype: str = static(default="float64")
 
     @property
     def message(self) -> str | list[str]:
-        """Human-readable status (a list for batched results)."""
+        """Human-readable status (a list for batched results); status 5 names the parameters that
+        the data cannot separate (:func:`confounded_parameters`)."""
         if self.status.dim() == 0:
-            return status_message(self.status)
-        return [status_message(code) for code in self.status.flatten().tolist()]
+            return self._message_of(self.status, self.ai, self.at_boundary)
+        return [
+            self._message_of(code, ai, bound)
+            for code, ai, bound in zip(
+                self.status.flatten(),
+                self.ai.reshape(-1, *self.ai.shape[-2:]),
+                self.at_boundary.reshape(-1, self.at_boundary.shape[-1]),
+            )
+        ]
+
+    def _message_of(self, code: Tensor, ai: Tensor, at_boundary: Tensor) -> str:
+        text = status_message(code)
+        if int(code) == 5 and bool(torch.isfinite(ai).all()):
+            named = confounded_parameters(ai, self.names, at_boundary)
+            if named:
+                text += f"; confounded or without effect: {', '.join(named)}"
+        return text
+
+    def dataset(self, b: int) -> FitResult:
+        """Dataset ``b`` of a batched result, as the result of a single fit."""
+        leaves, spec = pytree.tree_flatten(self)
+        return pytree.tree_unflatten([leaf[b] for leaf in leaves], spec)
 
     @property
     def boundary_names(self) -> list[str]:
@@ -105,7 +167,7 @@ class FitResult:
                 f"FitResult of {self.loglik.shape[0]} datasets (engine {self.engine}): "
                 f"{int(self.converged.sum())} converged; mean REML logLik {float(self.loglik.mean()):.4f}"
             )
-        lines = [f"Linear mixed model fit by REML (reml_fn, {self.engine} engine)"]
+        lines = [f"Linear mixed model fit by REML (reml_fn, {self.engine} engine, {self.dtype})"]
         lines.append(f"REML criterion at convergence: {float(self.reml_criterion):.4f}")
         lines.append("")
         lines.append("Covariance parameters:")
@@ -140,6 +202,40 @@ class FitResult:
         if self.loglik.dim() == 0:
             return (
                 f"FitResult(loglik={float(self.loglik):.6f}, converged={bool(self.converged)}, "
-                f"n_iter={int(self.n_iter)}, engine={self.engine!r})"
+                f"n_iter={int(self.n_iter)}, engine={self.engine!r}, dtype={self.dtype!r})"
             )
         return f"FitResult(batch={tuple(self.loglik.shape)}, converged={int(self.converged.sum())}, engine={self.engine!r})"
+
+
+def build_result(
+    out: dict, names: Sequence[str], x_names: Sequence[str] | None, engine: str, n: int, p: int, dtype: torch.dtype
+) -> FitResult:
+    """The batched :class:`FitResult` from the per-dataset fields of the fit (leading dimension B):
+    ``params``, ``natural``, ``beta``, ``vcov_beta``, ``score``, ``ai``, ``loglik``, ``status``,
+    ``at_boundary``, ``n_iter``, ``history``. The criteria are computed here, once for both drivers."""
+    loglik, status, vcov = out["loglik"], out["status"], out["vcov_beta"]
+    k = len(names)
+    return FitResult(
+        params=out["params"],
+        natural=out["natural"],
+        beta=out["beta"],
+        vcov_beta=vcov,
+        se_beta=torch.sqrt(torch.diagonal(vcov, dim1=-2, dim2=-1)),
+        score=out["score"],
+        ai=out["ai"],
+        loglik=loglik,
+        reml_criterion=-2.0 * loglik,
+        aic=-2.0 * loglik + 2.0 * (p + k),
+        bic=-2.0 * loglik + (p + k) * math.log(n),
+        converged=status == 0,
+        status=status,
+        at_boundary=out["at_boundary"],
+        n_iter=out["n_iter"],
+        history=out["history"],
+        names=tuple(names),
+        beta_names=tuple(x_names) if x_names is not None else tuple(f"x{j}" for j in range(p)),
+        engine=engine,
+        n=n,
+        p=p,
+        dtype=str(dtype).removeprefix("torch."),
+    )

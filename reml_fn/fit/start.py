@@ -6,10 +6,13 @@ Default start (no hand-tuning needed for real models):
   share of the OLS residual variance s² in natural units: σ²_k = s² / (m · a_k), where m is the
   number of variance parameters and a_k = tr(∂V/∂σ²_k)/n is how much one unit of σ²_k adds to
   the average diagonal of V (1 for a random intercept or a residual; mean(x²) for a slope on x);
-* every correlation ``rho`` starts at 0 when 0 is in its range;
+* every correlation ``rho`` starts at ``START_CORRELATION`` = 0.1 when that is in its range, not
+  at 0: at ρ = 0 an AR(1) or equicorrelated term is white noise, indistinguishable from a residual
+  Scalar, so the AI matrix of AR1 + noise is singular there by symmetry;
 * everything else (covariances, Cholesky entries, user parameters) keeps its raw default.
 
-Bounds: a variance may shrink to 1e-10 of its start (REML boundary fits such as Dyestuff2 stop
+Bounds: a variance may shrink to 100·ε (2e-14 in float64) of its default start (an equal share of the OLS residual
+variance, so the floor is on the scale of the data whatever ``init`` is) (REML boundary fits such as Dyestuff2 stop
 there, flagged ``at_boundary``, instead of drifting to −∞ on the log scale); a sigmoid-bounded
 parameter (a correlation) lives in raw [−20, 20] (|ρ| ≤ 1 − 4·10⁻⁹); others are unbounded.
 """
@@ -30,6 +33,7 @@ from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transf
 __all__ = [
     "is_variance",
     "is_bounded",
+    "variance_rates",
     "ols_residual_variance",
     "exact_linear_response",
     "EXACT_FIT_TOLERANCE",
@@ -39,16 +43,35 @@ __all__ = [
     "check_design",
     "dependent_columns",
     "VARIANCE_FLOOR",
+    "START_CORRELATION",
     "CORRELATION_RAW_LIMIT",
 ]
 
-VARIANCE_FLOOR = 1e-10
+# A variance may shrink to VARIANCE_FLOOR·ε (the dtype's machine epsilon) of its default start:
+# 2e-14 in float64 (so variance ratios of 1e12 still fit), 1e-5 in float32.
+VARIANCE_FLOOR = 100.0
+
+
+def variance_floor(dtype: torch.dtype) -> float:
+    """The smallest variance, relative to its default start, that a fit reaches: 100·ε."""
+    return VARIANCE_FLOOR * torch.finfo(dtype).eps
+
+
+START_CORRELATION = 0.1
 CORRELATION_RAW_LIMIT = 20.0
 
 
 def is_variance(transform: Transform) -> bool:
     """True for positive (log-scale) transforms: the parameter is a variance-like quantity."""
     return isinstance(transform, (ExpPow2, Exp, Exp2, Exp10))
+
+
+def variance_rates(s) -> Tensor:
+    """(k,) the rate a of each free variance parameter's exponential transform, natural = c·e^{aθ}
+    (ExpPow2 2, Exp 1, Exp2 ln 2, Exp10 ln 10), and 0 for every other parameter. The iterations
+    use it to bound what a variance can still gain on its way to the floor."""
+    rates = {ExpPow2: 2.0, Exp: 1.0, Exp2: math.log(2.0), Exp10: math.log(10.0)}
+    return torch.tensor([rates.get(type(spec.transform), 0.0) for spec in _free_specs(s)], dtype=torch.float64)
 
 
 def is_bounded(transform: Transform) -> bool:
@@ -128,23 +151,27 @@ def default_init(
         theta = theta.index_copy(-1, index, torch.where(usable, values, theta.index_select(-1, index)))
     for k, spec in enumerate(specs):
         if spec.name == "rho" and is_bounded(spec.transform):
-            zero = spec.transform.inverse(torch.zeros((), dtype=y.dtype, device=y.device))
-            if math.isfinite(float(zero)):  # a constant of the transform, not of the data
-                theta = theta.index_copy(-1, torch.tensor([k], device=y.device), zero.reshape(1))
+            start = spec.transform.inverse(torch.tensor(START_CORRELATION, dtype=y.dtype, device=y.device))
+            if math.isfinite(float(start)):  # a constant of the transform, not of the data
+                theta = theta.index_copy(-1, torch.tensor([k], device=y.device), start.reshape(1))
     return theta
 
 
-def raw_bounds(s, theta0: Tensor) -> tuple[Tensor, Tensor]:
-    """Raw-scale lower and upper bounds (k,) for the free parameters, given the start θ₀ (k,).
+def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Raw-scale lower and upper bounds (k,) for the free parameters. Pure and vmappable.
 
-    Pure and vmappable over θ₀.
+    ``reference`` (k,): the default start (:func:`default_init`), which is on the scale of the data,
+    so a variance's floor is ``VARIANCE_FLOOR`` times its equal share of the OLS residual variance
+    whatever the user's ``init``; ``theta0`` (k,): the actual start (default: ``reference``),
+    which the bounds always contain.
     """
+    theta0 = reference if theta0 is None else theta0
     lower, upper = [], []
     inf = theta0.new_full((), math.inf)
     for k, spec in enumerate(_free_specs(s)):
         t = theta0[k]
         if is_variance(spec.transform):
-            floor = spec.transform.inverse(spec.transform.forward(t) * VARIANCE_FLOOR)
+            floor = spec.transform.inverse(spec.transform.forward(reference[k]) * variance_floor(reference.dtype))
             lower.append(torch.minimum(floor, t))
             upper.append(inf)
         elif is_bounded(spec.transform):

@@ -1,0 +1,447 @@
+"""The AI-REML iterations for a batch of datasets: one scheduler for ``fit`` (a batch of one) and
+``fit_batched``.
+
+A host loop over the pure decisions of :mod:`reml_fn.fit.step`, with per-dataset state (θ,
+ℓ, score, AI, damping, status). In every iteration
+
+1. the boundary system, Newton direction and convergence test are computed for all running
+   datasets at once (batched k×k factorisations); converged datasets take the polishing step and
+   stop (status 0);
+2. the line search is a per-dataset state machine over the candidate sequence (damping level,
+   slot): each round evaluates a window of the next candidates of every dataset still searching in
+   one vmapped engine call and keeps, per dataset, the first acceptable one — exactly the candidate
+   a one-at-a-time search accepts; a dataset that exhausts ``max_tries`` levels stops (status 2 or 5);
+3. a dataset whose previous line search accepted its first candidate (the usual case) evaluates
+   its next first candidate as full AI terms, so an accepted step needs no second engine call; the
+   others start with a window as long as their previous search, then 2, 4, 8, … candidates, at
+   most ``Options.lookahead`` evaluations per round. The window changes the schedule only.
+
+Only the datasets still running (or still searching) enter each call; finished datasets stop
+moving. Nothing inside vmapped code raises on values (``cholesky_ex``, ``solve_ex``, masks): V
+not positive definite gives ℓ = −∞ and a rejected candidate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from reml_fn.fit.boundaries import (
+    active_bounds,
+    at_bounds,
+    correlation_pairs,
+    negligible_to_floor,
+    propose,
+    working_system,
+)
+from reml_fn.fit.problem import RUNNING, Batch, EngineCalls, check_batch_inputs, put, read_init, screen
+from reml_fn.fit.result import FitResult, build_result
+from reml_fn.fit.start import variance_rates
+from reml_fn.fit.step import (
+    EXPANSION_MULTIPLIERS,
+    STEP_FRACTIONS,
+    Options,
+    accepts,
+    candidate_steps,
+    converged,
+    expands,
+    first_local_maximum,
+    loglik_resolution,
+    newton_direction,
+    polish_accepts,
+    predicted_gain,
+    relaxed,
+    stiffened,
+    stuck_status,
+)
+from reml_fn.params import constrain, param_names, unflatten_params
+from reml_fn.reml.engines import select_engine
+
+__all__ = ["iterate", "run_chunk", "concatenate", "Iterate", "solve"]
+
+# Candidates per damping level in candidate_steps (fractions, then two block steps): only sizes the
+# windows; the bookkeeping uses the number candidate_steps actually yields.
+SLOTS_PER_LEVEL = len(STEP_FRACTIONS) + 2
+
+
+class Iterate(NamedTuple):
+    """What one iteration decided for the running datasets (rows in ``running`` order)."""
+
+    theta: Tensor
+    loglik: Tensor
+    score: Tensor
+    ai: Tensor
+    damping: Tensor
+    moved: Tensor  # bool: an accepted step (line search or polishing)
+    status: Tensor  # RUNNING, 0, 2 or 5
+    searched: Tensor  # how many candidates the line search evaluated (0 when converged)
+
+
+def _rows(system, index: Tensor):
+    return type(system)(*(field[index] for field in system))
+
+
+def _sequence(score, ai, active, scaled, damping, levels: int, max_step: float):
+    """The next ``levels`` damping levels of each dataset's candidate sequence (fit's order):
+    steps (O, levels·J, k), ok (O, levels·J), and the damping λ of each level (O, levels)."""
+    steps, oks, lambdas = [], [], []
+    for _ in range(levels):
+        level_steps, level_ok = zip(*candidate_steps(score, ai, active, scaled, damping, max_step))
+        steps.append(torch.stack(level_steps, 1))
+        oks.append(torch.stack(level_ok, 1))
+        lambdas.append(damping)
+        damping = stiffened(damping)
+    return torch.cat(steps, 1), torch.cat(oks, 1), torch.stack(lambdas, 1)
+
+
+def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -> Iterate:
+    """One AI-REML iteration for every dataset of ``batch`` (all running), deciding exactly what
+    the sequential search decides: convergence and polishing by :func:`~reml_fn.fit.step.converged`;
+    otherwise each dataset walks its own candidate sequence (damping level λ, slot in
+    :func:`~reml_fn.fit.step.candidate_steps`) and takes the first candidate that
+    :func:`~reml_fn.fit.step.accepts`, evaluating windows of that sequence in vmapped calls
+    (``options.lookahead``); a dataset that exhausts ``max_tries`` levels stops
+    (:func:`~reml_fn.fit.step.stuck_status`).
+    """
+    max_step, max_tries, tol = options.max_step, options.max_tries, options.tol
+    theta, score, ai = state["theta"], state["score"], state["ai"]
+    lower, upper, scaled, ll_now = state["lower"], state["upper"], state["scaled"], state["loglik"]
+    damping, hint = state["damping"], state["searched"]
+    R, k = theta.shape
+    J = SLOTS_PER_LEVEL  # corrected below to what candidate_steps yields
+    device = theta.device
+    pairs = state["pairs"]
+    # The line search runs in working coordinates (correlations as atanh ρ), bounds held.
+    system = working_system(theta, score, ai, lower, upper, scaled, pairs)
+    # Variances that cannot gain anything resolvable before their floor go there and are held.
+    snap = negligible_to_floor(system, state["rates"], loglik_resolution(ll_now))
+    active = active_bounds(system.theta, system.score, system.lower, system.upper) | snap
+    newton = newton_direction(system.score, system.ai, active)
+    step_now = newton.delta
+    polishing = converged(newton, ll_now, tol)
+    searching = ~polishing
+    status = torch.where(polishing, 0, RUNNING)  # converged; the polishing step moves them or not
+
+    level = torch.zeros(R, dtype=torch.long, device=device)  # damping levels already exhausted
+    position = torch.zeros(R, dtype=torch.long, device=device)  # next slot within the level
+    searched = torch.zeros(R, dtype=torch.long, device=device)  # candidates evaluated so far
+    moved = torch.zeros(R, dtype=torch.bool, device=device)
+    new_theta = theta.clone()
+    new_ll, new_score, new_ai = ll_now.clone(), score.clone(), ai.clone()
+    needs_terms = torch.zeros(R, dtype=torch.bool, device=device)
+    # The accepted line-search step of each dataset, its ℓ and predicted gain (for expansion).
+    taken_step, taken_ll = torch.zeros_like(theta), ll_now.clone()
+    taken_predicted = torch.zeros_like(ll_now)
+    # Terminates: every round, each open dataset evaluates a candidate or passes a damping level.
+    for round_ in itertools.count():
+        open_ = torch.nonzero(searching & ~moved).flatten()
+        polish = torch.nonzero(polishing).flatten() if round_ == 0 else open_[:0]
+        if open_.numel() == 0 and polish.numel() == 0:
+            break
+        share = max(1, options.lookahead // max(1, open_.numel()))
+        if round_ == 0:
+            window = hint[open_].clamp(1, share)
+        else:
+            window = torch.full_like(open_, min(2**round_, share))
+        # Damping levels spanned by each window (from its position in the current level); a window
+        # short of eligible candidates there resumes at the next level in the next round.
+        span = int((position[open_] + window).max()) if open_.numel() else 1
+        levels = min(max_tries, -(-span // J))
+        steps, oks, lambdas = _sequence(
+            system.score[open_], system.ai[open_], active[open_], system.scaled[open_], damping[open_], levels, max_step
+        )
+        J = steps.shape[1] // levels
+        order = torch.arange(steps.shape[1], device=device)
+        level_of = order // J
+        eligible = oks & (order >= position[open_].unsqueeze(-1))
+        eligible = eligible & (level[open_].unsqueeze(-1) + level_of < max_tries)
+        rank = eligible.cumsum(-1) - 1
+        chosen = eligible & (rank < window.unsqueeze(-1))  # the next `window` eligible candidates
+        rows, cols = torch.nonzero(chosen, as_tuple=True)
+        who = open_[rows]
+        proposals, taken = propose(_rows(system, who), steps[rows, cols], pairs, snap[who])
+        polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
+
+        # Evaluate: AI terms for single-candidate windows of round 0 (and polishing), ℓ otherwise.
+        with_terms = (window[rows] == 1) if round_ == 0 else torch.zeros_like(rows, dtype=torch.bool)
+        values = torch.empty(rows.shape[0], dtype=theta.dtype, device=device)
+        terms_index = torch.nonzero(with_terms).flatten()
+        plain_index = torch.nonzero(~with_terms).flatten()
+        terms = None
+        if terms_index.numel() or polish.numel():
+            points = torch.cat([proposals[terms_index], polished])
+            terms = batch.take(torch.cat([who[terms_index], polish])).map(engine.terms, points)
+            values = values.index_put((terms_index,), terms.loglik[: terms_index.shape[0]])
+        if plain_index.numel():
+            plain = batch.take(who[plain_index]).map(engine.loglik, proposals[plain_index])
+            values = values.index_put((plain_index,), plain)
+        # The quadratic model covers the free step; a snap's gain is below round-off by definition.
+        predicted = predicted_gain(system.score[who], system.ai[who], torch.where(snap[who], 0.0, taken))
+        ok = accepts(values, ll_now[who], predicted)
+
+        # Per dataset: the first acceptable candidate of its window (candidates are in order).
+        first = torch.full((open_.shape[0],), steps.shape[1], dtype=torch.long, device=device)
+        first = first.scatter_reduce(0, rows[ok], cols[ok], reduce="amin")
+        found = first < steps.shape[1]
+        winner_rows = torch.nonzero(found).flatten()
+        table = torch.full(steps.shape[:2], -1, dtype=torch.long, device=device)
+        table = table.index_put((rows, cols), torch.arange(rows.shape[0], device=device))
+        pick = table[winner_rows, first[winner_rows]]  # index of the winner among the evaluated
+        winners = open_[winner_rows]
+        moved = put(moved, winners, torch.ones_like(winners, dtype=torch.bool))
+        new_theta = put(new_theta, winners, proposals[pick])
+        damping = put(damping, winners, relaxed(lambdas[winner_rows, level_of[first[winner_rows]]]))
+        searched = put(searched, winners, searched[winners] + rank[winner_rows, first[winner_rows]] + 1)
+        taken_step = put(taken_step, winners, taken[pick])
+        taken_ll = put(taken_ll, winners, values[pick])
+        taken_predicted = put(taken_predicted, winners, predicted[pick])
+        if terms is not None:
+            slot_in_terms = torch.full((rows.shape[0],), -1, dtype=torch.long, device=device)
+            slot_in_terms = slot_in_terms.index_put((terms_index,), torch.arange(terms_index.shape[0], device=device))
+            taken = slot_in_terms[pick]
+            direct = taken >= 0
+            new_ll = put(new_ll, winners[direct], terms.loglik[taken[direct]])
+            new_score = put(new_score, winners[direct], terms.score[taken[direct]])
+            new_ai = put(new_ai, winners[direct], terms.ai[taken[direct]])
+            needs_terms = put(needs_terms, winners[~direct], torch.ones_like(winners[~direct], dtype=torch.bool))
+        else:
+            needs_terms = put(needs_terms, winners, torch.ones_like(winners, dtype=torch.bool))
+
+        # The others continue after the last candidate they evaluated (or after the levels seen).
+        losers = torch.nonzero(~found).flatten()
+        if losers.numel():
+            lost = open_[losers]
+            evaluated_count = chosen[losers].sum(-1)
+            searched = put(searched, lost, searched[lost] + evaluated_count)
+            last = torch.where(chosen[losers], order, -1).amax(-1)
+            resume = torch.where(evaluated_count < window[losers], torch.full_like(last, steps.shape[1]), last + 1)
+            advance = resume // J
+            lam = lambdas[losers].gather(1, advance.clamp(max=levels - 1).unsqueeze(1)).squeeze(1)
+            damping = put(damping, lost, torch.where(advance >= levels, stiffened(lam), lam))
+            level = put(level, lost, level[lost] + advance)
+            position = put(position, lost, resume % J)
+            gave_up = lost[level[lost] >= max_tries]
+            searching = put(searching, gave_up, torch.zeros_like(gave_up, dtype=torch.bool))
+            status = put(status, gave_up, stuck_status(newton.definite[gave_up]))
+
+        # Polishing: converged either way, moved only where ℓ did not decrease.
+        if polish.numel():
+            offset = terms_index.shape[0]
+            ok_polish = polish_accepts(terms.loglik[offset:], ll_now[polish])
+            moved_polish = polish[ok_polish]
+            moved = put(moved, moved_polish, torch.ones_like(moved_polish, dtype=torch.bool))
+            new_theta = put(new_theta, moved_polish, polished[ok_polish])
+            new_ll = put(new_ll, moved_polish, terms.loglik[offset:][ok_polish])
+            new_score = put(new_score, moved_polish, terms.score[offset:][ok_polish])
+            new_ai = put(new_ai, moved_polish, terms.ai[offset:][ok_polish])
+
+    # Expansion: where the accepted step gained well beyond the quadratic model, try multiples of
+    # it in one evaluation and keep the first local maximum of ℓ along the ray.
+    longer = torch.nonzero(moved & searching & expands(taken_ll - ll_now, taken_predicted, ll_now)).flatten()
+    if longer.numel():
+        multipliers = torch.tensor(EXPANSION_MULTIPLIERS, dtype=theta.dtype, device=device)
+        M = multipliers.shape[0]
+        who = longer.repeat_interleave(M)
+        ray, _ = propose(
+            _rows(system, who), multipliers.repeat(longer.shape[0]).unsqueeze(-1) * taken_step[who], pairs, snap[who]
+        )
+        along = batch.take(who).map(engine.loglik, ray).reshape(-1, M)
+        best = first_local_maximum(torch.cat([taken_ll[longer].unsqueeze(-1), along], -1))
+        farther = best > 0
+        chosen_rows = longer[farther]
+        picked = ray.reshape(-1, M, k)[farther, best[farther] - 1]
+        new_theta = put(new_theta, chosen_rows, picked)
+        needs_terms = put(needs_terms, chosen_rows, torch.ones_like(chosen_rows, dtype=torch.bool))
+    later = torch.nonzero(needs_terms).flatten()
+    if later.numel():
+        terms = batch.take(later).map(engine.terms, new_theta[later])
+        new_ll = put(new_ll, later, terms.loglik)
+        new_score = put(new_score, later, terms.score)
+        new_ai = put(new_ai, later, terms.ai)
+    return Iterate(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched)
+
+
+def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCalls, options: Options, verbose: int):
+    """Fit every dataset of ``batch``: screen, start, iterate until each has a status, then the
+    final quantities. Returns a dict of per-dataset fields (leading dimension C = batch size)."""
+    C, device, dtype = batch.size, batch.Y.device, batch.Y.dtype
+    max_iter = options.max_iter
+    k, p = len(param_names(template)), batch.X.shape[-1]
+
+    def filled(*shape):
+        return torch.full((C, *shape), math.nan, dtype=dtype, device=device)
+
+    status, residual_variance = screen(batch, torch.full((C,), RUNNING, dtype=torch.long, device=device))
+    state = {"theta": filled(k), "lower": filled(k), "upper": filled(k), "loglik": filled(), "score": filled(k)}
+    state["ai"] = filled(k, k)
+    good = torch.nonzero(status == RUNNING).flatten()
+    if good.numel():
+        batch = batch.prepare(engine)
+        sub = batch.take(good)
+        # The default start is on the data's scale: it sets the variance floors whatever init is.
+        reference = sub.map(engine.start, residual_variance[good])
+        start = reference if init_flat is None else init_flat[good]
+        low, up = sub.map(engine.bounds, reference, start)
+        first = sub.map(engine.terms, start)
+        for key, value in (
+            ("theta", start),
+            ("lower", low),
+            ("upper", up),
+            ("loglik", first.loglik),
+            ("score", first.score),
+            ("ai", first.ai),
+        ):
+            state[key] = put(state[key], good, value)
+        status = put(status, good, torch.where(torch.isfinite(first.loglik), RUNNING, 3))
+        status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
+    state["scaled"] = torch.isfinite(state["lower"]) | torch.isfinite(state["upper"])  # log/logit scale
+    pairs = correlation_pairs(template)
+    rates = variance_rates(template)
+    state["damping"] = torch.zeros(C, dtype=dtype, device=device)
+    state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration
+    n_iter = torch.zeros(C, dtype=torch.long, device=device)
+    history = {"loglik": [state["loglik"]], "params": [state["theta"]], "step": [torch.zeros_like(state["theta"])]}
+
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc=f"AI-REML ×{C}", leave=False)
+    for iteration in range(max_iter):
+        running = torch.nonzero(status == RUNNING).flatten()
+        if running.numel() == 0:
+            break
+        rows = {key: value[running] for key, value in state.items()}
+        rows["pairs"] = pairs  # shared by every dataset, not indexed
+        rows["rates"] = rates
+        step = iterate(batch.take(running), engine, rows, options)
+        previous = state["theta"]
+        for key in ("theta", "loglik", "score", "ai", "damping"):
+            state[key] = put(state[key], running, getattr(step, key))
+        state["searched"] = put(state["searched"], running, step.searched.clamp(min=1))
+        n_iter = put(n_iter, running, n_iter[running] + step.moved.to(torch.long))
+        status = put(status, running, step.status)
+        status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
+        history["step"].append(put(torch.zeros_like(previous), running, step.theta - previous[running]))
+        history["loglik"].append(state["loglik"])
+        history["params"].append(state["theta"])
+        if bar is not None:
+            counts = {"running": int((status == RUNNING).sum()), "converged": int((status == 0).sum())}
+            bar.update(1)
+            bar.set_postfix(**counts)
+            if verbose >= 2:
+                bar.write(_progress_line(iteration + 1, counts, state))
+    if bar is not None:
+        bar.close()
+    status = torch.where(status == RUNNING, 1, status)
+
+    # Final quantities at the returned points; datasets never fitted keep NaN estimates.
+    theta = state["theta"]
+    beta, vcov = filled(p), filled(p, p)
+    fitted = torch.nonzero((status <= 2) | (status == 5) | (status == OVERFLOW)).flatten()
+    if fitted.numel():
+        b_fit, v_fit = batch.take(fitted).map(engine.gls, theta[fitted])
+        beta, vcov = put(beta, fitted, b_fit), put(vcov, fitted, v_fit)
+    params, natural = {}, {}  # a structure without free parameters
+    if k:
+        params = torch.func.vmap(lambda t: unflatten_params(template, t))(theta)
+        natural = torch.func.vmap(lambda tree: constrain(template, tree))(params)
+    return {
+        "params": params,
+        "natural": natural,
+        "beta": beta,
+        "vcov_beta": vcov,
+        "score": state["score"],
+        "ai": state["ai"],
+        "loglik": state["loglik"],
+        "status": status,
+        "at_boundary": at_bounds(theta, state["lower"], state["upper"], pairs),
+        "n_iter": n_iter,
+        "history": {name: torch.stack(rows, 1) for name, rows in history.items()},
+    }
+
+
+# Status of a fit whose score or AI matrix is not finite where ℓ is (STATUS[8]).
+OVERFLOW = 8
+
+
+def _finite_terms(state: dict) -> Tensor:
+    """(C,) whether each dataset's score and AI matrix are finite (they overflow before ℓ does)."""
+    return torch.isfinite(state["score"]).all(-1) & torch.isfinite(state["ai"]).flatten(1).all(-1)
+
+
+def _progress_line(iteration: int, counts: dict, state: dict) -> str:
+    if state["loglik"].shape[0] == 1:  # one dataset: its log-likelihood, score and damping
+        return (
+            f"iter {iteration:3d}  logLik {float(state['loglik'][0]):.8f}  "
+            f"|score| {float(state['score'][0].abs().max()):.3e}  damping {float(state['damping'][0]):.1e}"
+        )
+    return f"iter {iteration:3d}  running {counts['running']:6d}  converged {counts['converged']:6d}"
+
+
+def _pad_history(tensor: Tensor, length: int, zeros: bool) -> Tensor:
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    tail = tensor[:, -1:].expand(tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, torch.zeros_like(tail) if zeros else tail], 1)
+
+
+def concatenate(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    length = max(part["history"]["loglik"].shape[1] for part in parts)
+    out = {}
+    for key in parts[0]:
+        if key == "history":
+            out[key] = {
+                name: torch.cat([_pad_history(p[key][name], length, zeros=name == "step") for p in parts])
+                for name in parts[0][key]
+            }
+        else:
+            out[key] = pytree.tree_map(lambda *leaves: torch.cat(leaves), *[p[key] for p in parts])
+    return out
+
+
+def solve(
+    s,
+    Y: Tensor,
+    X: Tensor,
+    init,
+    *,
+    in_dims,
+    x_names,
+    jacobian: str,
+    engine: str,
+    options: Options,
+    chunk_size: int | None,
+    verbose: int,
+) -> FitResult:
+    """Check the inputs, read ``init``, and fit the B datasets of Y chunk by chunk: the one path
+    behind ``fit`` (B = 1) and ``fit_batched``. Returns the batched :class:`FitResult`."""
+    template, dims, spec = check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size)
+    B, n = Y.shape
+    p = X.shape[-1]
+    names = param_names(template)
+    chosen = select_engine(template, engine)
+    calls = EngineCalls(chosen, jacobian)
+    init_flat = read_init(template, init, B, Y.dtype, Y.device)
+    batch = Batch(s, dims, spec, Y, X, X.dim() == 3)
+    size = B if chunk_size is None else chunk_size
+    parts = []
+    # A host loop on small tensors: inference mode saves autograd's per-operation bookkeeping;
+    # the results are cloned out of it, so they are ordinary tensors.
+    with torch.inference_mode():
+        for start in range(0, B, size):
+            stop = min(B, start + size)
+            part_init = None if init_flat is None else init_flat[start:stop]
+            chunk = batch if (start, stop) == (0, B) else batch.slice(start, stop)
+            parts.append(run_chunk(template, chunk, part_init, calls, options, verbose))
+        out = concatenate(parts)
+    out = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, out)
+    return build_result(out, names, x_names, chosen.name, n, p, Y.dtype)
