@@ -35,19 +35,23 @@ from reml_fn.fit.boundaries import (
     active_bounds,
     at_bounds,
     correlation_pairs,
+    information_scale,
     negligible_to_floor,
     propose,
+    silent_at_floor,
     working_system,
 )
 from reml_fn.fit.problem import RUNNING, Batch, EngineCalls, check_batch_inputs, put, read_init, screen
 from reml_fn.fit.result import FitResult, build_result
-from reml_fn.fit.start import variance_rates
+from reml_fn.fit.start import variance_floor, variance_rates
 from reml_fn.fit.step import (
     EXPANSION_MULTIPLIERS,
     STEP_FRACTIONS,
+    Newton,
     Options,
     accepts,
     candidate_steps,
+    capped,
     converged,
     expands,
     first_local_maximum,
@@ -59,7 +63,7 @@ from reml_fn.fit.step import (
     stiffened,
     stuck_status,
 )
-from reml_fn.params import constrain, param_names, unflatten_params
+from reml_fn.params import param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
 
 __all__ = ["iterate", "run_chunk", "concatenate", "Iterate", "solve"]
@@ -67,6 +71,10 @@ __all__ = ["iterate", "run_chunk", "concatenate", "Iterate", "solve"]
 # Candidates per damping level in candidate_steps (fractions, then two block steps): only sizes the
 # windows; the bookkeeping uses the number candidate_steps actually yields.
 SLOTS_PER_LEVEL = len(STEP_FRACTIONS) + 2
+
+
+# Variances whose remaining gain is below SNAP_MARGIN × the round-off of ℓ go to their floor.
+SNAP_MARGIN = 10.0
 
 
 class Iterate(NamedTuple):
@@ -80,18 +88,22 @@ class Iterate(NamedTuple):
     moved: Tensor  # bool: an accepted step (line search or polishing)
     status: Tensor  # RUNNING, 0, 2 or 5
     searched: Tensor  # how many candidates the line search evaluated (0 when converged)
+    understated: Tensor  # bool: the accepted step gained well beyond the quadratic model
 
 
 def _rows(system, index: Tensor):
     return type(system)(*(field[index] for field in system))
 
 
-def _sequence(score, ai, active, scaled, damping, levels: int, max_step: float):
+def _sequence(score, ai, active, scaled, damping, levels: int, max_step: float, newton: Newton):
     """The next ``levels`` damping levels of each dataset's candidate sequence (fit's order):
-    steps (O, levels·J, k), ok (O, levels·J), and the damping λ of each level (O, levels)."""
+    steps (O, levels·J, k), ok (O, levels·J), and the damping λ of each level (O, levels).
+    ``newton``: the Newton direction at this point (the undamped level reuses it)."""
     steps, oks, lambdas = [], [], []
-    for _ in range(levels):
-        level_steps, level_ok = zip(*candidate_steps(score, ai, active, scaled, damping, max_step))
+    for level in range(levels):
+        level_steps, level_ok = zip(
+            *candidate_steps(score, ai, active, scaled, damping, max_step, newton if level == 0 else None)
+        )
         steps.append(torch.stack(level_steps, 1))
         oks.append(torch.stack(level_ok, 1))
         lambdas.append(damping)
@@ -116,16 +128,26 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     J = SLOTS_PER_LEVEL  # corrected below to what candidate_steps yields
     device = theta.device
     pairs = state["pairs"]
-    # The line search runs in working coordinates (correlations as atanh ρ), bounds held.
+    # The line search runs in working coordinates (covariances as correlations ρ), bounds held.
     system = working_system(theta, score, ai, lower, upper, scaled, pairs)
     # Variances that cannot gain anything resolvable before their floor go there and are held.
-    snap = negligible_to_floor(system, state["rates"], loglik_resolution(ll_now))
+    # (With a margin over the acceptance test's round-off threshold, so that no step is left that
+    # could gain only what round-off hides: that would end in a failed line search instead.)
+    snap = negligible_to_floor(system, state["rates"], SNAP_MARGIN * loglik_resolution(ll_now), max_step)
     active = active_bounds(system.theta, system.score, system.lower, system.upper) | snap
-    newton = newton_direction(system.score, system.ai, active)
+    floor = variance_floor(theta.dtype)
+    scale = information_scale(system.theta, system.lower, state["rates"], floor)
+    newton = newton_direction(system.score, system.ai, active, scale)
     step_now = newton.delta
     polishing = converged(newton, ll_now, tol)
+    # Converged over the others, with a variance at its floor that the data do not inform: the
+    # model is not identifiable (status 5), not estimated at the boundary.
+    unidentified = polishing
+    if bool(polishing.any()):
+        unidentified = polishing & silent_at_floor(theta, ai, lower, state["rates"], floor, snap).any(-1)
     searching = ~polishing
-    status = torch.where(polishing, 0, RUNNING)  # converged; the polishing step moves them or not
+    # Converged (0) or not identifiable (5); the polishing step moves them or not.
+    status = torch.where(polishing, torch.where(unidentified, 5, 0), RUNNING)
 
     level = torch.zeros(R, dtype=torch.long, device=device)  # damping levels already exhausted
     position = torch.zeros(R, dtype=torch.long, device=device)  # next slot within the level
@@ -148,90 +170,129 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
             window = hint[open_].clamp(1, share)
         else:
             window = torch.full_like(open_, min(2**round_, share))
-        # Damping levels spanned by each window (from its position in the current level); a window
-        # short of eligible candidates there resumes at the next level in the next round.
-        span = int((position[open_] + window).max()) if open_.numel() else 1
-        levels = min(max_tries, -(-span // J))
-        steps, oks, lambdas = _sequence(
-            system.score[open_], system.ai[open_], active[open_], system.scaled[open_], damping[open_], levels, max_step
-        )
-        J = steps.shape[1] // levels
-        order = torch.arange(steps.shape[1], device=device)
-        level_of = order // J
-        eligible = oks & (order >= position[open_].unsqueeze(-1))
-        eligible = eligible & (level[open_].unsqueeze(-1) + level_of < max_tries)
-        rank = eligible.cumsum(-1) - 1
-        chosen = eligible & (rank < window.unsqueeze(-1))  # the next `window` eligible candidates
-        rows, cols = torch.nonzero(chosen, as_tuple=True)
-        who = open_[rows]
-        proposals, taken = propose(_rows(system, who), steps[rows, cols], pairs, snap[who])
-        polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
-
-        # Evaluate: AI terms for single-candidate windows of round 0 (and polishing), ℓ otherwise.
-        with_terms = (window[rows] == 1) if round_ == 0 else torch.zeros_like(rows, dtype=torch.bool)
-        values = torch.empty(rows.shape[0], dtype=theta.dtype, device=device)
-        terms_index = torch.nonzero(with_terms).flatten()
-        plain_index = torch.nonzero(~with_terms).flatten()
-        terms = None
-        if terms_index.numel() or polish.numel():
-            points = torch.cat([proposals[terms_index], polished])
-            terms = batch.take(torch.cat([who[terms_index], polish])).map(engine.terms, points)
-            values = values.index_put((terms_index,), terms.loglik[: terms_index.shape[0]])
-        if plain_index.numel():
-            plain = batch.take(who[plain_index]).map(engine.loglik, proposals[plain_index])
-            values = values.index_put((plain_index,), plain)
-        # The quadratic model covers the free step; a snap's gain is below round-off by definition.
-        predicted = predicted_gain(system.score[who], system.ai[who], torch.where(snap[who], 0.0, taken))
-        ok = accepts(values, ll_now[who], predicted)
-
-        # Per dataset: the first acceptable candidate of its window (candidates are in order).
-        first = torch.full((open_.shape[0],), steps.shape[1], dtype=torch.long, device=device)
-        first = first.scatter_reduce(0, rows[ok], cols[ok], reduce="amin")
-        found = first < steps.shape[1]
-        winner_rows = torch.nonzero(found).flatten()
-        table = torch.full(steps.shape[:2], -1, dtype=torch.long, device=device)
-        table = table.index_put((rows, cols), torch.arange(rows.shape[0], device=device))
-        pick = table[winner_rows, first[winner_rows]]  # index of the winner among the evaluated
-        winners = open_[winner_rows]
-        moved = put(moved, winners, torch.ones_like(winners, dtype=torch.bool))
-        new_theta = put(new_theta, winners, proposals[pick])
-        damping = put(damping, winners, relaxed(lambdas[winner_rows, level_of[first[winner_rows]]]))
-        searched = put(searched, winners, searched[winners] + rank[winner_rows, first[winner_rows]] + 1)
-        taken_step = put(taken_step, winners, taken[pick])
-        taken_ll = put(taken_ll, winners, values[pick])
-        taken_predicted = put(taken_predicted, winners, predicted[pick])
-        if terms is not None:
-            slot_in_terms = torch.full((rows.shape[0],), -1, dtype=torch.long, device=device)
-            slot_in_terms = slot_in_terms.index_put((terms_index,), torch.arange(terms_index.shape[0], device=device))
-            taken = slot_in_terms[pick]
-            direct = taken >= 0
-            new_ll = put(new_ll, winners[direct], terms.loglik[taken[direct]])
-            new_score = put(new_score, winners[direct], terms.score[taken[direct]])
-            new_ai = put(new_ai, winners[direct], terms.ai[taken[direct]])
-            needs_terms = put(needs_terms, winners[~direct], torch.ones_like(winners[~direct], dtype=torch.bool))
+        if round_ == 0 and bool(((window == 1) & (damping[open_] == 0) & newton.definite[open_]).all()):
+            # The usual first round: every open dataset's first candidate is its capped Newton
+            # step, evaluated with its AI terms. The general round below decides the same; this
+            # one skips building the candidate sequence.
+            step = capped(newton.delta[open_], system.scaled[open_], max_step)
+            proposals, taken = propose(_rows(system, open_), step, pairs, snap[open_])
+            everyone = torch.cat([open_, polish])
+            points = proposals
+            if polish.numel():
+                polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
+                points = torch.cat([proposals, polished])
+            terms = batch.take(everyone).map(engine.terms, points)
+            offset = open_.shape[0]
+            values = terms.loglik[:offset]
+            predicted = predicted_gain(system.score[open_], system.ai[open_], torch.where(snap[open_], 0.0, taken))
+            ok = accepts(values, ll_now[open_], predicted)
+            winners, losers = open_[ok], open_[~ok]
+            moved = put(moved, winners, torch.ones_like(winners, dtype=torch.bool))
+            new_theta = put(new_theta, winners, proposals[ok])
+            # λ stays 0 (relaxed(0) = 0); one candidate evaluated by everybody.
+            searched = put(searched, open_, torch.ones_like(open_))
+            taken_step = put(taken_step, winners, taken[ok])
+            taken_ll = put(taken_ll, winners, values[ok])
+            taken_predicted = put(taken_predicted, winners, predicted[ok])
+            new_ll = put(new_ll, winners, values[ok])
+            new_score = put(new_score, winners, terms.score[:offset][ok])
+            new_ai = put(new_ai, winners, terms.ai[:offset][ok])
+            position = put(position, losers, torch.ones_like(losers))  # next: slot 1 of level 0
         else:
-            needs_terms = put(needs_terms, winners, torch.ones_like(winners, dtype=torch.bool))
+            # Damping levels spanned by each window (from its position in the current level); a window
+            # short of eligible candidates there resumes at the next level in the next round.
+            span = int((position[open_] + window).max()) if open_.numel() else 1
+            levels = min(max_tries, -(-span // J))
+            steps, oks, lambdas = _sequence(
+                system.score[open_],
+                system.ai[open_],
+                active[open_],
+                system.scaled[open_],
+                damping[open_],
+                levels,
+                max_step,
+                Newton(*(field[open_] for field in newton)),
+            )
+            J = steps.shape[1] // levels
+            order = torch.arange(steps.shape[1], device=device)
+            level_of = order // J
+            eligible = oks & (order >= position[open_].unsqueeze(-1))
+            eligible = eligible & (level[open_].unsqueeze(-1) + level_of < max_tries)
+            rank = eligible.cumsum(-1) - 1
+            chosen = eligible & (rank < window.unsqueeze(-1))  # the next `window` eligible candidates
+            rows, cols = torch.nonzero(chosen, as_tuple=True)
+            who = open_[rows]
+            proposals, taken = propose(_rows(system, who), steps[rows, cols], pairs, snap[who])
+            polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
 
-        # The others continue after the last candidate they evaluated (or after the levels seen).
-        losers = torch.nonzero(~found).flatten()
-        if losers.numel():
-            lost = open_[losers]
-            evaluated_count = chosen[losers].sum(-1)
-            searched = put(searched, lost, searched[lost] + evaluated_count)
-            last = torch.where(chosen[losers], order, -1).amax(-1)
-            resume = torch.where(evaluated_count < window[losers], torch.full_like(last, steps.shape[1]), last + 1)
-            advance = resume // J
-            lam = lambdas[losers].gather(1, advance.clamp(max=levels - 1).unsqueeze(1)).squeeze(1)
-            damping = put(damping, lost, torch.where(advance >= levels, stiffened(lam), lam))
-            level = put(level, lost, level[lost] + advance)
-            position = put(position, lost, resume % J)
-            gave_up = lost[level[lost] >= max_tries]
-            searching = put(searching, gave_up, torch.zeros_like(gave_up, dtype=torch.bool))
-            status = put(status, gave_up, stuck_status(newton.definite[gave_up]))
+            # Evaluate: AI terms for single-candidate windows of round 0 (and polishing), ℓ otherwise.
+            with_terms = (window[rows] == 1) if round_ == 0 else torch.zeros_like(rows, dtype=torch.bool)
+            values = torch.empty(rows.shape[0], dtype=theta.dtype, device=device)
+            terms_index = torch.nonzero(with_terms).flatten()
+            plain_index = torch.nonzero(~with_terms).flatten()
+            terms = None
+            if terms_index.numel() or polish.numel():
+                points = torch.cat([proposals[terms_index], polished])
+                terms = batch.take(torch.cat([who[terms_index], polish])).map(engine.terms, points)
+                values = values.index_put((terms_index,), terms.loglik[: terms_index.shape[0]])
+            if plain_index.numel():
+                plain = batch.take(who[plain_index]).map(engine.loglik, proposals[plain_index])
+                values = values.index_put((plain_index,), plain)
+            # The quadratic model covers the free step; a snap's gain is below round-off by definition.
+            predicted = predicted_gain(system.score[who], system.ai[who], torch.where(snap[who], 0.0, taken))
+            ok = accepts(values, ll_now[who], predicted)
+
+            # Per dataset: the first acceptable candidate of its window (candidates are in order).
+            first = torch.full((open_.shape[0],), steps.shape[1], dtype=torch.long, device=device)
+            first = first.scatter_reduce(0, rows[ok], cols[ok], reduce="amin")
+            found = first < steps.shape[1]
+            winner_rows = torch.nonzero(found).flatten()
+            table = torch.full(steps.shape[:2], -1, dtype=torch.long, device=device)
+            table = table.index_put((rows, cols), torch.arange(rows.shape[0], device=device))
+            pick = table[winner_rows, first[winner_rows]]  # index of the winner among the evaluated
+            winners = open_[winner_rows]
+            moved = put(moved, winners, torch.ones_like(winners, dtype=torch.bool))
+            new_theta = put(new_theta, winners, proposals[pick])
+            damping = put(damping, winners, relaxed(lambdas[winner_rows, level_of[first[winner_rows]]]))
+            searched = put(searched, winners, searched[winners] + rank[winner_rows, first[winner_rows]] + 1)
+            taken_step = put(taken_step, winners, taken[pick])
+            taken_ll = put(taken_ll, winners, values[pick])
+            taken_predicted = put(taken_predicted, winners, predicted[pick])
+            if terms is not None:
+                slot_in_terms = torch.full((rows.shape[0],), -1, dtype=torch.long, device=device)
+                slot_in_terms = slot_in_terms.index_put(
+                    (terms_index,), torch.arange(terms_index.shape[0], device=device)
+                )
+                taken = slot_in_terms[pick]
+                direct = taken >= 0
+                new_ll = put(new_ll, winners[direct], terms.loglik[taken[direct]])
+                new_score = put(new_score, winners[direct], terms.score[taken[direct]])
+                new_ai = put(new_ai, winners[direct], terms.ai[taken[direct]])
+                needs_terms = put(needs_terms, winners[~direct], torch.ones_like(winners[~direct], dtype=torch.bool))
+            else:
+                needs_terms = put(needs_terms, winners, torch.ones_like(winners, dtype=torch.bool))
+
+            # The others continue after the last candidate they evaluated (or after the levels seen).
+            losers = torch.nonzero(~found).flatten()
+            if losers.numel():
+                lost = open_[losers]
+                evaluated_count = chosen[losers].sum(-1)
+                searched = put(searched, lost, searched[lost] + evaluated_count)
+                last = torch.where(chosen[losers], order, -1).amax(-1)
+                resume = torch.where(evaluated_count < window[losers], torch.full_like(last, steps.shape[1]), last + 1)
+                advance = resume // J
+                lam = lambdas[losers].gather(1, advance.clamp(max=levels - 1).unsqueeze(1)).squeeze(1)
+                damping = put(damping, lost, torch.where(advance >= levels, stiffened(lam), lam))
+                level = put(level, lost, level[lost] + advance)
+                position = put(position, lost, resume % J)
+                gave_up = lost[level[lost] >= max_tries]
+                searching = put(searching, gave_up, torch.zeros_like(gave_up, dtype=torch.bool))
+                status = put(status, gave_up, stuck_status(newton.definite[gave_up]))
+
+            offset = terms_index.shape[0]
 
         # Polishing: converged either way, moved only where ℓ did not decrease.
         if polish.numel():
-            offset = terms_index.shape[0]
             ok_polish = polish_accepts(terms.loglik[offset:], ll_now[polish])
             moved_polish = polish[ok_polish]
             moved = put(moved, moved_polish, torch.ones_like(moved_polish, dtype=torch.bool))
@@ -240,9 +301,12 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
             new_score = put(new_score, moved_polish, terms.score[offset:][ok_polish])
             new_ai = put(new_ai, moved_polish, terms.ai[offset:][ok_polish])
 
-    # Expansion: where the accepted step gained well beyond the quadratic model, try multiples of
-    # it in one evaluation and keep the first local maximum of ℓ along the ray.
-    longer = torch.nonzero(moved & searching & expands(taken_ll - ll_now, taken_predicted, ll_now)).flatten()
+    # Expansion: where the accepted step gained well beyond the quadratic model, twice in a row
+    # (once is common far from the optimum and costs nothing; persistently, the AI matrix
+    # overstates the curvature and the fit would creep), try multiples of the step in one
+    # evaluation and keep the first local maximum of ℓ along the ray.
+    understated = moved & searching & expands(taken_ll - ll_now, taken_predicted, ll_now)
+    longer = torch.nonzero(understated & state["understated"]).flatten()
     if longer.numel():
         multipliers = torch.tensor(EXPANSION_MULTIPLIERS, dtype=theta.dtype, device=device)
         M = multipliers.shape[0]
@@ -263,7 +327,7 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
         new_ll = put(new_ll, later, terms.loglik)
         new_score = put(new_score, later, terms.score)
         new_ai = put(new_ai, later, terms.ai)
-    return Iterate(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched)
+    return Iterate(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched, understated)
 
 
 def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCalls, options: Options, verbose: int):
@@ -304,6 +368,7 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
     rates = variance_rates(template)
     state["damping"] = torch.zeros(C, dtype=dtype, device=device)
     state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration
+    state["understated"] = torch.zeros(C, dtype=torch.bool, device=device)  # as Iterate.understated
     n_iter = torch.zeros(C, dtype=torch.long, device=device)
     history = {"loglik": [state["loglik"]], "params": [state["theta"]], "step": [torch.zeros_like(state["theta"])]}
 
@@ -316,18 +381,24 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         running = torch.nonzero(status == RUNNING).flatten()
         if running.numel() == 0:
             break
-        rows = {key: value[running] for key, value in state.items()}
+        everyone = running.numel() == C  # the usual case: no indexing needed
+        rows = dict(state) if everyone else {key: value[running] for key, value in state.items()}
         rows["pairs"] = pairs  # shared by every dataset, not indexed
         rows["rates"] = rates
-        step = iterate(batch.take(running), engine, rows, options)
+        step = iterate(batch if everyone else batch.take(running), engine, rows, options)
         previous = state["theta"]
+
+        def update(target, values, index=running, everyone=everyone):
+            return values.to(target.dtype) if everyone else put(target, index, values)
+
         for key in ("theta", "loglik", "score", "ai", "damping"):
-            state[key] = put(state[key], running, getattr(step, key))
-        state["searched"] = put(state["searched"], running, step.searched.clamp(min=1))
-        n_iter = put(n_iter, running, n_iter[running] + step.moved.to(torch.long))
-        status = put(status, running, step.status)
+            state[key] = update(state[key], getattr(step, key))
+        state["searched"] = update(state["searched"], step.searched.clamp(min=1))
+        state["understated"] = update(state["understated"], step.understated)
+        n_iter = update(n_iter, n_iter[running] + step.moved.to(torch.long))
+        status = update(status, step.status)
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
-        history["step"].append(put(torch.zeros_like(previous), running, step.theta - previous[running]))
+        history["step"].append(update(torch.zeros_like(previous), step.theta - previous[running]))
         history["loglik"].append(state["loglik"])
         history["params"].append(state["theta"])
         if bar is not None:
@@ -349,8 +420,10 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         beta, vcov = put(beta, fitted, b_fit), put(vcov, fitted, v_fit)
     params, natural = {}, {}  # a structure without free parameters
     if k:
-        params = torch.func.vmap(lambda t: unflatten_params(template, t))(theta)
-        natural = torch.func.vmap(lambda tree: constrain(template, tree))(params)
+        names = param_names(template)
+        transforms = [spec.transform for _, spec in param_specs(template) if not spec.fixed]
+        params = tree_from_names(names, theta.unbind(-1))
+        natural = tree_from_names(names, [t.forward(column) for t, column in zip(transforms, theta.unbind(-1))])
     return {
         "params": params,
         "natural": natural,
@@ -360,7 +433,8 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         "ai": state["ai"],
         "loglik": state["loglik"],
         "status": status,
-        "at_boundary": at_bounds(theta, state["lower"], state["upper"], pairs),
+        "at_boundary": at_bounds(theta, state["lower"], state["upper"], pairs)
+        & ~silent_at_floor(theta, state["ai"], state["lower"], rates, variance_floor(dtype)),
         "n_iter": n_iter,
         "history": {name: torch.stack(rows, 1) for name, rows in history.items()},
     }
@@ -429,7 +503,7 @@ def solve(
     p = X.shape[-1]
     names = param_names(template)
     chosen = select_engine(template, engine)
-    calls = EngineCalls(chosen, jacobian)
+    calls = EngineCalls(chosen, jacobian, tuple(names))
     init_flat = read_init(template, init, B, Y.dtype, Y.device)
     batch = Batch(s, dims, spec, Y, X, X.dim() == 3)
     size = B if chunk_size is None else chunk_size

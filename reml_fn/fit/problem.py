@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from reml_fn.fit.start import check_design, default_init, exact_linear_response, raw_bounds
-from reml_fn.params import param_names, unflatten_params
+from reml_fn.params import param_names, tree_from_names
 from reml_fn.reml.engines import prepared_data, prepared_keyword
 from reml_fn.reml.likelihood import check_data
 from reml_fn.structures.base import Structure
@@ -48,6 +48,7 @@ class Batch(NamedTuple):
     X: Tensor  # (n, p) shared or (C, n, p)
     x_batched: bool
     prepared: Any = None  # the engine's θ-independent data per dataset (leaves (C, …)), or None
+    single: Any = None  # a batch of one: its prepared data without the batch axis (cached)
 
     @property
     def size(self) -> int:
@@ -77,7 +78,7 @@ class Batch(NamedTuple):
         prepared = self.prepared
         if prepared is not None:
             prepared = pytree.tree_map(lambda leaf: leaf.index_select(0, index), prepared)
-        return self._replace(s=s, Y=self.Y.index_select(0, index), X=X, prepared=prepared)
+        return self._replace(s=s, Y=self.Y.index_select(0, index), X=X, prepared=prepared, single=None)
 
     def slice(self, start: int, stop: int) -> Batch:
         return self.take(torch.arange(start, stop, device=self.Y.device))
@@ -87,7 +88,9 @@ class Batch(NamedTuple):
         if self.size == 1:
             # One dataset (the tail of a batch): the plain call, without vmap's per-operation cost.
             s = dataset_structure(self.s, self.s_in_dims, 0) if self.s_in_dims is not None else self.s
-            prepared = None if self.prepared is None else pytree.tree_map(lambda leaf: leaf[0], self.prepared)
+            prepared = self.single
+            if prepared is None and self.prepared is not None:
+                prepared = pytree.tree_map(lambda leaf: leaf[0], self.prepared)
             X = self.X[0] if self.x_batched else self.X
             out = fn(s, self.Y[0], X, prepared, *(value[0] for value in per_dataset))
             return pytree.tree_map(lambda leaf: leaf.unsqueeze(0), out)
@@ -105,6 +108,8 @@ class Batch(NamedTuple):
         )
         if probe is None:  # this engine prepares nothing for this structure
             return self
+        if self.size == 1:  # the probe is this dataset's preparation
+            return self._replace(prepared=pytree.tree_map(lambda leaf: leaf.unsqueeze(0), probe), single=probe)
         return self._replace(prepared=self.map(engine.prepare))
 
 
@@ -245,8 +250,32 @@ def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None):
         check_design(X, x_names)
     for i, (leaf, d) in enumerate(zip(leaves, dims)):
         if d is None and isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
-            raise ValueError(f"the structure's shared data leaf {i} (shape {tuple(leaf.shape)}) contains NaN or inf")
+            rows = torch.nonzero(~torch.isfinite(leaf), as_tuple=True)[0].unique()[:10].tolist()
+            raise ValueError(
+                f"the structure's data {_leaf_path(s, i)} (shape {tuple(leaf.shape)}) contains NaN or inf "
+                f"(rows {rows}); drop or impute those observations"
+            )
     return template, dims, spec
+
+
+def _leaf_path(s, i: int) -> str:
+    """The i-th data leaf of ``s`` as a path such as ``Subject.covariates`` (for messages)."""
+    try:
+        path = pytree.tree_flatten_with_path(s)[0][i][0]
+    except Exception:  # a structure registered without key paths
+        return f"leaf {i}"
+    parts, node, names = [], s, None
+    for key in path:
+        value = next((getattr(key, a) for a in ("name", "key", "idx") if hasattr(key, a)), key)
+        if names is not None and isinstance(value, int):  # a named child of a combinator
+            parts.append(str(names[value]))
+            node, names = node[value], None
+            continue
+        names = getattr(node, "names", None) if value == "children" else None
+        node = getattr(node, str(value), None) if isinstance(value, str) else node[value]
+        if names is None:
+            parts.append(str(value))
+    return ".".join(parts) or f"leaf {i}"
 
 
 def read_init(s, init, B: int, dtype, device) -> Tensor | None:
@@ -341,7 +370,7 @@ def screen(batch: Batch, status: Tensor) -> tuple[Tensor, Tensor]:
     residual_variance = torch.full(status.shape, math.nan, dtype=batch.Y.dtype, device=batch.Y.device)
     if index.numel():
         sub = batch.take(index)
-        degenerate, variance = torch.func.vmap(exact_linear_response, in_dims=(0, sub.x_in_dim))(sub.Y, sub.X)
+        degenerate, variance = exact_linear_response(sub.Y, sub.X)
         status = status.index_put((index,), torch.where(degenerate, 6, status[index]))
         residual_variance = residual_variance.index_put((index,), variance)
     return status, residual_variance
@@ -353,19 +382,25 @@ def put(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
 
 
 class EngineCalls(NamedTuple):
-    """The vmappable per-dataset functions of the chosen engine."""
+    """The vmappable per-dataset functions of the chosen engine. ``names``: the free parameters
+    of the structure in ``param_names`` order, checked once, so that each call unflattens θ
+    without walking the structure again."""
 
     chosen: Any
     jacobian: str
+    names: tuple
+
+    def _params(self, theta):
+        return tree_from_names(self.names, theta)
 
     def prepare(self, s, y, X, prepared):
         return prepared_data(self.chosen, s, y, X)
 
     def terms(self, s, y, X, prepared, theta):
-        return self.chosen.ai_terms(s, unflatten_params(s, theta), y, X, self.jacobian, **prepared_keyword(prepared))
+        return self.chosen.ai_terms(s, self._params(theta), y, X, self.jacobian, **prepared_keyword(prepared))
 
     def loglik(self, s, y, X, prepared, theta):
-        return self.chosen.loglik(s, unflatten_params(s, theta), y, X, **prepared_keyword(prepared))
+        return self.chosen.loglik(s, self._params(theta), y, X, **prepared_keyword(prepared))
 
     def start(self, s, y, X, prepared, residual_variance):
         return default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
@@ -374,4 +409,4 @@ class EngineCalls(NamedTuple):
         return raw_bounds(s, reference, theta)
 
     def gls(self, s, y, X, prepared, theta):
-        return self.chosen.gls(s, unflatten_params(s, theta), y, X, **prepared_keyword(prepared))
+        return self.chosen.gls(s, self._params(theta), y, X, **prepared_keyword(prepared))

@@ -86,9 +86,10 @@ def _free_specs(s) -> list[ParamSpec]:
 
 
 def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
-    """s² = ‖y − X β̂_OLS‖² / (n − p)."""
-    beta = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
-    residual = y - X @ beta
+    """s² = ‖y − X β̂_OLS‖² / (n − p). Batched: y (…, n) with X (n, p) or (…, n, p)."""
+    design = X.expand(*y.shape[:-1], *X.shape[-2:]) if X.dim() < y.dim() + 1 else X
+    beta = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution
+    residual = y - (design @ beta).squeeze(-1)
     return (residual**2).sum(-1) / (y.shape[-1] - X.shape[-1])
 
 
@@ -104,7 +105,7 @@ def exact_linear_response(y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     The test is relative, ‖y − Xβ̂‖² ≤ (10·√n·ε)²·‖y‖² with ε the dtype's machine epsilon, so it
     gives the same answer on every BLAS (an exactly linear y leaves a residual of 0 or of round-off
     size depending on the library) and at every scale of y. A constant y with an intercept in X is
-    such a response. Pure and vmappable over y and X; :func:`check_inputs` (``fit``) raises on it,
+    such a response. Pure, batched (y (…, n), X (n, p) or (…, n, p)) and vmappable; :func:`check_inputs` (``fit``) raises on it,
     ``fit_batched`` flags the dataset with status 6.
 
     Example:

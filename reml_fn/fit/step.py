@@ -22,8 +22,8 @@ free parameters, s the score and AI the average information at θ (both in the c
   against the quadratic model, gain ≥ 10⁻⁴ · (sᵀΔ − ½ ΔᵀAIΔ), *and* exceed the round-off of ℓ,
   :func:`loglik_resolution`. A step that gains only round-off is no progress: damping grows.
 * **Expansion** (:func:`expands`, :func:`first_local_maximum`): where an accepted step gained
-  more than ``EXPANSION_RATIO`` × the quadratic model's prediction, the AI matrix overstates
-  the curvature along it (seen far from the optimum, e.g. a random-intercept variance absorbing
+  more than ``EXPANSION_RATIO`` × the quadratic model's prediction, and the previous one did
+  too, the AI matrix overstates the curvature along it (seen far from the optimum, e.g. a random-intercept variance absorbing
   an uncentred mean); the step is then tried at ``EXPANSION_MULTIPLIERS`` × its length and the
   first local maximum of ℓ along that ray is taken. Without it such fits creep linearly.
 * **Damping** (:func:`relaxed`, :func:`stiffened`): λ/10 after an accepted step (0 below 10⁻⁶),
@@ -147,12 +147,13 @@ def _free_system(ai: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return free, both, eye
 
 
-def newton_direction(score: Tensor, ai: Tensor, active: Tensor) -> Newton:
+def newton_direction(score: Tensor, ai: Tensor, active: Tensor, information_scale: Tensor | None = None) -> Newton:
     """Δ_f = AI_ff⁻¹ s_f with the ``active`` parameters held (Δ = 0), and whether AI_ff is definite.
 
     AI_ff is scaled to unit diagonal before its Cholesky factorisation, so "definite" does not
-    depend on the units of the parameters; a free parameter with no information (AI_kk ≤ 0) makes
-    it indefinite. Where it is not definite, Δ = 0 and the decrement is 0. Pure, batched (…, k).
+    depend on the units of the parameters; a free parameter with no information (AI_kk·w_k² at
+    most ``PIVOT_TOLERANCE``·ε of the largest, with ``information_scale`` w putting variances near
+    0 on the data's scale, :func:`~reml_fn.fit.boundaries.information_scale`) makes it indefinite. Where it is not definite, Δ = 0 and the decrement is 0. Pure, batched (…, k).
 
     Example:
         >>> import torch
@@ -164,7 +165,11 @@ def newton_direction(score: Tensor, ai: Tensor, active: Tensor) -> Newton:
     """
     free, both, eye = _free_system(ai, active)
     diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
-    informative = ~free | (diagonal > 0)
+    # A free parameter whose information is round-off next to the others' has none (the rule of
+    # result.confounded_parameters); unit-diagonal scaling alone would hide it.
+    information = diagonal if information_scale is None else diagonal * information_scale**2
+    largest = torch.where(free, information, 0.0).amax(-1, keepdim=True) if ai.shape[-1] else information
+    informative = ~free | ((diagonal > 0) & (information > PIVOT_TOLERANCE * torch.finfo(ai.dtype).eps * largest))
     root = torch.where(free & (diagonal > 0), diagonal, 1.0).rsqrt()
     scaled = ai * root.unsqueeze(-1) * root.unsqueeze(-2)
     factor, info = torch.linalg.cholesky_ex(torch.where(both, scaled, eye))
@@ -263,6 +268,9 @@ def candidate_steps(
         yield (delta if fraction == 1.0 else fraction * delta), ok
     mixed = scaled.any(-1) & ~scaled.all(-1)
     for held in (active | ~scaled, active | scaled):
+        if not bool(mixed.any()):  # no dataset has two kinds of parameters: nothing to solve
+            yield torch.zeros_like(delta), mixed
+            continue
         block, _, block_ok = ai_direction(score, ai, held, damping)
         yield capped(block, scaled, max_step), block_ok & mixed
 
