@@ -33,6 +33,7 @@ from torch import Tensor
 
 from reml_fn.fit.boundaries import (
     active_bounds,
+    any_variance_below_start,
     at_bounds,
     correlation_pairs,
     information_scale,
@@ -136,7 +137,9 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     snap = negligible_to_floor(system, state["rates"], SNAP_MARGIN * loglik_resolution(ll_now), max_step)
     active = active_bounds(system.theta, system.score, system.lower, system.upper) | snap
     floor = variance_floor(theta.dtype)
-    scale = information_scale(system.theta, system.lower, state["rates"], floor)
+    scale = None  # information on the data's scale: the AI's own unless a variance is small
+    if any_variance_below_start(system.theta, system.lower, state["rates"], floor):
+        scale = information_scale(system.theta, system.lower, state["rates"], floor)
     newton = newton_direction(system.score, system.ai, active, scale)
     step_now = newton.delta
     polishing = converged(newton, ll_now, tol)
@@ -186,6 +189,13 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
             values = terms.loglik[:offset]
             predicted = predicted_gain(system.score[open_], system.ai[open_], torch.where(snap[open_], 0.0, taken))
             ok = accepts(values, ll_now[open_], predicted)
+            if open_.shape[0] == R and polish.numel() == 0 and bool(ok.all()):
+                # Everybody's Newton step is accepted (the common case): whole-array updates.
+                moved = torch.ones_like(moved)
+                new_theta, searched = proposals, torch.ones_like(searched)
+                taken_step, taken_ll, taken_predicted = taken, values, predicted
+                new_ll, new_score, new_ai = values, terms.score, terms.ai
+                break
             winners, losers = open_[ok], open_[~ok]
             moved = put(moved, winners, torch.ones_like(winners, dtype=torch.bool))
             new_theta = put(new_theta, winners, proposals[ok])

@@ -108,7 +108,9 @@ def fit_batched(
         accepted steps, repeated once a dataset has stopped (its ``step`` rows are then 0).
         Datasets that could not be fitted have ``converged=False``, a ``status`` code
         (:data:`~reml_fn.fit.result.STATUS`: 3 V not positive definite at the start, 4 NaN/inf in
-        its data, 6 y exactly linear in X, 7 its X rank deficient) and NaN estimates.
+        its data, 6 y exactly linear in X, 7 its X rank deficient, 8 the score overflowed) and NaN
+        estimates (8 at the start) or the last point (1 iteration limit, 2 failed line search,
+        5 not identifiable, 8 later), as :func:`reml_fn.fit` reports them.
 
     Raises:
         ValueError / TypeError before any work for shapes that do not fit (Y not 2-D, X neither

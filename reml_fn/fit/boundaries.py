@@ -29,6 +29,7 @@ __all__ = [
     "negligible_to_floor",
     "silent_at_floor",
     "information_scale",
+    "any_variance_below_start",
 ]
 
 
@@ -180,6 +181,13 @@ def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float)
     rates = rates.to(device=theta.device, dtype=theta.dtype)
     relative = torch.exp(rates * (lower - theta)) / floor  # x_ref / x for a variance
     return torch.where((rates > 0) & torch.isfinite(relative), relative.clamp(min=1.0), 1.0)
+
+
+def any_variance_below_start(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> bool:
+    """Whether some variance is below its data-scale start (where :func:`information_scale` is
+    not 1): a cheap test that lets the usual iteration skip it. Host-side (a bool)."""
+    rates = rates.to(device=theta.device, dtype=theta.dtype)
+    return bool(((rates > 0) & (rates * (lower - theta) > math.log(floor))).any())
 
 
 def silent_at_floor(

@@ -42,7 +42,7 @@ def fit(
         s: the covariance structure of y, V(θ) (n, n).
         y: response (n,). X: fixed-effects design (n, p), full column rank.
         init: raw starting parameters (tree or flat tensor); default: variance components at
-            equal shares of the OLS residual variance, correlations at 0 (``fit.start``).
+            equal shares of the OLS residual variance, correlations at 0.1 (``fit.start``).
         x_names: names of X's columns for the summary (default ``x0, x1, …``).
         jacobian: ``"closed"`` (default), ``"fwd"`` or ``"rev"`` derivatives of V.
         engine: ``"auto"``, ``"dense"``, ``"mme"``, …
@@ -59,8 +59,15 @@ def fit(
 
     Raises:
         ValueError / TypeError before any iteration for NaN/inf data, shape mismatches,
-        rank-deficient X (naming the columns), parameter trees that do not match ``s``, or a
-        starting point where V is not positive definite.
+        rank-deficient X (naming the columns), NaN in a structure's data (naming the term),
+        parameter trees that do not match ``s``, a starting point where V is not positive
+        definite (with a hint when no term covers each observation: a forgotten residual), or a
+        score that overflows at the start (status 8: rescale y).
+
+    Statuses of the result (:data:`~reml_fn.fit.result.STATUS`): 0 converged (AI positive definite
+    on the free parameters, Newton decrement below ``tol`` scaled to the dtype), 1 iteration
+    limit, 2 no step gains more than round-off, 5 not identifiable (the message names the
+    parameters), 8 overflow during the iterations.
 
     Example:
         >>> import torch, reml_fn as rf

@@ -1,14 +1,17 @@
 r"""The decisions of one AI-REML iteration, as pure functions on (…, k) tensors.
 
-Every driver (``fit``: one dataset; ``fit_batched``: B datasets under ``vmap`` with masks) makes
-its decisions through these functions and nothing else, so the two cannot drift. With θ the raw
+The one AI-REML loop (:mod:`reml_fn.fit.algorithm`, behind ``fit`` — a batch of one — and
+``fit_batched``) makes its decisions through these functions and those of
+:mod:`reml_fn.fit.boundaries`, and nothing else. With θ the raw
 free parameters, s the score and AI the average information at θ (both in the coordinates of
-:func:`~reml_fn.fit.boundaries.boundary_system`, i.e. with held bounds removed):
+:func:`~reml_fn.fit.boundaries.working_system`, covariances as correlations, held bounds removed):
 
 * **Newton direction** (:func:`newton_direction`): Δ = AI_ff⁻¹ s_f on the free parameters, by a
   Cholesky factorisation of the unit-diagonal scaling D^{-1/2} AI_ff D^{-1/2}. The AI matrix is
-  *definite* when that factorisation succeeds with every pivot above ``PIVOT_TOLERANCE``·ε; the
-  Newton decrement d = s_fᵀ Δ_f ≥ 0 then approximates twice the log-likelihood still to gain.
+  *definite* when every free parameter has information (on the data's scale, more than
+  ``PIVOT_TOLERANCE``·ε of the largest) and that factorisation succeeds with every pivot above
+  ``PIVOT_TOLERANCE``·ε; the Newton decrement d = s_fᵀ Δ_f ≥ 0 then approximates twice the
+  log-likelihood still to gain.
 * **Convergence** (:func:`converged`): definite AI *and* d ≤ :func:`decrement_tolerance` — the
   larger of ``tol`` (scaled from float64 to the dtype's ε) and 16·ε·(1 + |ℓ|), below which the
   gain d/2 cannot be resolved in ℓ. By Cauchy–Schwarz, s_k² ≤ AI_kk · d for every free k, so the
@@ -23,13 +26,18 @@ free parameters, s the score and AI the average information at θ (both in the c
   :func:`loglik_resolution`. A step that gains only round-off is no progress: damping grows.
 * **Expansion** (:func:`expands`, :func:`first_local_maximum`): where an accepted step gained
   more than ``EXPANSION_RATIO`` × the quadratic model's prediction, and the previous one did
-  too, the AI matrix overstates the curvature along it (seen far from the optimum, e.g. a random-intercept variance absorbing
-  an uncentred mean); the step is then tried at ``EXPANSION_MULTIPLIERS`` × its length and the
+  too, the AI matrix overstates the curvature along it (e.g. a random-intercept variance absorbing
+  the mean of a model without a fixed intercept); the step is then tried at ``EXPANSION_MULTIPLIERS`` × its length and the
   first local maximum of ℓ along that ray is taken. Without it such fits creep linearly.
 * **Damping** (:func:`relaxed`, :func:`stiffened`): λ/10 after an accepted step (0 below 10⁻⁶),
   max(10λ, 10⁻³) after a damping level without an acceptable step.
 * **Giving up** (:func:`stuck_status`): no acceptable step in ``max_tries`` damping levels stops
-  the fit with status 5 (not identifiable) where the AI matrix is singular there, else 2.
+  the fit with status 5 (not identifiable) where the AI matrix is singular there, else 2. A fit
+  that converges over the other parameters with a variance at its floor that has no information on
+  the data's scale is not identifiable either (status 5, not 0).
+* **Boundaries** (:mod:`reml_fn.fit.boundaries`): a parameter at a bound whose score points
+  outward is held; a variance that could gain no more than round-off by going to its floor goes
+  there and is held (its Newton decrement on the log scale would never vanish).
 * **Polishing**: a converged fit takes one last full Newton step, kept when ℓ does not fall by
   more than round-off (:func:`polish_accepts`).
 """
@@ -163,8 +171,10 @@ def newton_direction(score: Tensor, ai: Tensor, active: Tensor, information_scal
         >>> newton_direction(torch.tensor([1.0, 1.0]), ai, torch.tensor([False, True]))  # one held
         Newton(delta=tensor([0.5000, 0.0000]), decrement=tensor(0.5000), definite=tensor(True))
     """
-    free, both, eye = _free_system(ai, active)
     diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
+    if not bool(active.any()):  # nothing held (the usual case): no masks needed
+        return _newton_all_free(score, ai, diagonal, information_scale)
+    free, both, eye = _free_system(ai, active)
     # A free parameter whose information is round-off next to the others' has none (the rule of
     # result.confounded_parameters); unit-diagonal scaling alone would hide it.
     information = diagonal if information_scale is None else diagonal * information_scale**2
@@ -180,6 +190,24 @@ def newton_direction(score: Tensor, ai: Tensor, active: Tensor, information_scal
     rhs = torch.where(free, score * root, 0.0).unsqueeze(-1)
     delta = torch.cholesky_solve(rhs, torch.where(definite.unsqueeze(-1).unsqueeze(-1), factor, eye))
     delta = torch.where(free, delta.squeeze(-1) * root, 0.0)
+    definite = definite & torch.isfinite(delta).all(-1)
+    delta = torch.where(definite.unsqueeze(-1), delta, 0.0)
+    return Newton(delta, (score * delta).sum(-1), definite)
+
+
+def _newton_all_free(score: Tensor, ai: Tensor, diagonal: Tensor, information_scale: Tensor | None) -> Newton:
+    """:func:`newton_direction` with every parameter free: the same arithmetic without masks."""
+    information = diagonal if information_scale is None else diagonal * information_scale**2
+    largest = information.amax(-1, keepdim=True) if ai.shape[-1] else information
+    eps = torch.finfo(ai.dtype).eps
+    informative = ((diagonal > 0) & (information > PIVOT_TOLERANCE * eps * largest)).all(-1)
+    root = torch.where(diagonal > 0, diagonal, 1.0).rsqrt()
+    factor, info = torch.linalg.cholesky_ex(ai * root.unsqueeze(-1) * root.unsqueeze(-2))
+    definite = (info == 0) & informative
+    if ai.shape[-1]:
+        pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
+        definite = definite & (pivots.amin(-1) > PIVOT_TOLERANCE * eps)
+    delta = torch.cholesky_solve((score * root).unsqueeze(-1), factor).squeeze(-1) * root
     definite = definite & torch.isfinite(delta).all(-1)
     delta = torch.where(definite.unsqueeze(-1), delta, 0.0)
     return Newton(delta, (score * delta).sum(-1), definite)
