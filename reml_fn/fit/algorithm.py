@@ -505,9 +505,11 @@ def solve(
     options: Options,
     chunk_size: int | None,
     verbose: int,
+    single: bool = False,
 ) -> FitResult:
     """Check the inputs, read ``init``, and fit the B datasets of Y chunk by chunk: the one path
-    behind ``fit`` (B = 1) and ``fit_batched``. Returns the batched :class:`FitResult`."""
+    behind ``fit`` (B = 1) and ``fit_batched``. Returns the batched :class:`FitResult`, or with
+    ``single`` (B = 1) the result of that one dataset without the batch axis."""
     template, dims, spec = check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size)
     B, n = Y.shape
     p = X.shape[-1]
@@ -527,5 +529,6 @@ def solve(
             chunk = batch if (start, stop) == (0, B) else batch.slice(start, stop)
             parts.append(run_chunk(template, chunk, part_init, calls, options, verbose))
         out = concatenate(parts)
-    out = pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, out)
+    # Out of inference mode (and, for a single fit, off the batch axis) in one copy.
+    out = pytree.tree_map(lambda leaf: (leaf[0] if single else leaf).clone() if isinstance(leaf, Tensor) else leaf, out)
     return build_result(out, names, x_names, chosen.name, n, p, Y.dtype)

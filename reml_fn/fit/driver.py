@@ -81,7 +81,7 @@ def fit(
     """
     options = Options(max_iter=max_iter, tol=tol, max_step=max_step, max_tries=max_tries)
     check_data(s, y, X)  # shapes and dtypes, in the words of one dataset (y (n,), X (n, p))
-    batched = solve(
+    result = solve(
         s,
         y.unsqueeze(0),
         X,
@@ -93,8 +93,8 @@ def fit(
         options=options,
         chunk_size=None,
         verbose=verbose,
+        single=True,
     )
-    result = batched.dataset(0)
     code = int(result.status)
     if code in UNFITTABLE or (code == 8 and int(result.n_iter) == 0):
         raise ValueError(_unfittable_message(code, s, y, X, result))
