@@ -152,6 +152,25 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     # Converged (0) or not identifiable (5); the polishing step moves them or not.
     status = torch.where(polishing, torch.where(unidentified, 5, 0), RUNNING)
 
+    early = None
+    if not bool(polishing.any()) and bool((newton.definite & (damping == 0) & (hint <= 1)).all()):
+        # The usual iteration: nobody converged, and every dataset's first candidate is its
+        # capped Newton step, evaluated with its AI terms (the first round below). Where all of
+        # them are accepted and none expands, that is the whole iteration.
+        step = capped(newton.delta, system.scaled, max_step)
+        proposals, taken = propose(system, step, pairs, snap)
+        terms = batch.map(engine.terms, proposals)
+        predicted = predicted_gain(system.score, system.ai, torch.where(snap, 0.0, taken))
+        ok = accepts(terms.loglik, ll_now, predicted)
+        if bool(ok.all()):
+            understated = expands(terms.loglik - ll_now, predicted, ll_now)
+            if not bool((understated & state["understated"]).any()):
+                every = torch.ones_like(hint)
+                return Iterate(
+                    proposals, terms.loglik, terms.score, terms.ai, damping, every.bool(), status, every, understated
+                )
+        early = proposals, taken, terms, predicted, ok
+
     level = torch.zeros(R, dtype=torch.long, device=device)  # damping levels already exhausted
     position = torch.zeros(R, dtype=torch.long, device=device)  # next slot within the level
     searched = torch.zeros(R, dtype=torch.long, device=device)  # candidates evaluated so far
@@ -177,18 +196,21 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
             # The usual first round: every open dataset's first candidate is its capped Newton
             # step, evaluated with its AI terms. The general round below decides the same; this
             # one skips building the candidate sequence.
-            step = capped(newton.delta[open_], system.scaled[open_], max_step)
-            proposals, taken = propose(_rows(system, open_), step, pairs, snap[open_])
-            everyone = torch.cat([open_, polish])
-            points = proposals
-            if polish.numel():
-                polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
-                points = torch.cat([proposals, polished])
-            terms = batch.take(everyone).map(engine.terms, points)
             offset = open_.shape[0]
+            if early is not None:  # evaluated above (every dataset open, none polishing)
+                proposals, taken, terms, predicted, ok = early
+            else:
+                step = capped(newton.delta[open_], system.scaled[open_], max_step)
+                proposals, taken = propose(_rows(system, open_), step, pairs, snap[open_])
+                everyone = torch.cat([open_, polish])
+                points = proposals
+                if polish.numel():
+                    polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
+                    points = torch.cat([proposals, polished])
+                terms = batch.take(everyone).map(engine.terms, points)
+                predicted = predicted_gain(system.score[open_], system.ai[open_], torch.where(snap[open_], 0.0, taken))
+                ok = accepts(terms.loglik[:offset], ll_now[open_], predicted)
             values = terms.loglik[:offset]
-            predicted = predicted_gain(system.score[open_], system.ai[open_], torch.where(snap[open_], 0.0, taken))
-            ok = accepts(values, ll_now[open_], predicted)
             if open_.shape[0] == R and polish.numel() == 0 and bool(ok.all()):
                 # Everybody's Newton step is accepted (the common case): whole-array updates.
                 moved = torch.ones_like(moved)
@@ -399,7 +421,9 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         previous = state["theta"]
 
         def update(target, values, index=running, everyone=everyone):
-            return values.to(target.dtype) if everyone else put(target, index, values)
+            if everyone:
+                return values if values.dtype == target.dtype else values.to(target.dtype)
+            return put(target, index, values)
 
         for key in ("theta", "loglik", "score", "ai", "damping"):
             state[key] = update(state[key], getattr(step, key))

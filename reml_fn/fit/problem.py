@@ -378,7 +378,7 @@ def screen(batch: Batch, status: Tensor) -> tuple[Tensor, Tensor]:
 
 def put(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
     """``target`` with rows ``index`` replaced by ``values`` (out of place)."""
-    return target.index_put((index,), values.to(target.dtype))
+    return target.index_put((index,), values if values.dtype == target.dtype else values.to(target.dtype))
 
 
 class EngineCalls(NamedTuple):
