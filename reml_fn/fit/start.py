@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from reml_fn.fit.result import STATUS
 from reml_fn.params import ParamSpec, param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
@@ -39,7 +38,6 @@ __all__ = [
     "EXACT_FIT_TOLERANCE",
     "default_init",
     "raw_bounds",
-    "check_inputs",
     "check_design",
     "dependent_columns",
     "VARIANCE_FLOOR",
@@ -105,7 +103,7 @@ def exact_linear_response(y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     The test is relative, ‖y − Xβ̂‖² ≤ (10·√n·ε)²·‖y‖² with ε the dtype's machine epsilon, so it
     gives the same answer on every BLAS (an exactly linear y leaves a residual of 0 or of round-off
     size depending on the library) and at every scale of y. A constant y with an intercept in X is
-    such a response. Pure, batched (y (…, n), X (n, p) or (…, n, p)) and vmappable; :func:`check_inputs` (``fit``) raises on it,
+    such a response. Pure, batched (y (…, n), X (n, p) or (…, n, p)) and vmappable; ``fit`` raises on it,
     ``fit_batched`` flags the dataset with status 6.
 
     Example:
@@ -212,21 +210,3 @@ def check_design(X: Tensor, x_names: Sequence[str] | None = None) -> None:
         raise ValueError(
             f"X is rank deficient: column(s) {labels} are linear combinations of earlier columns; drop them"
         )
-
-
-def check_inputs(s, y: Tensor, X: Tensor, x_names: Sequence[str] | None = None) -> Tensor:
-    """Value checks done once before fitting (never inside vmapped code); returns the OLS residual
-    variance s², which the checks compute anyway (the default start uses it)."""
-    from reml_fn.reml.likelihood import check_data
-
-    check_data(s, y, X)
-    if not bool(torch.isfinite(y).all()):
-        bad = torch.nonzero(~torch.isfinite(y)).flatten().tolist()
-        raise ValueError(f"y contains NaN or inf at positions {bad[:10]}{' …' if len(bad) > 10 else ''}")
-    if x_names is not None and len(x_names) != X.shape[1]:
-        raise ValueError(f"x_names has {len(x_names)} names but X has {X.shape[1]} columns")
-    check_design(X, x_names)
-    exact, residual_variance = exact_linear_response(y, X)
-    if bool(exact):
-        raise ValueError(f"{STATUS[6]} (up to round-off; e.g. a constant response with an intercept in X)")
-    return residual_variance
