@@ -33,11 +33,11 @@ from torch import Tensor
 
 from reml_fn.fit.boundaries import (
     active_bounds,
-    any_variance_below_start,
     at_bounds,
     correlation_pairs,
     information_scale,
     negligible_to_floor,
+    pair_index,
     propose,
     silent_at_floor,
     working_system,
@@ -137,9 +137,8 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     snap = negligible_to_floor(system, state["rates"], SNAP_MARGIN * loglik_resolution(ll_now), max_step)
     active = active_bounds(system.theta, system.score, system.lower, system.upper) | snap
     floor = variance_floor(theta.dtype)
-    scale = None  # information on the data's scale: the AI's own unless a variance is small
-    if any_variance_below_start(system.theta, system.lower, state["rates"], floor):
-        scale = information_scale(system.theta, system.lower, state["rates"], floor)
+    # Information on the data's scale: the AI's own (None) unless a variance is below its start.
+    scale = information_scale(system.theta, system.lower, state["rates"], floor)
     newton = newton_direction(system.score, system.ai, active, scale)
     step_now = newton.delta
     polishing = converged(newton, ll_now, tol)
@@ -396,7 +395,7 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         status = put(status, good, torch.where(torch.isfinite(first.loglik), RUNNING, 3))
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
     state["scaled"] = torch.isfinite(state["lower"]) | torch.isfinite(state["upper"])  # log/logit scale
-    pairs = correlation_pairs(template)
+    pairs = pair_index(correlation_pairs(template), k, device)
     rates = variance_rates(template)
     state["damping"] = torch.zeros(C, dtype=dtype, device=device)
     state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration

@@ -21,6 +21,8 @@ __all__ = [
     "Working",
     "active_bounds",
     "working_system",
+    "Pairs",
+    "pair_index",
     "raw_parameters",
     "correlation_pairs",
     "at_correlation_limit",
@@ -29,7 +31,6 @@ __all__ = [
     "negligible_to_floor",
     "silent_at_floor",
     "information_scale",
-    "any_variance_below_start",
 ]
 
 
@@ -62,12 +63,37 @@ def correlation_pairs(s) -> Tensor:
     return torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)
 
 
-def at_correlation_limit(theta: Tensor, pairs: Tensor) -> Tensor:
+class Pairs(NamedTuple):
+    """The index tensors of :func:`correlation_pairs`, made once per fit (:func:`pair_index`):
+    variances ``i``, ``j`` and covariance ``c`` (m,), and ``columns`` (k,) flags of the c's."""
+
+    i: Tensor
+    j: Tensor
+    c: Tensor
+    columns: Tensor
+
+    @property
+    def count(self) -> int:
+        return self.c.shape[0]
+
+
+def pair_index(pairs: Tensor | Pairs, k: int, device) -> Pairs:
+    """``pairs`` (m, 3) from :func:`correlation_pairs` as :class:`Pairs` on ``device`` (a
+    :class:`Pairs` is returned as it is). Every function here takes either."""
+    if isinstance(pairs, Pairs):
+        return pairs
+    pairs = pairs.to(device)
+    i, j, c = pairs.unbind(-1)
+    return Pairs(i, j, c, torch.zeros(k, dtype=torch.bool, device=device).index_fill(0, c, True))
+
+
+def at_correlation_limit(theta: Tensor, pairs: Tensor | Pairs) -> Tensor:
     """(…, k) flags: the covariances of ``pairs`` whose |ρ| reached the limit. Pure."""
     flags = torch.zeros_like(theta, dtype=torch.bool)
-    if pairs.shape[0] == 0:
+    pairs = pair_index(pairs, theta.shape[-1], theta.device)
+    if pairs.count == 0:
         return flags
-    i, j, c = pairs.to(theta.device).unbind(-1)
+    i, j, c = pairs.i, pairs.j, pairs.c
     reached = theta[..., c].abs() >= CORRELATION_LIMIT * torch.exp(theta[..., i] + theta[..., j]) * (1.0 - 1e-12)
     columns = torch.arange(theta.shape[-1], device=theta.device) == c.unsqueeze(-1)
     return flags | (reached.unsqueeze(-1) & columns).any(-2)
@@ -91,10 +117,6 @@ class Working(NamedTuple):
     scaled: Tensor
 
 
-def _pair_columns(pairs: Tensor, k: int, device) -> Tensor:
-    return torch.zeros(k, dtype=torch.bool, device=device).index_fill(0, pairs[:, 2].to(device), True)
-
-
 def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, upper: Tensor, scaled: Tensor, pairs):
     """Move the raw system to working coordinates (:class:`Working`). Pure; batched (…, k).
 
@@ -106,42 +128,47 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     invertible inside the cone). ρ rather than atanh ρ: the limit is reached in a step, not
     approached exponentially (1000 sleepstudy refits: the same answers, 20 % faster).
     """
-    if pairs.shape[0] == 0:
+    pairs = pair_index(pairs, theta.shape[-1], theta.device)
+    if pairs.count == 0:
         return Working(theta, score, ai, lower, upper, scaled)
-    k = theta.shape[-1]
-    pairs = pairs.to(theta.device)
-    i, j, c = pairs.unbind(-1)
+    i, j, c = pairs.i, pairs.j, pairs.c
     scale = torch.exp(theta[..., i] + theta[..., j])
     limit = CORRELATION_LIMIT
     rho = (theta[..., c] / scale).clamp(-limit, limit)
     # At the limit up to the round-off of c = ρ·e^{θ_i+θ_j}, ρ is exactly the bound, so a
     # correlation held there stays an active bound.
-    rho = torch.where(rho.abs() >= limit * (1.0 - 1e-12), torch.sign(rho) * limit, rho)
-    # J = ∂θ_raw/∂θ_working: the identity but for the rows of the covariances, where
-    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j}.
-    J = torch.eye(k, dtype=theta.dtype, device=theta.device).expand(*theta.shape[:-1], k, k).clone()
+    rho = torch.where(rho.abs() >= limit * (1.0 - 1e-12), rho.sign() * limit, rho)
+    # J = ∂θ_raw/∂θ_working is the identity but in the rows of the covariances, where
+    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j}: Jᵀs and JᵀAI J touch only those.
     covariance = theta[..., c]
-    J[..., c, i] = covariance
-    J[..., c, j] = covariance
-    J[..., c, c] = scale
-    working_score = (J.transpose(-1, -2) @ score.unsqueeze(-1)).squeeze(-1)
-    working_ai = J.transpose(-1, -2) @ ai @ J
-    columns = _pair_columns(pairs, k, theta.device)
+    score_c = score[..., c]
+    working_score = score.index_add(-1, i, covariance * score_c).index_add(-1, j, covariance * score_c)
+    working_score = working_score.index_copy(-1, c, scale * score_c)
+    # AI J: column i gains c·AI[:, c], column j too, column c becomes e^{θ_i+θ_j}·AI[:, c].
+    ai_c = ai[..., :, c]  # (…, k, m)
+    right = ai.index_add(-1, i, ai_c * covariance.unsqueeze(-2)).index_add(-1, j, ai_c * covariance.unsqueeze(-2))
+    right = right.index_copy(-1, c, ai_c * scale.unsqueeze(-2))
+    # Jᵀ(AI J): the same on the rows.
+    right_c = right[..., c, :]  # (…, m, k)
+    working_ai = right.index_add(-2, i, right_c * covariance.unsqueeze(-1))
+    working_ai = working_ai.index_add(-2, j, right_c * covariance.unsqueeze(-1))
+    working_ai = working_ai.index_copy(-2, c, right_c * scale.unsqueeze(-1))
     return Working(
         theta.index_copy(-1, c, rho),
         working_score,
-        0.5 * (working_ai + working_ai.transpose(-1, -2)),
-        torch.where(columns, -limit, lower),
-        torch.where(columns, limit, upper),
-        scaled | columns,
+        working_ai,
+        torch.where(pairs.columns, -limit, lower),
+        torch.where(pairs.columns, limit, upper),
+        scaled | pairs.columns,
     )
 
 
-def raw_parameters(working: Tensor, pairs: Tensor) -> Tensor:
+def raw_parameters(working: Tensor, pairs: Tensor | Pairs) -> Tensor:
     """Raw θ from working coordinates: c = ρ·e^{θ_i + θ_j} for every pair. Pure; batched."""
-    if pairs.shape[0] == 0:
+    pairs = pair_index(pairs, working.shape[-1], working.device)
+    if pairs.count == 0:
         return working
-    i, j, c = pairs.to(working.device).unbind(-1)
+    i, j, c = pairs.i, pairs.j, pairs.c
     covariance = working[..., c] * torch.exp(working[..., i] + working[..., j])
     return working.index_copy(-1, c, covariance)
 
@@ -167,10 +194,11 @@ def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_
     return variance & (gain <= resolution.unsqueeze(-1)) & (gain >= 0)
 
 
-def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> Tensor:
+def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> Tensor | None:
     """(…, k) factors w_k that put each parameter's information on the scale of the data: for a
     variance below its data-scale start x_ref, w = x_ref/x (its floor is ``floor``·x_ref, so
-    w = e^{a(ℓ_k − θ_k)}/``floor``), else 1. Pure.
+    w = e^{a(ℓ_k − θ_k)}/``floor``), else 1; None when every w is 1 (the usual case, cheaply
+    told). Pure; a host-side test decides None.
 
     Why: a variance's log-scale information AI_kk shrinks as x² on the way to 0 whether or not
     the data inform it; AI_kk·w_k² is the information it would have at the data's scale — of the
@@ -179,15 +207,11 @@ def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float)
     it).
     """
     rates = rates.to(device=theta.device, dtype=theta.dtype)
-    relative = torch.exp(rates * (lower - theta)) / floor  # x_ref / x for a variance
-    return torch.where((rates > 0) & torch.isfinite(relative), relative.clamp(min=1.0), 1.0)
-
-
-def any_variance_below_start(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> bool:
-    """Whether some variance is below its data-scale start (where :func:`information_scale` is
-    not 1): a cheap test that lets the usual iteration skip it. Host-side (a bool)."""
-    rates = rates.to(device=theta.device, dtype=theta.dtype)
-    return bool(((rates > 0) & (rates * (lower - theta) > math.log(floor))).any())
+    log_relative = rates * (lower - theta) - math.log(floor)  # log(x_ref / x) for a variance
+    below = (rates > 0) & (log_relative > 0)
+    if not bool(below.any()):
+        return None
+    return torch.where(below, log_relative.clamp(max=700.0).exp(), 1.0)
 
 
 def silent_at_floor(
@@ -202,9 +226,10 @@ def silent_at_floor(
     if snapped is not None:  # going to the floor this iteration (:func:`negligible_to_floor`)
         at_floor = at_floor | (variance & snapped)
     diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
-    information = (
-        torch.where(torch.isfinite(diagonal), diagonal.abs(), 0.0) * information_scale(theta, lower, rates, floor) ** 2
-    )
+    information = torch.where(torch.isfinite(diagonal), diagonal.abs(), 0.0)
+    scale = information_scale(theta, lower, rates, floor)
+    if scale is not None:
+        information = information * scale**2
     largest = information.amax(-1, keepdim=True) if theta.shape[-1] else information
     return at_floor & (information <= SILENT * torch.finfo(theta.dtype).eps * largest)
 
@@ -214,7 +239,7 @@ def silent_at_floor(
 SILENT = 1e3
 
 
-def propose(system: Working, step: Tensor, pairs: Tensor, snap: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def propose(system: Working, step: Tensor, pairs: Tensor | Pairs, snap: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The candidate θ + Δ of a working-coordinate step: clamped to the box (variance floors,
     correlation limits), with the ``snap`` variances (:func:`negligible_to_floor`) at their floor.
     Returns the raw θ to evaluate and the step actually taken (working). Pure."""
@@ -224,6 +249,6 @@ def propose(system: Working, step: Tensor, pairs: Tensor, snap: Tensor | None = 
     return raw_parameters(new, pairs), new - system.theta
 
 
-def at_bounds(theta: Tensor, lower: Tensor, upper: Tensor, pairs: Tensor) -> Tensor:
+def at_bounds(theta: Tensor, lower: Tensor, upper: Tensor, pairs: Tensor | Pairs) -> Tensor:
     """(…, k) flags: parameters that stopped at a bound (``FitResult.at_boundary``). Pure."""
     return (theta <= lower) | (theta >= upper) | at_correlation_limit(theta, pairs)
