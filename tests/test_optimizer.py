@@ -630,12 +630,25 @@ def test_a_variance_with_no_resolvable_gain_left_goes_to_its_floor():
     # Gain of moving θ_k by Δ ≈ s·expm1(2Δ)/2 for ExpPow2: to the floor (Δ = −1) ≈ 0.43·|s|; from
     # the floor up by max_step = 3 ≈ 201·s.
     score = torch.tensor([-1e-13, -1e-3, 1e-13, -1e-13, 1e-16, 1e-6])
-    system = Working(theta, score, torch.eye(6), lower, torch.full((6,), math.inf), torch.ones(6, dtype=torch.bool))
+    # Near 0 a variance's log-scale information is tiny too (∝ σ⁴): going to the floor loses nothing.
+    ai = torch.diag(torch.tensor([1e-20, 1e-20, 1e-20, 1.0, 1e-20, 1e-20]))
+    system = Working(theta, score, ai, lower, torch.full((6,), math.inf), torch.ones(6, dtype=torch.bool))
     rates = torch.tensor([2.0, 2.0, 2.0, 0.0, 2.0, 2.0])  # the fourth is not a variance
     snap = negligible_to_floor(system, rates, loglik_resolution(torch.tensor(-500.0)), max_step=3.0)
     assert snap.tolist() == [True, False, False, False, True, False]
     raw, _ = propose(system, torch.zeros(6), torch.zeros(0, 3, dtype=torch.long), snap)
     assert raw.tolist() == [-15.0, -14.0, -14.0, 0.5, -15.0, -15.0]
+
+
+def test_a_variance_at_a_stationary_point_is_not_snapped_to_its_floor():
+    # Interior optimum: the score is round-off (here slightly negative) but going to the floor
+    # would lose ½·AI_kk·(u/ax)² ≈ ½·40·(½)² of ℓ: not negligible.
+    theta, lower = torch.tensor([1.0]), torch.tensor([-15.0])
+    system = Working(
+        theta, torch.tensor([-1e-14]), torch.tensor([[40.0]]), lower, torch.tensor([math.inf]), torch.tensor([True])
+    )
+    snap = negligible_to_floor(system, torch.tensor([2.0]), loglik_resolution(torch.tensor(-500.0)), max_step=3.0)
+    assert snap.tolist() == [False]
 
 
 def test_a_variance_at_its_floor_without_information_is_unidentified_not_at_the_boundary():

@@ -134,14 +134,15 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     # Variances that cannot gain anything resolvable before their floor go there and are held.
     # (With a margin over the acceptance test's round-off threshold, so that no step is left that
     # could gain only what round-off hides: that would end in a failed line search instead.)
-    snap = negligible_to_floor(system, state["rates"], SNAP_MARGIN * loglik_resolution(ll_now), max_step)
+    resolution = loglik_resolution(ll_now)  # (R,) the round-off of ℓ, for every test below
+    snap = negligible_to_floor(system, state["rates"], SNAP_MARGIN * resolution, max_step)
     active = active_bounds(system.theta, system.score, system.lower, system.upper) | snap
     floor = variance_floor(theta.dtype)
     # Information on the data's scale: the AI's own (None) unless a variance is below its start.
     scale = information_scale(system.theta, system.lower, state["rates"], floor)
     newton = newton_direction(system.score, system.ai, active, scale)
     step_now = newton.delta
-    polishing = converged(newton, ll_now, tol)
+    polishing = converged(newton, ll_now, tol, resolution)
     # Converged over the others, with a variance at its floor that the data do not inform: the
     # model is not identifiable (status 5), not estimated at the boundary.
     unidentified = polishing
@@ -151,6 +152,24 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     # Converged (0) or not identifiable (5); the polishing step moves them or not.
     status = torch.where(polishing, torch.where(unidentified, 5, 0), RUNNING)
 
+    if bool(polishing.all()):
+        # Every dataset converged (the last iteration of a fit): only the polishing step, kept
+        # where ℓ does not fall by more than round-off — what the rounds below decide for them.
+        polished, _ = propose(system, step_now, pairs, snap)
+        terms = batch.map(engine.terms, polished)
+        keep = polish_accepts(terms.loglik, ll_now, resolution)
+        row = keep.unsqueeze(-1)
+        return Iterate(
+            torch.where(row, polished, theta),
+            torch.where(keep, terms.loglik, ll_now),
+            torch.where(row, terms.score, score),
+            torch.where(row.unsqueeze(-1), terms.ai, ai),
+            damping,
+            keep,
+            status,
+            torch.zeros_like(hint),
+            torch.zeros_like(keep),
+        )
     early = None
     if not bool(polishing.any()) and bool((newton.definite & (damping == 0) & (hint <= 1)).all()):
         # The usual iteration: nobody converged, and every dataset's first candidate is its
@@ -160,9 +179,9 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
         proposals, taken = propose(system, step, pairs, snap)
         terms = batch.map(engine.terms, proposals)
         predicted = predicted_gain(system.score, system.ai, torch.where(snap, 0.0, taken))
-        ok = accepts(terms.loglik, ll_now, predicted)
+        ok = accepts(terms.loglik, ll_now, predicted, resolution)
         if bool(ok.all()):
-            understated = expands(terms.loglik - ll_now, predicted, ll_now)
+            understated = expands(terms.loglik - ll_now, predicted, ll_now, resolution)
             if not bool((understated & state["understated"]).any()):
                 every = torch.ones_like(hint)
                 return Iterate(
@@ -324,7 +343,7 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
 
         # Polishing: converged either way, moved only where ℓ did not decrease.
         if polish.numel():
-            ok_polish = polish_accepts(terms.loglik[offset:], ll_now[polish])
+            ok_polish = polish_accepts(terms.loglik[offset:], ll_now[polish], resolution[polish])
             moved_polish = polish[ok_polish]
             moved = put(moved, moved_polish, torch.ones_like(moved_polish, dtype=torch.bool))
             new_theta = put(new_theta, moved_polish, polished[ok_polish])
@@ -336,7 +355,7 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     # (once is common far from the optimum and costs nothing; persistently, the AI matrix
     # overstates the curvature and the fit would creep), try multiples of the step in one
     # evaluation and keep the first local maximum of ℓ along the ray.
-    understated = moved & searching & expands(taken_ll - ll_now, taken_predicted, ll_now)
+    understated = moved & searching & expands(taken_ll - ll_now, taken_predicted, ll_now, resolution)
     longer = torch.nonzero(understated & state["understated"]).flatten()
     if longer.numel():
         multipliers = torch.tensor(EXPANSION_MULTIPLIERS, dtype=theta.dtype, device=device)
@@ -419,19 +438,21 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         step = iterate(batch if everyone else batch.take(running), engine, rows, options)
         previous = state["theta"]
 
-        def update(target, values, index=running, everyone=everyone):
-            if everyone:
-                return values if values.dtype == target.dtype else values.to(target.dtype)
-            return put(target, index, values)
-
-        for key in ("theta", "loglik", "score", "ai", "damping"):
-            state[key] = update(state[key], getattr(step, key))
-        state["searched"] = update(state["searched"], step.searched.clamp(min=1))
-        state["understated"] = update(state["understated"], step.understated)
-        n_iter = update(n_iter, n_iter[running] + step.moved.to(torch.long))
-        status = update(status, step.status)
+        if everyone:  # whole arrays, no indexing
+            for key in ("theta", "loglik", "score", "ai", "damping", "understated"):
+                state[key] = getattr(step, key)
+            state["searched"] = step.searched.clamp(min=1)
+            n_iter = n_iter + step.moved
+            status = step.status
+            history["step"].append(step.theta - previous)
+        else:
+            for key in ("theta", "loglik", "score", "ai", "damping", "understated"):
+                state[key] = put(state[key], running, getattr(step, key))
+            state["searched"] = put(state["searched"], running, step.searched.clamp(min=1))
+            n_iter = put(n_iter, running, n_iter[running] + step.moved.to(torch.long))
+            status = put(status, running, step.status)
+            history["step"].append(put(torch.zeros_like(previous), running, step.theta - previous[running]))
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
-        history["step"].append(update(torch.zeros_like(previous), step.theta - previous[running]))
         history["loglik"].append(state["loglik"])
         history["params"].append(state["theta"])
         if bar is not None:

@@ -71,6 +71,9 @@ class Pairs(NamedTuple):
     j: Tensor
     c: Tensor
     columns: Tensor
+    rows: Tensor  # (3m,) c, c, c: the entries of J = ∂θ_raw/∂θ_working that are not the identity's
+    cols: Tensor  # (3m,) i, j, c
+    eye: Tensor  # (k, k)
 
     @property
     def count(self) -> int:
@@ -84,7 +87,9 @@ def pair_index(pairs: Tensor | Pairs, k: int, device) -> Pairs:
         return pairs
     pairs = pairs.to(device)
     i, j, c = pairs.unbind(-1)
-    return Pairs(i, j, c, torch.zeros(k, dtype=torch.bool, device=device).index_fill(0, c, True))
+    columns = torch.zeros(k, dtype=torch.bool, device=device).index_fill(0, c, True)
+    eye = torch.eye(k, device=device)
+    return Pairs(i, j, c, columns, torch.cat([c, c, c]), torch.cat([i, j, c]), eye)
 
 
 def at_correlation_limit(theta: Tensor, pairs: Tensor | Pairs) -> Tensor:
@@ -138,21 +143,13 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     # At the limit up to the round-off of c = ρ·e^{θ_i+θ_j}, ρ is exactly the bound, so a
     # correlation held there stays an active bound.
     rho = torch.where(rho.abs() >= limit * (1.0 - 1e-12), rho.sign() * limit, rho)
-    # J = ∂θ_raw/∂θ_working is the identity but in the rows of the covariances, where
-    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j}: Jᵀs and JᵀAI J touch only those.
+    # J = ∂θ_raw/∂θ_working: the identity but in the rows of the covariances, where
+    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j} (one write into a copy of I).
     covariance = theta[..., c]
-    score_c = score[..., c]
-    working_score = score.index_add(-1, i, covariance * score_c).index_add(-1, j, covariance * score_c)
-    working_score = working_score.index_copy(-1, c, scale * score_c)
-    # AI J: column i gains c·AI[:, c], column j too, column c becomes e^{θ_i+θ_j}·AI[:, c].
-    ai_c = ai[..., :, c]  # (…, k, m)
-    right = ai.index_add(-1, i, ai_c * covariance.unsqueeze(-2)).index_add(-1, j, ai_c * covariance.unsqueeze(-2))
-    right = right.index_copy(-1, c, ai_c * scale.unsqueeze(-2))
-    # Jᵀ(AI J): the same on the rows.
-    right_c = right[..., c, :]  # (…, m, k)
-    working_ai = right.index_add(-2, i, right_c * covariance.unsqueeze(-1))
-    working_ai = working_ai.index_add(-2, j, right_c * covariance.unsqueeze(-1))
-    working_ai = working_ai.index_copy(-2, c, right_c * scale.unsqueeze(-1))
+    J = pairs.eye.to(theta.dtype).expand(*theta.shape[:-1], -1, -1).clone()
+    J[..., pairs.rows, pairs.cols] = torch.cat([covariance, covariance, scale], -1)
+    working_score = (score.unsqueeze(-2) @ J).squeeze(-2)
+    working_ai = J.mT @ ai @ J
     return Working(
         theta.index_copy(-1, c, rho),
         working_score,
@@ -174,24 +171,29 @@ def raw_parameters(working: Tensor, pairs: Tensor | Pairs) -> Tensor:
 
 
 def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_step: float) -> Tensor:
-    """(…, k) flags: variances that can gain at most ``resolution`` (the round-off of ℓ) by moving
-    — above the floor pushing down (s_k < 0) all the way to it, or at the floor pushing up
-    (s_k ≥ 0) by a capped step. Pure.
+    """(…, k) flags: variances for which going to the floor, or staying there, changes ℓ by at
+    most ``resolution`` (the round-off of ℓ). Pure.
 
     Why: on the log scale the Newton decrement of a variance at or near 0 stays finite (s and AI
-    shrink as σ² and σ⁴) while the gain it can make, linear in σ² there, vanishes: with natural
-    x = c·e^{aθ} (``rates`` a, 0 for non-variances), moving θ_k by Δ gains about
-    s_k·expm1(aΔ)/a. Such a variance is at its boundary for every purpose: the iterations move it
-    to the floor (:func:`propose`) and hold it there.
+    shrink as σ² and σ⁴) while what it can gain, linear in σ² there, vanishes; the iterations
+    then move it to the floor (:func:`propose`) and hold it there. With natural x = c·e^{aθ}
+    (``rates`` a, 0 for non-variances), moving θ_k by Δ changes x by u = x·expm1(aΔ) and ℓ by
+    about s_k·u/(a x) − ½·AI_kk·(u/(a x))² (the quadratic model in x). A variance above its
+    floor with s_k < 0 is flagged when both the gain and the loss of going to the floor are
+    negligible — near 0, not merely near a stationary point, where the loss term is large; one
+    at its floor with s_k ≥ 0 when a capped step up would gain that little.
     """
     rates = rates.to(device=system.theta.device, dtype=system.theta.dtype)
     variance = rates > 0
     safe = torch.where(variance, rates, 1.0)
     above = system.theta > system.lower
-    down = system.score * torch.expm1(safe * (system.lower - system.theta)) / safe
-    up = system.score * torch.expm1(safe * max_step) / safe
-    gain = torch.where(above, torch.where(system.score < 0, down, math.inf), torch.where(system.score >= 0, up, -1.0))
-    return variance & (gain <= resolution.unsqueeze(-1)) & (gain >= 0)
+    # u/(a x) for the move considered: to the floor from above, a capped step up at the floor.
+    move = torch.expm1(safe * torch.where(above, system.lower - system.theta, max_step)) / safe
+    linear = system.score * move
+    curvature = 0.5 * torch.diagonal(system.ai, dim1=-2, dim2=-1) * move * move
+    pushing = torch.where(above, system.score < 0, system.score >= 0)
+    limit = resolution.unsqueeze(-1)
+    return variance & pushing & (linear <= limit) & (torch.where(above, curvature, 0.0) <= limit)
 
 
 def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> Tensor | None:

@@ -314,20 +314,21 @@ def loglik_resolution(loglik: Tensor) -> Tensor:
     return ROUNDOFF * torch.finfo(loglik.dtype).eps * (1.0 + loglik.abs())
 
 
-def decrement_tolerance(loglik: Tensor, tol: float) -> Tensor:
+def decrement_tolerance(loglik: Tensor, tol: float, resolution: Tensor | None = None) -> Tensor:
     """The Newton decrement at which a fit has converged: ``tol`` scaled from float64 to the
     dtype's ε, and never below 4 × :func:`loglik_resolution` (a gain d/2 that ℓ cannot show)."""
     scaled_tol = tol * torch.finfo(loglik.dtype).eps / FLOAT64_EPSILON
-    return torch.clamp(4.0 * loglik_resolution(loglik), min=scaled_tol)
+    resolution = loglik_resolution(loglik) if resolution is None else resolution
+    return torch.clamp(4.0 * resolution, min=scaled_tol)
 
 
-def converged(newton: Newton, loglik: Tensor, tol: float) -> Tensor:
+def converged(newton: Newton, loglik: Tensor, tol: float, resolution: Tensor | None = None) -> Tensor:
     """Status-0 test (before polishing): AI definite on the free parameters and the (then
     non-negative) decrement at most :func:`decrement_tolerance`. Pure, elementwise."""
-    return newton.definite & (newton.decrement <= decrement_tolerance(loglik, tol))
+    return newton.definite & (newton.decrement <= decrement_tolerance(loglik, tol, resolution))
 
 
-def accepts(ll_candidate: Tensor, ll_now: Tensor, predicted: Tensor) -> Tensor:
+def accepts(ll_candidate: Tensor, ll_now: Tensor, predicted: Tensor, resolution: Tensor | None = None) -> Tensor:
     """Whether a line-search candidate replaces the current point: ℓ finite, Armijo's sufficient
     increase against the quadratic model (``predicted``, :func:`predicted_gain`), and a gain above
     the round-off of ℓ. Pure and elementwise (bool tensor).
@@ -341,10 +342,11 @@ def accepts(ll_candidate: Tensor, ll_now: Tensor, predicted: Tensor) -> Tensor:
         False
     """
     gain = ll_candidate - ll_now
-    return torch.isfinite(ll_candidate) & (gain >= ARMIJO * predicted) & (gain > loglik_resolution(ll_now))
+    resolution = loglik_resolution(ll_now) if resolution is None else resolution
+    return torch.isfinite(ll_candidate) & (gain >= ARMIJO * predicted) & (gain > resolution)
 
 
-def expands(gain: Tensor, predicted: Tensor, loglik: Tensor) -> Tensor:
+def expands(gain: Tensor, predicted: Tensor, loglik: Tensor, resolution: Tensor | None = None) -> Tensor:
     """Whether an accepted step is tried at :data:`EXPANSION_MULTIPLIERS` × its length: its
     ``gain`` exceeded ``EXPANSION_RATIO`` × the ``predicted`` gain of the quadratic model, which
     is itself above the round-off of ℓ (so round-off cannot trigger it). Pure, elementwise.
@@ -357,7 +359,8 @@ def expands(gain: Tensor, predicted: Tensor, loglik: Tensor) -> Tensor:
         >>> expands(torch.tensor(5.1e-4), torch.tensor(5e-4), now).item()  # the model is right
         False
     """
-    return (gain > EXPANSION_RATIO * predicted) & (predicted > loglik_resolution(loglik))
+    resolution = loglik_resolution(loglik) if resolution is None else resolution
+    return (gain > EXPANSION_RATIO * predicted) & (predicted > resolution)
 
 
 def first_local_maximum(values: Tensor) -> Tensor:
@@ -377,10 +380,11 @@ def first_local_maximum(values: Tensor) -> Tensor:
     return leading.sum(-1)
 
 
-def polish_accepts(ll_candidate: Tensor, ll_now: Tensor) -> Tensor:
+def polish_accepts(ll_candidate: Tensor, ll_now: Tensor, resolution: Tensor | None = None) -> Tensor:
     """Whether the polishing step of a converged fit is kept: ℓ finite and not below the current
     value by more than round-off. Pure and elementwise."""
-    return torch.isfinite(ll_candidate) & (ll_candidate >= ll_now - loglik_resolution(ll_now))
+    resolution = loglik_resolution(ll_now) if resolution is None else resolution
+    return torch.isfinite(ll_candidate) & (ll_candidate >= ll_now - resolution)
 
 
 def relaxed(damping: Tensor) -> Tensor:
