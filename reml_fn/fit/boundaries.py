@@ -198,9 +198,9 @@ def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_
 
 def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> Tensor | None:
     """(…, k) factors w_k that put each parameter's information on the scale of the data: for a
-    variance below its data-scale start x_ref, w = x_ref/x (its floor is ``floor``·x_ref, so
-    w = e^{a(ℓ_k − θ_k)}/``floor``), else 1; None when every w is 1 (the usual case, cheaply
-    told). Pure; a host-side test decides None.
+    variance more than 10³ below its data-scale start x_ref, w = x_ref/x (its floor is
+    ``floor``·x_ref, so w = e^{a(ℓ_k − θ_k)}/``floor``), else 1; None when every w is 1 (the usual
+    case, cheaply told). Pure; a host-side test decides None.
 
     Why: a variance's log-scale information AI_kk shrinks as x² on the way to 0 whether or not
     the data inform it; AI_kk·w_k² is the information it would have at the data's scale — of the
@@ -210,10 +210,16 @@ def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float)
     """
     rates = rates.to(device=theta.device, dtype=theta.dtype)
     log_relative = rates * (lower - theta) - math.log(floor)  # log(x_ref / x) for a variance
-    below = (rates > 0) & (log_relative > 0)
+    # Below x_ref/10³ only: above it w² < 10⁶ cannot move information across the 10³ε threshold
+    # of newton_direction for a variance the data inform (its AI_kk is then ≥ 10⁻⁶ of its size
+    # at x_ref), so w = 1 decides the same, cheaper.
+    below = (rates > 0) & (log_relative > SCALED_BELOW)
     if not bool(below.any()):
         return None
     return torch.where(below, log_relative.clamp(max=700.0).exp(), 1.0)
+
+
+SCALED_BELOW = math.log(1e3)
 
 
 def silent_at_floor(
