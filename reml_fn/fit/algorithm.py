@@ -145,8 +145,8 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
     polishing = converged(newton, ll_now, tol, resolution)
     # Converged over the others, with a variance at its floor that the data do not inform: the
     # model is not identifiable (status 5), not estimated at the boundary.
-    unidentified = polishing
-    if bool(polishing.any()):
+    unidentified = torch.zeros_like(polishing)
+    if bool(polishing.any()) and bool((snap | (theta <= lower)).any()):
         unidentified = polishing & silent_at_floor(theta, ai, lower, state["rates"], floor, snap).any(-1)
     searching = ~polishing
     # Converged (0) or not identifiable (5); the polishing step moves them or not.
@@ -487,11 +487,19 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         "ai": state["ai"],
         "loglik": state["loglik"],
         "status": status,
-        "at_boundary": at_bounds(theta, state["lower"], state["upper"], pairs)
-        & ~silent_at_floor(theta, state["ai"], state["lower"], rates, variance_floor(dtype)),
+        "at_boundary": _at_boundary(theta, state, pairs, rates),
         "n_iter": n_iter,
         "history": {name: torch.stack(rows, 1) for name, rows in history.items()},
     }
+
+
+def _at_boundary(theta: Tensor, state: dict, pairs, rates: Tensor) -> Tensor:
+    """``FitResult.at_boundary``: parameters at a bound, except variances at their floor without
+    information (not identifiable rather than estimated at 0; the status-5 message names them)."""
+    flags = at_bounds(theta, state["lower"], state["upper"], pairs)
+    if not bool((theta <= state["lower"]).any()):  # no variance at its floor: nothing to judge
+        return flags
+    return flags & ~silent_at_floor(theta, state["ai"], state["lower"], rates, variance_floor(theta.dtype))
 
 
 # Status of a fit whose score or AI matrix is not finite where ℓ is (STATUS[8]).
@@ -554,7 +562,7 @@ def solve(
     """Check the inputs, read ``init``, and fit the B datasets of Y chunk by chunk: the one path
     behind ``fit`` (B = 1) and ``fit_batched``. Returns the batched :class:`FitResult`, or with
     ``single`` (B = 1) the result of that one dataset without the batch axis."""
-    template, dims, spec = check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size)
+    template, dims, spec = check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size, data_checked=single)
     B, n = Y.shape
     p = X.shape[-1]
     names = param_names(template)

@@ -192,7 +192,7 @@ def _leaf_dims(s, in_dims, leaves, spec) -> tuple:
 # Input checks (before any work)
 
 
-def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None):
+def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, data_checked: bool = False):
     """Shapes, types and shared data checked once before any work (errors, never flags); returns
     the structure of dataset 0 (``template``), the in_dim of each data leaf and the pytree spec."""
     if not isinstance(s, Structure):
@@ -238,10 +238,11 @@ def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None):
                 f"in_dims: data leaf {i} has {leaf.shape[d]} entries along its batch dimension {d} but Y has {B} datasets"
             )
     template = pytree.tree_unflatten([leaf if d is None else leaf.select(d, 0) for leaf, d in zip(leaves, dims)], spec)
-    try:
-        check_data(template, Y[0], X[0] if X.dim() == 3 else X)
-    except ValueError as error:
-        raise ValueError(f"{error} (checked on dataset 0: Y (B, n), X (n, p) or (B, n, p), V (n, n))") from None
+    if not data_checked:  # (fit checks its one dataset itself, in the words of one dataset)
+        try:
+            check_data(template, Y[0], X[0] if X.dim() == 3 else X)
+        except ValueError as error:
+            raise ValueError(f"{error} (checked on dataset 0: Y (B, n), X (n, p) or (B, n, p), V (n, n))") from None
     p = X.shape[-1]
     if x_names is not None and len(x_names) != p:
         raise ValueError(f"x_names has {len(x_names)} names but X has {p} columns")

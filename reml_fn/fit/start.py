@@ -68,8 +68,12 @@ def variance_rates(s) -> Tensor:
     """(k,) the rate a of each free variance parameter's exponential transform, natural = c·e^{aθ}
     (ExpPow2 2, Exp 1, Exp2 ln 2, Exp10 ln 10), and 0 for every other parameter. The iterations
     use it to bound what a variance can still gain on its way to the floor."""
-    rates = {ExpPow2: 2.0, Exp: 1.0, Exp2: math.log(2.0), Exp10: math.log(10.0)}
-    return torch.tensor([rates.get(type(spec.transform), 0.0) for spec in _free_specs(s)], dtype=torch.float64)
+    rates = ((ExpPow2, 2.0), (Exp, 1.0), (Exp2, math.log(2.0)), (Exp10, math.log(10.0)))
+
+    def rate(transform: Transform) -> float:
+        return next((a for kind, a in rates if isinstance(transform, kind)), 0.0)
+
+    return torch.tensor([rate(spec.transform) for spec in _free_specs(s)], dtype=torch.float64)
 
 
 def is_bounded(transform: Transform) -> bool:
@@ -165,24 +169,21 @@ def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None) -> tuple[Tens
     which the bounds always contain.
     """
     theta0 = reference if theta0 is None else theta0
-    lower, upper = [], []
-    inf = theta0.new_full((), math.inf)
-    for k, spec in enumerate(_free_specs(s)):
-        t = theta0[k]
-        if is_variance(spec.transform):
-            floor = spec.transform.inverse(spec.transform.forward(reference[k]) * variance_floor(reference.dtype))
-            lower.append(torch.minimum(floor, t))
-            upper.append(inf)
-        elif is_bounded(spec.transform):
-            limit = torch.full_like(t, CORRELATION_RAW_LIMIT)
-            lower.append(torch.minimum(-limit, t))
-            upper.append(torch.maximum(limit, t))
-        else:
-            lower.append(-inf)
-            upper.append(inf)
-    if not lower:
+    specs = _free_specs(s)
+    if not specs:
         return theta0.new_zeros(0), theta0.new_zeros(0)
-    return torch.stack(lower), torch.stack(upper)
+    # For x = c·e^{aθ}, the floor x_ref·floor is θ_ref + log(floor)/a: one vector operation.
+    rates = variance_rates(s).to(device=theta0.device, dtype=theta0.dtype)
+    variance = rates > 0
+    bounded = torch.tensor([is_bounded(spec.transform) for spec in specs], device=theta0.device)
+    floor = reference + math.log(variance_floor(reference.dtype)) / torch.where(variance, rates, 1.0)
+    limit = CORRELATION_RAW_LIMIT
+    lower = torch.where(
+        variance, torch.minimum(floor, theta0), torch.where(bounded, (-limit) * torch.ones_like(theta0), -math.inf)
+    )
+    lower = torch.where(bounded, torch.minimum(lower, theta0), lower)
+    upper = torch.where(bounded, torch.clamp(theta0, min=limit), math.inf)
+    return lower, upper
 
 
 def dependent_columns(X: Tensor) -> list[int]:
