@@ -236,7 +236,7 @@ def ai_direction(score: Tensor, ai: Tensor, active: Tensor, damping: Tensor | fl
     decrement = (score * delta).sum(-1)
     ok = (info == 0) & torch.isfinite(delta).all(-1) & (decrement > 0)
     undamped = damping == 0
-    if bool(undamped.any()) if not torch._C._functorch.is_batchedtensor(undamped) else True:
+    if bool(undamped.any()):
         # Rows at λ = 0 (a batch mixes levels) take the Newton step, exactly as alone.
         newton = newton_direction(score, ai, active)
         delta = torch.where(undamped.unsqueeze(-1), newton.delta, delta)
