@@ -1,12 +1,13 @@
 """The AI-REML iterations for a batch of datasets: one scheduler for ``fit`` (a batch of one) and
 ``fit_batched``.
 
-A host loop over the pure decisions of :mod:`reml_fn.fit.step`, with per-dataset state (θ,
-ℓ, score, AI, damping, status). In every iteration
+A host loop over the pure decisions of :mod:`reml_fn.fit.step` and :mod:`reml_fn.fit.boundaries`,
+with per-dataset state (θ, ℓ, score, AI, damping, status). In every iteration
 
-1. the boundary system, Newton direction and convergence test are computed for all running
-   datasets at once (batched k×k factorisations); converged datasets take the polishing step and
-   stop (status 0);
+1. the working system (covariances as correlations, bounds held, variances with nothing left to
+   gain snapped to their floor), the Newton direction and the convergence test are computed for
+   all running datasets at once (batched k×k factorisations); converged datasets take the
+   polishing step and stop (status 0, or 5 where a variance at its floor has no information);
 2. the line search is a per-dataset state machine over the candidate sequence (damping level,
    slot): each round evaluates a window of the next candidates of every dataset still searching in
    one vmapped engine call and keeps, per dataset, the first acceptable one — exactly the candidate
@@ -14,7 +15,13 @@ A host loop over the pure decisions of :mod:`reml_fn.fit.step`, with per-dataset
 3. a dataset whose previous line search accepted its first candidate (the usual case) evaluates
    its next first candidate as full AI terms, so an accepted step needs no second engine call; the
    others start with a window as long as their previous search, then 2, 4, 8, … candidates, at
-   most ``Options.lookahead`` evaluations per round. The window changes the schedule only.
+   most ``Options.lookahead`` evaluations per round. The window changes the schedule only;
+4. where two accepted steps in a row gained well beyond the quadratic model, multiples of the
+   step are tried in one more call (:func:`~reml_fn.fit.step.expands`).
+
+Two shortcuts decide the same as the rounds, with less bookkeeping: an iteration in which every
+dataset's Newton step is accepted at once (no convergence, no expansion) returns after its one
+engine call, and one in which every dataset has converged is just the polishing step.
 
 Only the datasets still running (or still searching) enter each call; finished datasets stop
 moving. Nothing inside vmapped code raises on values (``cholesky_ex``, ``solve_ex``, masks): V
