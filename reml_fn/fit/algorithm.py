@@ -50,7 +50,7 @@ from reml_fn.fit.boundaries import (
     working_system,
 )
 from reml_fn.fit.problem import RUNNING, Batch, EngineCalls, check_batch_inputs, put, read_init, screen
-from reml_fn.fit.result import FitResult, build_result
+from reml_fn.fit.result import OVERFLOW, FitResult, build_result
 from reml_fn.fit.start import variance_floor, variance_rates
 from reml_fn.fit.step import (
     EXPANSION_MULTIPLIERS,
@@ -119,6 +119,19 @@ def _sequence(score, ai, active, scaled, damping, levels: int, max_step: float, 
     return torch.cat(steps, 1), torch.cat(oks, 1), torch.stack(lambdas, 1)
 
 
+def _newton_candidates(batch, engine, system, delta, snap, pairs, max_step, ll_now, resolution, extra=None):
+    """The first candidate of the undamped level for the rows of ``system``: the capped Newton
+    step ``delta``, evaluated with its AI terms (in one engine call with the points ``extra`` after
+    them, e.g. polishing steps; ``batch`` holds both, in that order). Returns the raw proposals,
+    the working steps taken, the terms, the predicted gains and :func:`~reml_fn.fit.step.accepts`."""
+    proposals, taken = propose(system, capped(delta, system.scaled, max_step), pairs, snap)
+    points = proposals if extra is None or extra.shape[0] == 0 else torch.cat([proposals, extra])
+    terms = batch.map(engine.terms, points)
+    predicted = predicted_gain(system.score, system.ai, torch.where(snap, 0.0, taken))
+    ok = accepts(terms.loglik[: proposals.shape[0]], ll_now, predicted, resolution)
+    return proposals, taken, terms, predicted, ok
+
+
 def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -> Iterate:
     """One AI-REML iteration for every dataset of ``batch`` (all running), deciding exactly what
     the sequential search decides: convergence and polishing by :func:`~reml_fn.fit.step.converged`;
@@ -182,11 +195,9 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
         # The usual iteration: nobody converged, and every dataset's first candidate is its
         # capped Newton step, evaluated with its AI terms (the first round below). Where all of
         # them are accepted and none expands, that is the whole iteration.
-        step = capped(newton.delta, system.scaled, max_step)
-        proposals, taken = propose(system, step, pairs, snap)
-        terms = batch.map(engine.terms, proposals)
-        predicted = predicted_gain(system.score, system.ai, torch.where(snap, 0.0, taken))
-        ok = accepts(terms.loglik, ll_now, predicted, resolution)
+        proposals, taken, terms, predicted, ok = _newton_candidates(
+            batch, engine, system, newton.delta, snap, pairs, max_step, ll_now, resolution
+        )
         if bool(ok.all()):
             understated = expands(terms.loglik - ll_now, predicted, ll_now, resolution)
             if not bool((understated & state["understated"]).any()):
@@ -225,16 +236,19 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
             if early is not None:  # evaluated above (every dataset open, none polishing)
                 proposals, taken, terms, predicted, ok = early
             else:
-                step = capped(newton.delta[open_], system.scaled[open_], max_step)
-                proposals, taken = propose(_rows(system, open_), step, pairs, snap[open_])
-                everyone = torch.cat([open_, polish])
-                points = proposals
-                if polish.numel():
-                    polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
-                    points = torch.cat([proposals, polished])
-                terms = batch.take(everyone).map(engine.terms, points)
-                predicted = predicted_gain(system.score[open_], system.ai[open_], torch.where(snap[open_], 0.0, taken))
-                ok = accepts(terms.loglik[:offset], ll_now[open_], predicted)
+                polished = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])[0]
+                proposals, taken, terms, predicted, ok = _newton_candidates(
+                    batch.take(torch.cat([open_, polish])),
+                    engine,
+                    _rows(system, open_),
+                    newton.delta[open_],
+                    snap[open_],
+                    pairs,
+                    max_step,
+                    ll_now[open_],
+                    resolution[open_],
+                    polished,
+                )
             values = terms.loglik[:offset]
             if open_.shape[0] == R and polish.numel() == 0 and bool(ok.all()):
                 # Everybody's Newton step is accepted (the common case): whole-array updates.
@@ -507,10 +521,6 @@ def _at_boundary(theta: Tensor, state: dict, pairs, rates: Tensor) -> Tensor:
     if not bool((theta <= state["lower"]).any()):  # no variance at its floor: nothing to judge
         return flags
     return flags & ~silent_at_floor(theta, state["ai"], state["lower"], rates, variance_floor(theta.dtype))
-
-
-# Status of a fit whose score or AI matrix is not finite where ℓ is (STATUS[8]).
-OVERFLOW = 8
 
 
 def _finite_terms(state: dict) -> Tensor:

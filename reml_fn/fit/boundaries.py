@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from reml_fn.fit.step import PIVOT_TOLERANCE
 from reml_fn.params import param_specs
 from reml_fn.transforms import ExpPow2
 from reml_fn.transforms import Identity as IdentityTransform
@@ -41,6 +42,8 @@ def active_bounds(theta: Tensor, score: Tensor, lower: Tensor, upper: Tensor) ->
 
 # |ρ| of an unstructured covariance stops here (the edge of the positive semi-definite cone).
 CORRELATION_LIMIT = 1.0 - 1e-10
+# |ρ| at least this is at the limit, up to the round-off of c = ρ·e^{θ_i + θ_j}.
+LIMIT_REACHED = CORRELATION_LIMIT * (1.0 - 1e-12)
 _COVARIANCE_NAME = re.compile(r"sigma\^2_(\d+)_(\d+)$")
 
 
@@ -99,7 +102,7 @@ def at_correlation_limit(theta: Tensor, pairs: Tensor | Pairs) -> Tensor:
     if pairs.count == 0:
         return flags
     i, j, c = pairs.i, pairs.j, pairs.c
-    reached = theta[..., c].abs() >= CORRELATION_LIMIT * torch.exp(theta[..., i] + theta[..., j]) * (1.0 - 1e-12)
+    reached = theta[..., c].abs() >= LIMIT_REACHED * torch.exp(theta[..., i] + theta[..., j])
     columns = torch.arange(theta.shape[-1], device=theta.device) == c.unsqueeze(-1)
     return flags | (reached.unsqueeze(-1) & columns).any(-2)
 
@@ -142,7 +145,7 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     rho = (theta[..., c] / scale).clamp(-limit, limit)
     # At the limit up to the round-off of c = ρ·e^{θ_i+θ_j}, ρ is exactly the bound, so a
     # correlation held there stays an active bound.
-    rho = torch.where(rho.abs() >= limit * (1.0 - 1e-12), rho.sign() * limit, rho)
+    rho = torch.where(rho.abs() >= LIMIT_REACHED, rho.sign() * limit, rho)
     # J = ∂θ_raw/∂θ_working: the identity but in the rows of the covariances, where
     # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j} (one write into a copy of I).
     covariance = theta[..., c]
@@ -239,12 +242,7 @@ def silent_at_floor(
     if scale is not None:
         information = information * scale**2
     largest = information.amax(-1, keepdim=True) if theta.shape[-1] else information
-    return at_floor & (information <= SILENT * torch.finfo(theta.dtype).eps * largest)
-
-
-# A parameter whose information is below SILENT·ε of the largest has none (the rule of
-# newton_direction and result.confounded_parameters).
-SILENT = 1e3
+    return at_floor & (information <= PIVOT_TOLERANCE * torch.finfo(theta.dtype).eps * largest)
 
 
 def propose(system: Working, step: Tensor, pairs: Tensor | Pairs, snap: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.fit.algorithm import solve
-from reml_fn.fit.result import STATUS, FitResult
+from reml_fn.fit.result import OVERFLOW, STATUS, FitResult
 from reml_fn.fit.step import DEFAULT_MAX_ITER, DEFAULT_MAX_STEP, DEFAULT_MAX_TRIES, DEFAULT_TOL, Options
 from reml_fn.reml.likelihood import check_data
 
@@ -96,7 +96,7 @@ def fit(
         single=True,
     )
     code = int(result.status)
-    if code in UNFITTABLE or (code == 8 and int(result.n_iter) == 0):
+    if code in UNFITTABLE or (code == OVERFLOW and int(result.n_iter) == 0):
         raise ValueError(_unfittable_message(code, s, y, X, result))
     return result
 

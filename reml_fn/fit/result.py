@@ -9,9 +9,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from reml_fn.fit.step import PIVOT_TOLERANCE
 from reml_fn.tree import static, structure
 
-__all__ = ["FitResult", "STATUS", "status_message", "confounded_parameters", "build_result"]
+__all__ = ["FitResult", "STATUS", "OVERFLOW", "status_message", "confounded_parameters", "build_result"]
 
 # Status codes (``FitResult.status``): an int per fit, so batched results can carry them.
 STATUS = {
@@ -31,6 +32,10 @@ STATUS = {
 }
 
 
+# Status of a fit whose score or AI matrix is not finite where ℓ is.
+OVERFLOW = 8
+
+
 def status_message(code: int) -> str:
     return STATUS.get(int(code), f"unknown status {int(code)}")
 
@@ -38,7 +43,8 @@ def status_message(code: int) -> str:
 def confounded_parameters(ai: Tensor, names: Sequence[str], at_boundary: Tensor | None = None) -> list[str]:
     """The free parameters in the null space of the AI matrix (k, k): those without information
     (AI_kk ≈ 0) and those with a large component in the eigenvector of the smallest eigenvalue of
-    the unit-diagonal scaled AI, when that eigenvalue is below 10³·ε (parameters at a bound are
+    the unit-diagonal scaled AI, when that eigenvalue is below 10³·ε (``PIVOT_TOLERANCE``, the
+    rule of :func:`~reml_fn.fit.step.newton_direction`) (parameters at a bound are
     left out). Names the parameters of a status-5 fit.
 
     Example:
@@ -54,7 +60,7 @@ def confounded_parameters(ai: Tensor, names: Sequence[str], at_boundary: Tensor 
         return []
     sub = ai[index][:, index]
     diagonal = torch.diagonal(sub)
-    tiny = 1e3 * torch.finfo(torch.float64).eps * float(diagonal.abs().max().clamp(min=1e-300))
+    tiny = PIVOT_TOLERANCE * torch.finfo(torch.float64).eps * float(diagonal.abs().max().clamp(min=1e-300))
     silent = [index[j] for j in range(len(index)) if float(diagonal[j]) <= tiny]
     informative = [j for j in range(len(index)) if float(diagonal[j]) > tiny]
     named = set(silent)
@@ -62,7 +68,7 @@ def confounded_parameters(ai: Tensor, names: Sequence[str], at_boundary: Tensor 
         root = diagonal[informative].rsqrt()
         scaled = sub[informative][:, informative] * root[:, None] * root[None, :]
         values, vectors = torch.linalg.eigh(scaled)
-        if float(values[0]) <= 1e3 * torch.finfo(torch.float64).eps * len(informative):
+        if float(values[0]) <= PIVOT_TOLERANCE * torch.finfo(torch.float64).eps * len(informative):
             weights = vectors[:, 0].abs()
             named |= {index[informative[j]] for j in range(len(informative)) if float(weights[j]) > 0.1}
     return [names[j] for j in sorted(named)]

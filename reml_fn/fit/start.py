@@ -59,21 +59,24 @@ START_CORRELATION = 0.1
 CORRELATION_RAW_LIMIT = 20.0
 
 
+# The exponential transforms of variance parameters, natural = c·e^{aθ}, with their rates a.
+_VARIANCE_RATES = ((ExpPow2, 2.0), (Exp, 1.0), (Exp2, math.log(2.0)), (Exp10, math.log(10.0)))
+
+
+def _variance_rate(transform: Transform) -> float:
+    return next((rate for kind, rate in _VARIANCE_RATES if isinstance(transform, kind)), 0.0)
+
+
 def is_variance(transform: Transform) -> bool:
     """True for positive (log-scale) transforms: the parameter is a variance-like quantity."""
-    return isinstance(transform, (ExpPow2, Exp, Exp2, Exp10))
+    return _variance_rate(transform) > 0
 
 
 def variance_rates(s) -> Tensor:
     """(k,) the rate a of each free variance parameter's exponential transform, natural = c·e^{aθ}
     (ExpPow2 2, Exp 1, Exp2 ln 2, Exp10 ln 10), and 0 for every other parameter. The iterations
     use it to bound what a variance can still gain on its way to the floor."""
-    rates = ((ExpPow2, 2.0), (Exp, 1.0), (Exp2, math.log(2.0)), (Exp10, math.log(10.0)))
-
-    def rate(transform: Transform) -> float:
-        return next((a for kind, a in rates if isinstance(transform, kind)), 0.0)
-
-    return torch.tensor([rate(spec.transform) for spec in _free_specs(s)], dtype=torch.float64)
+    return torch.tensor([_variance_rate(spec.transform) for spec in _free_specs(s)], dtype=torch.float64)
 
 
 def is_bounded(transform: Transform) -> bool:

@@ -172,42 +172,35 @@ def newton_direction(score: Tensor, ai: Tensor, active: Tensor, information_scal
         Newton(delta=tensor([0.5000, 0.0000]), decrement=tensor(0.5000), definite=tensor(True))
     """
     diagonal = torch.diagonal(ai, dim1=-2, dim2=-1)
-    if not bool(active.any()):  # nothing held (the usual case): no masks needed
-        return _newton_all_free(score, ai, diagonal, information_scale)
-    free, both, eye = _free_system(ai, active)
+    held = bool(active.any())  # nothing held is the usual case: then no masks are needed
+    free = ~active
+    eps = torch.finfo(ai.dtype).eps
     # A free parameter whose information is round-off next to the others' has none (the rule of
     # result.confounded_parameters); unit-diagonal scaling alone would hide it.
     information = diagonal if information_scale is None else diagonal * information_scale**2
-    largest = torch.where(free, information, 0.0).amax(-1, keepdim=True) if ai.shape[-1] else information
-    informative = ~free | ((diagonal > 0) & (information > PIVOT_TOLERANCE * torch.finfo(ai.dtype).eps * largest))
-    root = torch.where(free & (diagonal > 0), diagonal, 1.0).rsqrt()
+    if ai.shape[-1]:
+        largest = (torch.where(free, information, 0.0) if held else information).amax(-1, keepdim=True)
+    else:
+        largest = information
+    informative = (diagonal > 0) & (information > PIVOT_TOLERANCE * eps * largest)
+    if held:
+        informative = informative | active
+    root = torch.where((free & (diagonal > 0)) if held else (diagonal > 0), diagonal, 1.0).rsqrt()
     scaled = ai * root.unsqueeze(-1) * root.unsqueeze(-2)
-    factor, info = torch.linalg.cholesky_ex(torch.where(both, scaled, eye))
+    rhs = score * root
+    if held:
+        both = free.unsqueeze(-1) & free.unsqueeze(-2)
+        eye = torch.eye(ai.shape[-1], dtype=ai.dtype, device=ai.device)
+        scaled = torch.where(both, scaled, eye)
+        rhs = torch.where(free, rhs, 0.0)
+    factor, info = torch.linalg.cholesky_ex(scaled)
     definite = (info == 0) & informative.all(-1)
     if ai.shape[-1]:
         pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
-        definite = definite & (pivots.amin(-1) > PIVOT_TOLERANCE * torch.finfo(ai.dtype).eps)
-    rhs = torch.where(free, score * root, 0.0).unsqueeze(-1)
-    delta = torch.cholesky_solve(rhs, torch.where(definite.unsqueeze(-1).unsqueeze(-1), factor, eye))
-    delta = torch.where(free, delta.squeeze(-1) * root, 0.0)
-    definite = definite & torch.isfinite(delta).all(-1)
-    delta = torch.where(definite.unsqueeze(-1), delta, 0.0)
-    return Newton(delta, (score * delta).sum(-1), definite)
-
-
-def _newton_all_free(score: Tensor, ai: Tensor, diagonal: Tensor, information_scale: Tensor | None) -> Newton:
-    """:func:`newton_direction` with every parameter free: the same arithmetic without masks."""
-    information = diagonal if information_scale is None else diagonal * information_scale**2
-    largest = information.amax(-1, keepdim=True) if ai.shape[-1] else information
-    eps = torch.finfo(ai.dtype).eps
-    informative = ((diagonal > 0) & (information > PIVOT_TOLERANCE * eps * largest)).all(-1)
-    root = torch.where(diagonal > 0, diagonal, 1.0).rsqrt()
-    factor, info = torch.linalg.cholesky_ex(ai * root.unsqueeze(-1) * root.unsqueeze(-2))
-    definite = (info == 0) & informative
-    if ai.shape[-1]:
-        pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
         definite = definite & (pivots.amin(-1) > PIVOT_TOLERANCE * eps)
-    delta = torch.cholesky_solve((score * root).unsqueeze(-1), factor).squeeze(-1) * root
+    delta = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1) * root
+    if held:
+        delta = torch.where(free, delta, 0.0)
     definite = definite & torch.isfinite(delta).all(-1)
     delta = torch.where(definite.unsqueeze(-1), delta, 0.0)
     return Newton(delta, (score * delta).sum(-1), definite)
@@ -250,9 +243,10 @@ def capped(delta: Tensor, scaled: Tensor, max_step: float) -> Tensor:
     """Clamp each log/logit-scale component (``scaled``) of Δ to [−max_step, max_step]. Pure.
 
     Elementwise, so one parameter whose Newton step explodes (a variance with a negligible effect
-    on V, where AI is nearly singular) cannot shrink everybody else's step. Raw steps of
-    identity-scale parameters (covariances, user parameters) have no common unit and are left to
-    the block step, the damping and the line search.
+    on V, where AI is nearly singular) cannot shrink everybody else's step. Correlations ρ of
+    the working coordinates count as scaled; raw steps of identity-scale parameters (Cholesky
+    entries, user parameters) have no common unit and are left to the block step, the damping
+    and the line search.
     """
     return torch.where(scaled, delta.clamp(-max_step, max_step), delta)
 
