@@ -130,7 +130,7 @@ def summarise(result, seconds: float, lme4_logliks, lme4_seconds) -> dict:
 def profile(s, Y, X, engine: str, threads: int) -> None:
     """Time per iteration (datasets still running) and the top functions of one call."""
     algorithm = sys.modules["reml_fn.fit.algorithm"]
-    original = algorithm.iterate
+    original = algorithm._iterate
     trace: list[tuple[int, float]] = []
 
     def timed(batch, *args):
@@ -140,13 +140,13 @@ def profile(s, Y, X, engine: str, threads: int) -> None:
         return out
 
     torch.set_num_threads(threads)
-    algorithm.iterate = timed
+    algorithm._iterate = timed
     try:
         start = time.perf_counter()
         result = rf.fit_batched(s, Y, X, engine=engine)
         total = time.perf_counter() - start
     finally:
-        algorithm.iterate = original
+        algorithm._iterate = original
     in_loop = sum(t for _, t in trace)
     print(
         f"\nprofile ({engine}, {threads} thread(s)): {total:.3f} s in all, {in_loop:.3f} s in {len(trace)} iterations"

@@ -74,7 +74,7 @@ from reml_fn.fit.step import (
 from reml_fn.params import param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
 
-__all__ = ["iterate", "run_chunk", "concatenate", "Iterate", "solve"]
+__all__ = ["solve"]
 
 # Candidates per damping level in candidate_steps (fractions, then two block steps): only sizes the
 # windows; the bookkeeping uses the number candidate_steps actually yields.
@@ -85,7 +85,7 @@ SLOTS_PER_LEVEL = len(STEP_FRACTIONS) + 2
 SNAP_MARGIN = 10.0
 
 
-class Iterate(NamedTuple):
+class _Iteration(NamedTuple):
     """What one iteration decided for the running datasets (rows in ``running`` order)."""
 
     theta: Tensor
@@ -132,7 +132,7 @@ def _newton_candidates(batch, engine, system, delta, snap, pairs, max_step, ll_n
     return proposals, taken, terms, predicted, ok
 
 
-def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -> Iterate:
+def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -> _Iteration:
     """One AI-REML iteration for every dataset of ``batch`` (all running), deciding exactly what
     the sequential search decides: convergence and polishing by :func:`~reml_fn.fit.step.converged`;
     otherwise each dataset walks its own candidate sequence (damping level λ, slot in
@@ -179,7 +179,7 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
         terms = batch.map(engine.terms, polished)
         keep = polish_accepts(terms.loglik, ll_now, resolution)
         row = keep.unsqueeze(-1)
-        return Iterate(
+        return _Iteration(
             torch.where(row, polished, theta),
             torch.where(keep, terms.loglik, ll_now),
             torch.where(row, terms.score, score),
@@ -202,7 +202,7 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
             understated = expands(terms.loglik - ll_now, predicted, ll_now, resolution)
             if not bool((understated & state["understated"]).any()):
                 every = torch.ones_like(hint)
-                return Iterate(
+                return _Iteration(
                     proposals, terms.loglik, terms.score, terms.ai, damping, every.bool(), status, every, understated
                 )
         early = proposals, taken, terms, predicted, ok
@@ -398,10 +398,10 @@ def iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) ->
         new_ll = put(new_ll, later, terms.loglik)
         new_score = put(new_score, later, terms.score)
         new_ai = put(new_ai, later, terms.ai)
-    return Iterate(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched, understated)
+    return _Iteration(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched, understated)
 
 
-def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCalls, options: Options, verbose: int):
+def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCalls, options: Options, verbose: int):
     """Fit every dataset of ``batch``: screen, start, iterate until each has a status, then the
     final quantities. Returns a dict of per-dataset fields (leading dimension C = batch size)."""
     C, device, dtype = batch.size, batch.Y.device, batch.Y.dtype
@@ -439,7 +439,7 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
     rates = variance_rates(template)
     state["damping"] = torch.zeros(C, dtype=dtype, device=device)
     state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration
-    state["understated"] = torch.zeros(C, dtype=torch.bool, device=device)  # as Iterate.understated
+    state["understated"] = torch.zeros(C, dtype=torch.bool, device=device)  # as _Iteration.understated
     n_iter = torch.zeros(C, dtype=torch.long, device=device)
     history = {"loglik": [state["loglik"]], "params": [state["theta"]], "step": [torch.zeros_like(state["theta"])]}
 
@@ -456,7 +456,7 @@ def run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCa
         rows = dict(state) if everyone else {key: value[running] for key, value in state.items()}
         rows["pairs"] = pairs  # shared by every dataset, not indexed
         rows["rates"] = rates
-        step = iterate(batch if everyone else batch.take(running), engine, rows, options)
+        step = _iterate(batch if everyone else batch.take(running), engine, rows, options)
         previous = state["theta"]
 
         if everyone:  # whole arrays, no indexing
@@ -545,7 +545,7 @@ def _pad_history(tensor: Tensor, length: int, zeros: bool) -> Tensor:
     return torch.cat([tensor, torch.zeros_like(tail) if zeros else tail], 1)
 
 
-def concatenate(parts: list[dict]) -> dict:
+def _concatenate(parts: list[dict]) -> dict:
     if len(parts) == 1:
         return parts[0]
     length = max(part["history"]["loglik"].shape[1] for part in parts)
@@ -578,7 +578,19 @@ def solve(
 ) -> FitResult:
     """Check the inputs, read ``init``, and fit the B datasets of Y chunk by chunk: the one path
     behind ``fit`` (B = 1) and ``fit_batched``. Returns the batched :class:`FitResult`, or with
-    ``single`` (B = 1) the result of that one dataset without the batch axis."""
+    ``single`` (B = 1) the result of that one dataset without the batch axis.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.fit.step import Options
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(12) % 3), e=rf.Scalar(12))
+        >>> y = torch.tensor([1.0, 2.1, 2.9, 1.2, 2.0, 3.3, 0.8, 1.9, 3.1, 1.1, 2.2, 2.8])
+        >>> kw = dict(in_dims=None, x_names=None, jacobian="closed", engine="auto", options=Options(), chunk_size=None, verbose=0)
+        >>> batched = solve(s, y[None], torch.ones(12, 1), None, **kw)
+        >>> single = solve(s, y[None], torch.ones(12, 1), None, single=True, **kw)
+        >>> batched.loglik.shape, single.loglik.shape, bool(single.loglik == batched.loglik[0])
+        (torch.Size([1]), torch.Size([]), True)
+    """
     template, dims, spec = check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size, data_checked=single)
     B, n = Y.shape
     p = X.shape[-1]
@@ -596,8 +608,8 @@ def solve(
             stop = min(B, start + size)
             part_init = None if init_flat is None else init_flat[start:stop]
             chunk = batch if (start, stop) == (0, B) else batch.slice(start, stop)
-            parts.append(run_chunk(template, chunk, part_init, calls, options, verbose))
-        out = concatenate(parts)
+            parts.append(_run_chunk(template, chunk, part_init, calls, options, verbose))
+        out = _concatenate(parts)
     # Out of inference mode (and, for a single fit, off the batch axis) in one copy.
     out = pytree.tree_map(lambda leaf: (leaf[0] if single else leaf).clone() if isinstance(leaf, Tensor) else leaf, out)
     return build_result(out, names, x_names, chosen.name, n, p, Y.dtype)

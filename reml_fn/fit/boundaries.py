@@ -36,7 +36,14 @@ __all__ = [
 
 
 def active_bounds(theta: Tensor, score: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-    """(…, k) flags: parameters at a box bound whose score points outward (held by the step). Pure."""
+    """(…, k) flags: parameters at a box bound whose score points outward (held by the step). Pure.
+
+    Example:
+        >>> import torch
+        >>> theta, lower, upper = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, -5.0]), torch.tensor([5.0, 5.0, 1.0])
+        >>> active_bounds(theta, torch.tensor([-1.0, 1.0, 1.0]), lower, upper).tolist()
+        [True, False, True]
+    """
     return ((theta <= lower) & (score < 0)) | ((theta >= upper) & (score > 0))
 
 
@@ -51,7 +58,14 @@ def correlation_pairs(s) -> Tensor:
     """Flat indices ``(i, j, c)`` (m, 3) of every free covariance c = ``…/sigma^2_a_b`` (a ≠ b,
     Identity transform) whose variances ``…/sigma^2_a_a`` and ``…/sigma^2_b_b`` are free ExpPow2
     parameters: the entries of :class:`~reml_fn.Unstructured` blocks, where
-    c = ρ·e^{θ_i + θ_j} with correlation |ρ| ≤ 1."""
+    c = ρ·e^{θ_i + θ_j} with correlation |ρ| ≤ 1.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2, covariates=torch.ones(6, 2), cov=rf.Unstructured(2)), e=rf.Scalar(6))
+        >>> correlation_pairs(s).tolist()  # σ²_11 (2), σ²_00 (0) and their covariance σ_10 (1)
+        [[2, 0, 1]]
+    """
     specs = {path: spec for path, spec in param_specs(s) if not spec.fixed}
     index = {name: k for k, name in enumerate(specs)}
     pairs = []
@@ -85,7 +99,14 @@ class Pairs(NamedTuple):
 
 def pair_index(pairs: Tensor | Pairs, k: int, device) -> Pairs:
     """``pairs`` (m, 3) from :func:`correlation_pairs` as :class:`Pairs` on ``device`` (a
-    :class:`Pairs` is returned as it is). Every function here takes either."""
+    :class:`Pairs` is returned as it is). Every function here takes either.
+
+    Example:
+        >>> import torch
+        >>> pairs = pair_index(torch.tensor([[2, 0, 1]]), 4, "cpu")
+        >>> pairs.count, pairs.columns.tolist(), pairs.rows.tolist(), pairs.cols.tolist()
+        (1, [False, True, False, False], [1, 1, 1], [2, 0, 1])
+    """
     if isinstance(pairs, Pairs):
         return pairs
     pairs = pairs.to(device)
@@ -96,7 +117,13 @@ def pair_index(pairs: Tensor | Pairs, k: int, device) -> Pairs:
 
 
 def at_correlation_limit(theta: Tensor, pairs: Tensor | Pairs) -> Tensor:
-    """(…, k) flags: the covariances of ``pairs`` whose |ρ| reached the limit. Pure."""
+    """(…, k) flags: the covariances of ``pairs`` whose |ρ| reached the limit. Pure.
+
+    Example:
+        >>> import torch
+        >>> at_correlation_limit(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([[0, 2, 1]])).tolist()  # ρ = 1
+        [False, True, False]
+    """
     flags = torch.zeros_like(theta, dtype=torch.bool)
     pairs = pair_index(pairs, theta.shape[-1], theta.device)
     if pairs.count == 0:
@@ -135,6 +162,14 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     bound (ρ fixed while the variances move), and the Newton decrement sᵀAI⁻¹s is unchanged (J is
     invertible inside the cone). ρ rather than atanh ρ: the limit is reached in a step, not
     approached exponentially (1000 sleepstudy refits: the same answers, 20 % faster).
+
+    Example:
+        >>> import torch
+        >>> theta = torch.tensor([0.0, 0.5, 0.0])  # log σ_a, covariance, log σ_b: ρ = 0.5
+        >>> w = working_system(theta, torch.ones(3), torch.eye(3), torch.full((3,), -9.0), torch.full((3,), 9.0),
+        ...                    torch.ones(3, dtype=torch.bool), torch.tensor([[0, 2, 1]]))
+        >>> w.theta.tolist(), w.score.tolist()  # Jᵀs: ∂c/∂θ_a = ∂c/∂θ_b = c, ∂c/∂ρ = 1
+        ([0.0, 0.5, 0.0], [1.5, 1.0, 1.5])
     """
     pairs = pair_index(pairs, theta.shape[-1], theta.device)
     if pairs.count == 0:
@@ -164,7 +199,14 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
 
 
 def raw_parameters(working: Tensor, pairs: Tensor | Pairs) -> Tensor:
-    """Raw θ from working coordinates: c = ρ·e^{θ_i + θ_j} for every pair. Pure; batched."""
+    """Raw θ from working coordinates: c = ρ·e^{θ_i + θ_j} for every pair. Pure; batched.
+
+    Example:
+        >>> import torch, math
+        >>> raw = raw_parameters(torch.tensor([math.log(2.0), 0.5, 0.0]), torch.tensor([[0, 2, 1]]))
+        >>> [round(v, 6) for v in raw.tolist()]  # c = 0.5 · 2 · 1
+        [0.693147, 1.0, 0.0]
+    """
     pairs = pair_index(pairs, working.shape[-1], working.device)
     if pairs.count == 0:
         return working
@@ -185,6 +227,14 @@ def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_
     floor with s_k < 0 is flagged when both the gain and the loss of going to the floor are
     negligible — near 0, not merely near a stationary point, where the loss term is large; one
     at its floor with s_k ≥ 0 when a capped step up would gain that little.
+
+    Example:
+        >>> import torch
+        >>> system = Working(torch.tensor([-14.0, 1.0]), torch.tensor([-1e-14, -1e-14]),
+        ...                  torch.diag(torch.tensor([1e-20, 40.0])), torch.full((2,), -15.0),
+        ...                  torch.full((2,), float("inf")), torch.ones(2, dtype=torch.bool))
+        >>> negligible_to_floor(system, torch.tensor([2.0, 2.0]), torch.tensor(1e-12), 3.0).tolist()
+        [True, False]
     """
     rates = rates.to(device=system.theta.device, dtype=system.theta.dtype)
     variance = rates > 0
@@ -210,6 +260,15 @@ def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float)
     order of the others' for a variance estimated at the boundary, 0 for one confounded with the
     fixed effects or another term (:func:`~reml_fn.fit.step.newton_direction` tells them apart by
     it).
+
+    Example:
+        >>> import torch
+        >>> floor = 1e-14  # lower = θ_ref + log(floor)/a
+        >>> lower = torch.tensor([0.5 * math.log(floor), 0.5 * math.log(floor)])
+        >>> information_scale(torch.tensor([0.0, -0.1]), lower, torch.tensor([2.0, 2.0]), floor) is None
+        True
+        >>> float(information_scale(torch.tensor([-5.0, 0.0]), lower, torch.tensor([2.0, 2.0]), floor)[0])  # e¹⁰
+        22026.46...
     """
     rates = rates.to(device=theta.device, dtype=theta.dtype)
     log_relative = rates * (lower - theta) - math.log(floor)  # log(x_ref / x) for a variance
@@ -230,7 +289,15 @@ def silent_at_floor(
 ) -> Tensor:
     """(…, k) flags: variances at their floor (or ``snapped`` there this iteration) without
     information on the scale of the data (:func:`information_scale`) — not identifiable, rather
-    than estimated at the boundary. Pure."""
+    than estimated at the boundary. Pure.
+
+    Example:
+        >>> import torch
+        >>> floor, lower = 1e-14, torch.tensor([0.5 * math.log(1e-14), -20.0])
+        >>> ai = torch.diag(torch.tensor([1e-60, 40.0]))
+        >>> silent_at_floor(lower.clone(), ai, lower, torch.tensor([2.0, 2.0]), floor).tolist()
+        [True, False]
+    """
     rates = rates.to(device=theta.device, dtype=theta.dtype)
     variance = rates > 0
     at_floor = variance & (theta <= lower)
@@ -248,7 +315,16 @@ def silent_at_floor(
 def propose(system: Working, step: Tensor, pairs: Tensor | Pairs, snap: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The candidate θ + Δ of a working-coordinate step: clamped to the box (variance floors,
     correlation limits), with the ``snap`` variances (:func:`negligible_to_floor`) at their floor.
-    Returns the raw θ to evaluate and the step actually taken (working). Pure."""
+    Returns the raw θ to evaluate and the step actually taken (working). Pure.
+
+    Example:
+        >>> import torch
+        >>> system = Working(torch.tensor([0.0, 0.0]), torch.zeros(2), torch.eye(2), torch.tensor([-1.0, -1.0]),
+        ...                  torch.tensor([1.0, 1.0]), torch.ones(2, dtype=torch.bool))
+        >>> raw, taken = propose(system, torch.tensor([-5.0, 0.5]), torch.zeros(0, 3, dtype=torch.long))
+        >>> raw.tolist(), taken.tolist()  # clamped to the box
+        ([-1.0, 0.5], [-1.0, 0.5])
+    """
     new = torch.clamp(system.theta + step, system.lower, system.upper)
     if snap is not None:
         new = torch.where(snap, system.lower, new)
@@ -256,5 +332,12 @@ def propose(system: Working, step: Tensor, pairs: Tensor | Pairs, snap: Tensor |
 
 
 def at_bounds(theta: Tensor, lower: Tensor, upper: Tensor, pairs: Tensor | Pairs) -> Tensor:
-    """(…, k) flags: parameters that stopped at a bound (``FitResult.at_boundary``). Pure."""
+    """(…, k) flags: parameters that stopped at a bound (``FitResult.at_boundary``). Pure.
+
+    Example:
+        >>> import torch
+        >>> at_bounds(torch.tensor([-1.0, 0.0]), torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0]),
+        ...           torch.zeros(0, 3, dtype=torch.long)).tolist()
+        [True, False]
+    """
     return (theta <= lower) | (theta >= upper) | at_correlation_limit(theta, pairs)

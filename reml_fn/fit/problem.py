@@ -194,7 +194,20 @@ def _leaf_dims(s, in_dims, leaves, spec) -> tuple:
 
 def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, data_checked: bool = False):
     """Shapes, types and shared data checked once before any work (errors, never flags); returns
-    the structure of dataset 0 (``template``), the in_dim of each data leaf and the pytree spec."""
+    the structure of dataset 0 (``template``), the in_dim of each data leaf and the pytree spec.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2), e=rf.Scalar(6))
+        >>> Y, X = torch.tensor([[1.0, 2.0, 0.5, 2.5, 1.5, 3.0], [1.0] * 6]), torch.ones(6, 1)
+        >>> template, dims, spec = check_batch_inputs(s, Y, X, None, None, "closed")
+        >>> set(dims)  # every data leaf shared
+        {None}
+        >>> check_batch_inputs(s, Y[0], X, None, None, "closed")
+        Traceback (most recent call last):
+        ...
+        ValueError: Y must be a 2-D tensor (B, n) of B responses, got shape (6,) (for one dataset use Y[None] or rf.fit)
+    """
     if not isinstance(s, Structure):
         raise TypeError(f"s must be a reml_fn structure, got {type(s).__name__}")
     if not isinstance(Y, Tensor) or not isinstance(X, Tensor):
@@ -286,6 +299,16 @@ def read_init(s, init, B: int, dtype, device) -> Tensor | None:
     (k,) or (B, k), or a parameter tree whose leaves are numbers, 0-d tensors or (B,) tensors. A
     tree must hold exactly the free parameters of ``s`` (a missing or an extra name is an error,
     so a misspelt name cannot be silently ignored); values must be finite.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2), e=rf.Scalar(6))
+        >>> read_init(s, {"g": {"cov": {"sigma^2": 0.5}}, "e": {"sigma^2": 1.0}}, 2, torch.float64, "cpu").tolist()
+        [[0.5, 1.0], [0.5, 1.0]]
+        >>> read_init(s, {"g": {"cov": {"sigma^2": 0.5}}}, 1, torch.float64, "cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: init is missing ['e/sigma^2']; free parameters are ['g/cov/sigma^2', 'e/sigma^2']
     """
     if init is None:
         return None
@@ -353,7 +376,17 @@ def _tree_paths(tree: Mapping, prefix: str = ""):
 
 def screen(batch: Batch, status: Tensor) -> tuple[Tensor, Tensor]:
     """Status codes 4, 7, 6 for datasets that cannot be fitted (host code on batched tensors), and
-    the OLS residual variance s² of the others (NaN for those flagged before it is computed)."""
+    the OLS residual variance s² of the others (NaN for those flagged before it is computed).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2), e=rf.Scalar(6))
+        >>> Y, X = torch.tensor([[1.0, 2.0, 0.5, 2.5, 1.5, 3.0], [1.0] * 6]), torch.ones(6, 1)
+        >>> template, dims, spec = check_batch_inputs(s, Y, X, None, None, "closed")
+        >>> status, s2 = screen(Batch(s, dims, spec, Y, X, False), torch.full((2,), RUNNING))
+        >>> status.tolist()  # the second response is constant: y exactly linear in X
+        [-1, 6]
+    """
     finite = torch.isfinite(batch.Y).all(-1)
     if batch.x_batched:
         finite = finite & torch.isfinite(batch.X).all(-1).all(-1)
@@ -378,14 +411,31 @@ def screen(batch: Batch, status: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def put(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
-    """``target`` with rows ``index`` replaced by ``values`` (out of place)."""
+    """``target`` with rows ``index`` replaced by ``values`` (out of place).
+
+    Example:
+        >>> import torch
+        >>> put(torch.zeros(4), torch.tensor([1, 3]), torch.tensor([5.0, 7.0])).tolist()
+        [0.0, 5.0, 0.0, 7.0]
+    """
     return target.index_put((index,), values if values.dtype == target.dtype else values.to(target.dtype))
 
 
 class EngineCalls(NamedTuple):
     """The vmappable per-dataset functions of the chosen engine. ``names``: the free parameters
     of the structure in ``param_names`` order, checked once, so that each call unflattens θ
-    without walking the structure again."""
+    without walking the structure again.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.engines import select_engine
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2), e=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 2.0, 0.5, 2.5, 1.5, 3.0]), torch.ones(6, 1)
+        >>> calls = EngineCalls(select_engine(s), "closed", tuple(rf.param_names(s)))
+        >>> theta = torch.zeros(2)
+        >>> bool(torch.isclose(calls.loglik(s, y, X, calls.prepare(s, y, X, None), theta), rf.reml_loglik(s, theta, y, X)))
+        True
+    """
 
     chosen: Any
     jacobian: str

@@ -52,6 +52,12 @@ def confounded_parameters(ai: Tensor, names: Sequence[str], at_boundary: Tensor 
         >>> ai = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
         >>> confounded_parameters(ai, ["a", "b", "c"])
         ['a', 'b']
+
+    Example:
+        >>> status_message(5)
+        'the AI matrix is singular: parameters are not identifiable from these data'
+        >>> status_message(42)
+        'unknown status 42'
     """
     free = torch.ones(len(names), dtype=torch.bool) if at_boundary is None else ~at_boundary.cpu()
     ai = ai.detach().cpu().to(torch.float64)
@@ -218,7 +224,18 @@ def build_result(
 ) -> FitResult:
     """The batched :class:`FitResult` from the per-dataset fields of the fit (leading dimension B):
     ``params``, ``natural``, ``beta``, ``vcov_beta``, ``score``, ``ai``, ``loglik``, ``status``,
-    ``at_boundary``, ``n_iter``, ``history``. The criteria are computed here, once for both drivers."""
+    ``at_boundary``, ``n_iter``, ``history``. The criteria are computed here, once for both drivers.
+
+    Example:
+        >>> import torch
+        >>> out = {"params": {"a": torch.zeros(1)}, "natural": {"a": torch.ones(1)}, "beta": torch.zeros(1, 1),
+        ...        "vcov_beta": torch.full((1, 1, 1), 4.0), "score": torch.zeros(1, 1), "ai": torch.ones(1, 1, 1),
+        ...        "loglik": torch.tensor([-10.0]), "status": torch.tensor([0]), "at_boundary": torch.zeros(1, 1, dtype=torch.bool),
+        ...        "n_iter": torch.tensor([3]), "history": {}}
+        >>> result = build_result(out, ["a"], None, "dense", 20, 1, torch.float64)
+        >>> result.se_beta.tolist(), result.aic.tolist(), result.converged.tolist()  # −2ℓ + 2(p + k)
+        ([[2.0]], [24.0], [True])
+    """
     loglik, status, vcov = out["loglik"], out["status"], out["vcov_beta"]
     k = len(names)
     return FitResult(

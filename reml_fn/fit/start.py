@@ -51,7 +51,13 @@ VARIANCE_FLOOR = 100.0
 
 
 def variance_floor(dtype: torch.dtype) -> float:
-    """The smallest variance, relative to its default start, that a fit reaches: 100·ε."""
+    """The smallest variance, relative to its default start, that a fit reaches: 100·ε.
+
+    Example:
+        >>> import torch
+        >>> variance_floor(torch.float64)  # 100 · 2⁻⁵²
+        2.220446049250313e-14
+    """
     return VARIANCE_FLOOR * torch.finfo(dtype).eps
 
 
@@ -75,7 +81,13 @@ def is_variance(transform: Transform) -> bool:
 def variance_rates(s) -> Tensor:
     """(k,) the rate a of each free variance parameter's exponential transform, natural = c·e^{aθ}
     (ExpPow2 2, Exp 1, Exp2 ln 2, Exp10 ln 10), and 0 for every other parameter. The iterations
-    use it to bound what a variance can still gain on its way to the floor."""
+    use it to bound what a variance can still gain on its way to the floor.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> variance_rates(rf.AR1(3)).tolist()  # σ² (ExpPow2) and ρ (a sigmoid)
+        [2.0, 0.0]
+    """
     return torch.tensor([_variance_rate(spec.transform) for spec in _free_specs(s)], dtype=torch.float64)
 
 
@@ -170,6 +182,12 @@ def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None) -> tuple[Tens
     so a variance's floor is ``VARIANCE_FLOOR`` times its equal share of the OLS residual variance
     whatever the user's ``init``; ``theta0`` (k,): the actual start (default: ``reference``),
     which the bounds always contain.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> lower, upper = raw_bounds(rf.AR1(3), torch.tensor([0.0, 0.1]))
+        >>> [round(v, 4) for v in lower.tolist()], upper.tolist()  # σ: ½ log(100ε) below; ρ: ±20 raw
+        ([-15.7192, -20.0], [inf, 20.0])
     """
     theta0 = reference if theta0 is None else theta0
     specs = _free_specs(s)

@@ -214,6 +214,15 @@ def ai_direction(score: Tensor, ai: Tensor, active: Tensor, damping: Tensor | fl
     the step towards the diagonally scaled score and makes the system positive definite when AI
     is singular or indefinite. Returns ``(delta, decrement, ok)``; ``ok`` is False where the
     system could not be solved or Δ is not an ascent direction (sᵀΔ ≤ 0).
+
+    Example:
+        >>> import torch
+        >>> ai, score, free = torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.tensor([1.0, 0.5]), torch.tensor([False, False])
+        >>> ai_direction(score, ai, free)[2].item()  # indefinite: no Newton step
+        False
+        >>> delta, decrement, ok = ai_direction(score, ai, free, torch.tensor(100.0))
+        >>> ok.item(), decrement.item() > 0  # damped: an ascent direction
+        (True, True)
     """
     if isinstance(damping, (int, float)) and damping == 0:
         newton = newton_direction(score, ai, active)
@@ -247,6 +256,11 @@ def capped(delta: Tensor, scaled: Tensor, max_step: float) -> Tensor:
     the working coordinates count as scaled; raw steps of identity-scale parameters (Cholesky
     entries, user parameters) have no common unit and are left to the block step, the damping
     and the line search.
+
+    Example:
+        >>> import torch
+        >>> capped(torch.tensor([5.0, -5.0, 5.0]), torch.tensor([True, True, False]), 3.0)
+        tensor([ 3., -3.,  5.])
     """
     return torch.where(scaled, delta.clamp(-max_step, max_step), delta)
 
@@ -272,6 +286,13 @@ def candidate_steps(
     Yields ``(step, ok)`` pairs; ``ok`` is False where the system was not solvable (or, at λ = 0,
     not definite). ``newton``: the :func:`newton_direction` at this point when the caller has it
     (used at λ = 0 only).
+
+    Example:
+        >>> import torch
+        >>> ai, score = torch.eye(2), torch.tensor([1.0, 2.0])
+        >>> steps = candidate_steps(score, ai, torch.tensor([False, False]), torch.tensor([True, True]), 0.0, 3.0)
+        >>> [step.tolist() for step, ok in steps][:3]  # Δ, Δ/2, Δ/4 (no block steps: one kind)
+        [[1.0, 2.0], [0.5, 1.0], [0.25, 0.5]]
     """
     if isinstance(damping, (int, float)):
         undamped_level = damping == 0
@@ -298,19 +319,39 @@ def candidate_steps(
 
 
 def predicted_gain(score: Tensor, ai: Tensor, step: Tensor) -> Tensor:
-    """The gain of the quadratic model of ℓ along a raw step: sᵀΔ − ½ ΔᵀAIΔ. Pure, batched."""
+    """The gain of the quadratic model of ℓ along a raw step: sᵀΔ − ½ ΔᵀAIΔ. Pure, batched.
+
+    Example:
+        >>> import torch
+        >>> predicted_gain(torch.tensor([1.0, 2.0]), torch.eye(2), torch.tensor([1.0, 2.0])).item()  # 5 − 5/2
+        2.5
+    """
     curvature = (step * (ai @ step.unsqueeze(-1)).squeeze(-1)).sum(-1)
     return (score * step).sum(-1) - 0.5 * curvature
 
 
 def loglik_resolution(loglik: Tensor) -> Tensor:
-    """ROUNDOFF·ε·(1 + |ℓ|): log-likelihood differences below this are round-off. Pure."""
+    """ROUNDOFF·ε·(1 + |ℓ|): log-likelihood differences below this are round-off. Pure.
+
+    Example:
+        >>> import torch
+        >>> float(loglik_resolution(torch.tensor(-999.0, dtype=torch.float64)))  # 4·2⁻⁵²·1000
+        8.881784197001252e-13
+    """
     return ROUNDOFF * torch.finfo(loglik.dtype).eps * (1.0 + loglik.abs())
 
 
 def decrement_tolerance(loglik: Tensor, tol: float, resolution: Tensor | None = None) -> Tensor:
     """The Newton decrement at which a fit has converged: ``tol`` scaled from float64 to the
-    dtype's ε, and never below 4 × :func:`loglik_resolution` (a gain d/2 that ℓ cannot show)."""
+    dtype's ε, and never below 4 × :func:`loglik_resolution` (a gain d/2 that ℓ cannot show).
+
+    Example:
+        >>> import torch
+        >>> float(decrement_tolerance(torch.tensor(-10.0, dtype=torch.float64), 1e-12))  # tol wins
+        1e-12
+        >>> float(decrement_tolerance(torch.tensor(-10.0, dtype=torch.float32), 1e-12)) > 1e-5  # float32
+        True
+    """
     scaled_tol = tol * torch.finfo(loglik.dtype).eps / FLOAT64_EPSILON
     resolution = loglik_resolution(loglik) if resolution is None else resolution
     return torch.clamp(4.0 * resolution, min=scaled_tol)
@@ -318,7 +359,16 @@ def decrement_tolerance(loglik: Tensor, tol: float, resolution: Tensor | None = 
 
 def converged(newton: Newton, loglik: Tensor, tol: float, resolution: Tensor | None = None) -> Tensor:
     """Status-0 test (before polishing): AI definite on the free parameters and the (then
-    non-negative) decrement at most :func:`decrement_tolerance`. Pure, elementwise."""
+    non-negative) decrement at most :func:`decrement_tolerance`. Pure, elementwise.
+
+    Example:
+        >>> import torch
+        >>> ll = torch.tensor(-500.0, dtype=torch.float64)
+        >>> converged(Newton(torch.zeros(1), torch.tensor(1e-14), torch.tensor(True)), ll, 1e-12).item()
+        True
+        >>> converged(Newton(torch.zeros(1), torch.tensor(0.0), torch.tensor(False)), ll, 1e-12).item()  # singular AI
+        False
+    """
     return newton.definite & (newton.decrement <= decrement_tolerance(loglik, tol, resolution))
 
 
@@ -376,23 +426,48 @@ def first_local_maximum(values: Tensor) -> Tensor:
 
 def polish_accepts(ll_candidate: Tensor, ll_now: Tensor, resolution: Tensor | None = None) -> Tensor:
     """Whether the polishing step of a converged fit is kept: ℓ finite and not below the current
-    value by more than round-off. Pure and elementwise."""
+    value by more than round-off. Pure and elementwise.
+
+    Example:
+        >>> import torch
+        >>> now = torch.tensor(-100.0, dtype=torch.float64)
+        >>> polish_accepts(now - 1e-15, now).item(), polish_accepts(now - 1e-6, now).item()
+        (True, False)
+    """
     resolution = loglik_resolution(ll_now) if resolution is None else resolution
     return torch.isfinite(ll_candidate) & (ll_candidate >= ll_now - resolution)
 
 
 def relaxed(damping: Tensor) -> Tensor:
-    """Marquardt λ after an accepted step: λ/10, or 0 once it is small. Pure, elementwise."""
+    """Marquardt λ after an accepted step: λ/10, or 0 once it is small. Pure, elementwise.
+
+    Example:
+        >>> import torch
+        >>> relaxed(torch.tensor([5.0, 1e-7])).tolist()
+        [0.5, 0.0]
+    """
     return torch.where(damping > 1e-6, damping / 10.0, torch.zeros_like(damping))
 
 
 def stiffened(damping: Tensor) -> Tensor:
-    """Marquardt λ after a damping level without an acceptable step: max(10λ, 10⁻³). Pure."""
+    """Marquardt λ after a damping level without an acceptable step: max(10λ, 10⁻³). Pure.
+
+    Example:
+        >>> import torch
+        >>> stiffened(torch.tensor([0.0, 0.5])).tolist()
+        [0.001, 5.0]
+    """
     return torch.clamp(10.0 * damping, min=1e-3)
 
 
 def stuck_status(definite: Tensor) -> Tensor:
     """Status when no damping level yields an acceptable step: 5 (not identifiable) where the AI
     matrix is singular at the point, else 2 (line search failed). Never 0: convergence is decided
-    by :func:`converged` alone. Pure."""
+    by :func:`converged` alone. Pure.
+
+    Example:
+        >>> import torch
+        >>> stuck_status(torch.tensor([True, False])).tolist()
+        [2, 5]
+    """
     return torch.where(definite, 2, 5)
