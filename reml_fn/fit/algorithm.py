@@ -49,7 +49,7 @@ from reml_fn.fit.boundaries import (
     silent_at_floor,
     working_system,
 )
-from reml_fn.fit.problem import RUNNING, Batch, EngineCalls, check_batch_inputs, put, read_init, screen
+from reml_fn.fit.problem import RUNNING, Batch, EngineCalls, check_batch_inputs, map_tensors, put, read_init, screen
 from reml_fn.fit.result import OVERFLOW, FitResult, build_result
 from reml_fn.fit.start import variance_floor, variance_rates
 from reml_fn.fit.step import (
@@ -435,8 +435,8 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         status = put(status, good, torch.where(torch.isfinite(first.loglik), RUNNING, 3))
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
     state["scaled"] = torch.isfinite(state["lower"]) | torch.isfinite(state["upper"])  # log/logit scale
-    pairs = pair_index(correlation_pairs(template), k, device)
-    rates = variance_rates(template)
+    pairs = pair_index(correlation_pairs(template), k, device, dtype)
+    rates = variance_rates(template).to(device=device, dtype=dtype)
     state["damping"] = torch.zeros(C, dtype=dtype, device=device)
     state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration
     state["understated"] = torch.zeros(C, dtype=torch.bool, device=device)  # as _Iteration.understated
@@ -611,5 +611,5 @@ def solve(
             parts.append(_run_chunk(template, chunk, part_init, calls, options, verbose))
         out = _concatenate(parts)
     # Out of inference mode (and, for a single fit, off the batch axis) in one copy.
-    out = pytree.tree_map(lambda leaf: (leaf[0] if single else leaf).clone() if isinstance(leaf, Tensor) else leaf, out)
+    out = map_tensors(lambda leaf: (leaf[0] if single else leaf).clone(), out)
     return build_result(out, names, x_names, chosen.name, n, p, Y.dtype)

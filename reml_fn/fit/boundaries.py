@@ -82,38 +82,46 @@ def correlation_pairs(s) -> Tensor:
 
 class Pairs(NamedTuple):
     """The index tensors of :func:`correlation_pairs`, made once per fit (:func:`pair_index`):
-    variances ``i``, ``j`` and covariance ``c`` (m,), and ``columns`` (k,) flags of the c's."""
+    variances ``i``, ``j`` and covariance ``c`` (m,), ``columns`` (k,) flags of the c's, and what
+    :func:`working_system` builds J = ∂θ_raw/∂θ_working from without indexing."""
 
     i: Tensor
     j: Tensor
     c: Tensor
     columns: Tensor
-    rows: Tensor  # (3m,) c, c, c: the entries of J = ∂θ_raw/∂θ_working that are not the identity's
-    cols: Tensor  # (3m,) i, j, c
-    eye: Tensor  # (k, k)
+    base: Tensor  # (k, k) the identity without the (c, c) entries
+    placement: Tensor  # (3m, k·k) one-hot: where ∂c/∂θ_i, ∂c/∂θ_j, ∂c/∂ρ go in J
+    lower: Tensor  # (k,) −CORRELATION_LIMIT at the c's, −∞ elsewhere (the working box's floor there)
 
     @property
     def count(self) -> int:
         return self.c.shape[0]
 
 
-def pair_index(pairs: Tensor | Pairs, k: int, device) -> Pairs:
-    """``pairs`` (m, 3) from :func:`correlation_pairs` as :class:`Pairs` on ``device`` (a
-    :class:`Pairs` is returned as it is). Every function here takes either.
+def pair_index(pairs: Tensor | Pairs, k: int, device, dtype: torch.dtype | None = None) -> Pairs:
+    """``pairs`` (m, 3) from :func:`correlation_pairs` as :class:`Pairs` on ``device`` in ``dtype``
+    (default: the default dtype); a :class:`Pairs` is returned as it is. Every function here takes
+    either.
 
     Example:
         >>> import torch
         >>> pairs = pair_index(torch.tensor([[2, 0, 1]]), 4, "cpu")
-        >>> pairs.count, pairs.columns.tolist(), pairs.rows.tolist(), pairs.cols.tolist()
-        (1, [False, True, False, False], [1, 1, 1], [2, 0, 1])
+        >>> pairs.count, pairs.columns.tolist(), pairs.placement.nonzero()[:, 1].tolist()  # J[1, 2], J[1, 0], J[1, 1]
+        (1, [False, True, False, False], [6, 4, 5])
     """
     if isinstance(pairs, Pairs):
         return pairs
+    dtype = dtype or torch.get_default_dtype()
     pairs = pairs.to(device)
     i, j, c = pairs.unbind(-1)
+    m = c.shape[0]
     columns = torch.zeros(k, dtype=torch.bool, device=device).index_fill(0, c, True)
-    eye = torch.eye(k, device=device)
-    return Pairs(i, j, c, columns, torch.cat([c, c, c]), torch.cat([i, j, c]), eye)
+    base = torch.eye(k, dtype=dtype, device=device).index_put((c, c), torch.zeros(m, dtype=dtype, device=device))
+    entries = torch.cat([c, c, c]) * k + torch.cat([i, j, c])
+    placement = torch.zeros(3 * m, k * k, dtype=dtype, device=device)
+    placement[torch.arange(3 * m, device=device), entries] = 1.0
+    lower = torch.full((k,), -math.inf, dtype=dtype, device=device).masked_fill(columns, -CORRELATION_LIMIT)
+    return Pairs(i, j, c, columns, base, placement, lower)
 
 
 def at_correlation_limit(theta: Tensor, pairs: Tensor | Pairs) -> Tensor:
@@ -175,25 +183,28 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     if pairs.count == 0:
         return Working(theta, score, ai, lower, upper, scaled)
     i, j, c = pairs.i, pairs.j, pairs.c
-    scale = torch.exp(theta[..., i] + theta[..., j])
+    scale = torch.exp(theta.index_select(-1, i) + theta.index_select(-1, j))
     limit = CORRELATION_LIMIT
-    rho = (theta[..., c] / scale).clamp(-limit, limit)
+    covariance = theta.index_select(-1, c)
+    rho = (covariance / scale).clamp(-limit, limit)
     # At the limit up to the round-off of c = ρ·e^{θ_i+θ_j}, ρ is exactly the bound, so a
     # correlation held there stays an active bound.
     rho = torch.where(rho.abs() >= LIMIT_REACHED, rho.sign() * limit, rho)
     # J = ∂θ_raw/∂θ_working: the identity but in the rows of the covariances, where
-    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j} (one write into a copy of I).
-    covariance = theta[..., c]
-    J = pairs.eye.to(theta.dtype).expand(*theta.shape[:-1], -1, -1).clone()
-    J[..., pairs.rows, pairs.cols] = torch.cat([covariance, covariance, scale], -1)
+    # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j} (placed by one product, no indexed write).
+    k = theta.shape[-1]
+    values = torch.cat([covariance, covariance, scale], -1)
+    J = pairs.base.to(theta.dtype) + (values @ pairs.placement.to(theta.dtype)).unflatten(-1, (k, k))
     working_score = (score.unsqueeze(-2) @ J).squeeze(-2)
     working_ai = J.mT @ ai @ J
+    # Raw covariances are unbounded (Identity transform): the working box there is |ρ| ≤ limit.
+    floor = pairs.lower.to(theta.dtype)
     return Working(
         theta.index_copy(-1, c, rho),
         working_score,
         working_ai,
-        torch.where(pairs.columns, -limit, lower),
-        torch.where(pairs.columns, limit, upper),
+        torch.maximum(lower, floor),
+        torch.minimum(upper, -floor),
         scaled | pairs.columns,
     )
 
@@ -238,15 +249,16 @@ def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_
     """
     rates = rates.to(device=system.theta.device, dtype=system.theta.dtype)
     variance = rates > 0
-    safe = torch.where(variance, rates, 1.0)
+    safe = rates.masked_fill(~variance, 1.0)
     above = system.theta > system.lower
     # u/(a x) for the move considered: to the floor from above, a capped step up at the floor.
-    move = torch.expm1(safe * torch.where(above, system.lower - system.theta, max_step)) / safe
+    move = torch.expm1(safe * (system.lower - system.theta).masked_fill(~above, max_step)) / safe
     linear = system.score * move
     curvature = 0.5 * torch.diagonal(system.ai, dim1=-2, dim2=-1) * move * move
-    pushing = torch.where(above, system.score < 0, system.score >= 0)
+    pushing = (system.score < 0) == above  # down from above, up at the floor
     limit = resolution.unsqueeze(-1)
-    return variance & pushing & (linear <= limit) & (torch.where(above, curvature, 0.0) <= limit)
+    # (the loss of going down counts from above only)
+    return variance & pushing & (linear <= limit) & ((curvature <= limit) | ~above)
 
 
 def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float) -> Tensor | None:

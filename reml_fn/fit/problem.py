@@ -28,6 +28,7 @@ __all__ = [
     "read_init",
     "screen",
     "put",
+    "map_tensors",
     "RUNNING",
 ]
 
@@ -36,6 +37,27 @@ _JACOBIANS = ("closed", "fwd", "rev")
 
 # ------------------------------------------------------------------------------------------------
 # Per-dataset data: the structure's batched leaves, Y and X
+
+
+def map_tensors(fn, tree):
+    """``fn`` applied to every tensor of a tree of dicts, tuples and named tuples (the engines'
+    outputs and prepared data, a fit's fields); other leaves (None, numbers) kept. The fit's host
+    loop calls it on every engine output: plain recursion costs a fraction of
+    ``torch.utils._pytree.tree_map`` there.
+
+    Example:
+        >>> import torch
+        >>> map_tensors(lambda t: t * 2, {"a": torch.tensor(1.0), "b": (torch.tensor(2.0), None)})
+        {'a': tensor(2.), 'b': (tensor(4.), None)}
+    """
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {key: map_tensors(fn, value) for key, value in tree.items()}
+    if isinstance(tree, tuple):
+        mapped = [map_tensors(fn, value) for value in tree]
+        return type(tree)(*mapped) if hasattr(tree, "_fields") else type(tree)(mapped)
+    return tree
 
 
 class Batch(NamedTuple):
@@ -77,7 +99,7 @@ class Batch(NamedTuple):
         X = self.X.index_select(0, index) if self.x_batched else self.X
         prepared = self.prepared
         if prepared is not None:
-            prepared = pytree.tree_map(lambda leaf: leaf.index_select(0, index), prepared)
+            prepared = map_tensors(lambda leaf: leaf.index_select(0, index), prepared)
         return self._replace(s=s, Y=self.Y.index_select(0, index), X=X, prepared=prepared, single=None)
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -90,10 +112,10 @@ class Batch(NamedTuple):
             s = dataset_structure(self.s, self.s_in_dims, 0) if self.s_in_dims is not None else self.s
             prepared = self.single
             if prepared is None and self.prepared is not None:
-                prepared = pytree.tree_map(lambda leaf: leaf[0], self.prepared)
+                prepared = map_tensors(lambda leaf: leaf[0], self.prepared)
             X = self.X[0] if self.x_batched else self.X
             out = fn(s, self.Y[0], X, prepared, *(value[0] for value in per_dataset))
-            return pytree.tree_map(lambda leaf: leaf.unsqueeze(0), out)
+            return map_tensors(lambda leaf: leaf.unsqueeze(0), out)
         in_dims = (self.s_in_dims, 0, self.x_in_dim, None if self.prepared is None else 0, *([0] * len(per_dataset)))
         return torch.func.vmap(fn, in_dims=in_dims)(self.s, self.Y, self.X, self.prepared, *per_dataset)
 
@@ -109,7 +131,7 @@ class Batch(NamedTuple):
         if probe is None:  # this engine prepares nothing for this structure
             return self
         if self.size == 1:  # the probe is this dataset's preparation
-            return self._replace(prepared=pytree.tree_map(lambda leaf: leaf.unsqueeze(0), probe), single=probe)
+            return self._replace(prepared=map_tensors(lambda leaf: leaf.unsqueeze(0), probe), single=probe)
         return self._replace(prepared=self.map(engine.prepare))
 
 
@@ -442,7 +464,7 @@ class EngineCalls(NamedTuple):
     names: tuple
 
     def _params(self, theta):
-        return tree_from_names(self.names, theta)
+        return tree_from_names(self.names, theta.unbind(-1))
 
     def prepare(self, s, y, X, prepared):
         return prepared_data(self.chosen, s, y, X)
