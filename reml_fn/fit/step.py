@@ -182,10 +182,11 @@ def newton_direction(score: Tensor, ai: Tensor, active: Tensor, information_scal
         largest = (torch.where(free, information, 0.0) if held else information).amax(-1, keepdim=True)
     else:
         largest = information
-    informative = (diagonal > 0) & (information > PIVOT_TOLERANCE * eps * largest)
+    informative = information > PIVOT_TOLERANCE * eps * largest
     if held:
         informative = informative | active
-    root = torch.where((free & (diagonal > 0)) if held else (diagonal > 0), diagonal, 1.0).rsqrt()
+    # A free AI_kk ≤ 0 (or NaN) stays ≤ 0 after the scaling below, so the factorisation fails there.
+    root = diagonal.clamp(min=torch.finfo(ai.dtype).tiny).rsqrt()
     scaled = ai * root.unsqueeze(-1) * root.unsqueeze(-2)
     rhs = score * root
     if held:
@@ -196,14 +197,16 @@ def newton_direction(score: Tensor, ai: Tensor, active: Tensor, information_scal
     factor, info = torch.linalg.cholesky_ex(scaled)
     definite = (info == 0) & informative.all(-1)
     if ai.shape[-1]:
-        pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
-        definite = definite & (pivots.amin(-1) > PIVOT_TOLERANCE * eps)
+        # Pivots of the unit-diagonal factor: (L_kk)² > 10³ε.
+        pivots = torch.diagonal(factor, dim1=-2, dim2=-1).amin(-1)
+        definite = definite & (pivots > math.sqrt(PIVOT_TOLERANCE * eps))
     delta = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1) * root
     if held:
         delta = torch.where(free, delta, 0.0)
-    definite = definite & torch.isfinite(delta).all(-1)
-    delta = torch.where(definite.unsqueeze(-1), delta, 0.0)
-    return Newton(delta, (score * delta).sum(-1), definite)
+    decrement = (score * delta).sum(-1)
+    definite = definite & torch.isfinite(decrement)  # a non-finite Δ_k makes sᵀΔ non-finite
+    indefinite = ~definite
+    return Newton(delta.masked_fill(indefinite.unsqueeze(-1), 0.0), decrement.masked_fill(indefinite, 0.0), definite)
 
 
 def ai_direction(score: Tensor, ai: Tensor, active: Tensor, damping: Tensor | float = 0.0):
