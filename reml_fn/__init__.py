@@ -57,6 +57,21 @@ from reml_fn.tree import replace, static, structure
 
 __version__ = "0.1.0"
 
+_FRONTEND = ("lmer", "lmer_model", "LmerModel", "LmerResult")
+
+
+def __getattr__(name: str):
+    # The formula front end imports pandas and formulaic: only when it is first used.
+    if name in _FRONTEND:
+        from reml_fn import frontend
+
+        return getattr(frontend, name)
+    if name == "datasets":
+        import importlib
+
+        return importlib.import_module("reml_fn.datasets")
+    raise AttributeError(f"module 'reml_fn' has no attribute {name!r}")
+
 __all__ = [
     "transforms",
     "design",
@@ -112,5 +127,9 @@ __all__ = [
     "fit",
     "fit_batched",
     "mixed_model",
+    "lmer",
+    "lmer_model",
+    "LmerModel",
+    "LmerResult",
     "FitResult",
 ]

@@ -64,6 +64,22 @@ def _label_list(labels: Any, position: int, function: str) -> list[str]:
     return [item if isinstance(item, str) else str(item) for item in items]
 
 
+def sorted_levels(labels: Any, items: list[str]) -> list[str]:
+    """The distinct labels in level order: by value when every label is a number (so 2 < 10, as
+    :class:`~reml_fn.Grouped` and the formula front end order them), else as strings.
+
+    Example:
+        >>> sorted_levels([1, 2, 10, 3], ["1", "2", "10", "3"]), sorted_levels(["b", "a"], ["b", "a"])
+        (['1', '2', '3', '10'], ['a', 'b'])
+    """
+    raw = list(labels) if isinstance(labels, (list, tuple)) else labels.tolist()
+    numeric = bool(raw) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+    if numeric:
+        by_label = {label: value for label, value in zip(items, raw)}
+        return sorted(by_label, key=by_label.__getitem__)
+    return sorted(set(items))
+
+
 def _label_lists(labels: tuple, function: str) -> list[list[str]]:
     if not labels:
         raise ValueError(f"{function} needs at least one label sequence")
@@ -89,9 +105,9 @@ def _level_list(levels: Any, position: int) -> list[str]:
     return out
 
 
-def _resolve_levels(levels: Any, lists: list[list[str]]) -> list[list[str]]:
-    """Per argument: the given levels, or the sorted unique labels when None."""
-    defaults = [sorted(set(items)) for items in lists]
+def _resolve_levels(levels: Any, lists: list[list[str]], labels: tuple) -> list[list[str]]:
+    """Per argument: the given levels, or the distinct labels in :func:`sorted_levels` order when None."""
+    defaults = [sorted_levels(raw, items) for raw, items in zip(labels, lists)]
     if levels is None:
         return defaults
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
@@ -149,7 +165,7 @@ def indicator_codes(labels: Any, levels: Sequence | None = None) -> tuple[Tensor
         ([1, 0, 1, 2], ['a', 'b', 'c'])
     """
     (items,) = _label_lists((labels,), "indicator_codes")
-    level_list = sorted(set(items)) if levels is None else _level_list(levels, 0)
+    level_list = sorted_levels(labels, items) if levels is None else _level_list(levels, 0)
     index = {level: i for i, level in enumerate(level_list)}
     unknown = sorted({item for item in items if item not in index})
     if unknown:
@@ -208,7 +224,7 @@ def indicator_matrix(
         (['b', 'a'], [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], "Unknown combination ('z',) dropped!")
     """
     lists = _label_lists(labels, "indicator_matrix")
-    level_lists = _resolve_levels(levels, lists)
+    level_lists = _resolve_levels(levels, lists, labels)
     combinations = list(itertools.product(*level_lists))
     if lex_order:
         combinations.sort()

@@ -2,7 +2,8 @@
 
 The CSV files and ``references.json`` are copies of the project's reference data (sources and
 conventions in ``data/REFERENCE_README.md``): Dyestuff, Dyestuff2, sleepstudy, Orthodont, Oxboys,
-Rail, dietox, john_alpha, peer_sim, and statsmodels' lme00–lme11 with lme4 results.
+Rail, dietox, john_alpha, peer_sim, and statsmodels' lme00–lme11 with lme4 results; lme4's cake
+and Penicillin and nlme's Machines and ergoStool (for the formula front end's tests).
 
 Example:
     >>> from reml_fn import datasets
@@ -20,7 +21,7 @@ from importlib import resources
 
 import torch
 
-__all__ = ["load", "references", "statsmodels_references", "available"]
+__all__ = ["load", "load_frame", "references", "statsmodels_references", "available"]
 
 _DATA = resources.files(__package__) / "data"
 
@@ -65,6 +66,25 @@ def load(name: str, categorical: tuple[str, ...] = ()) -> dict[str, torch.Tensor
         else:
             columns[column] = torch.tensor(numbers, dtype=torch.float64)
     return columns
+
+
+def load_frame(name: str):
+    """Load a dataset as a pandas DataFrame (R's ``rownames`` column dropped), the form
+    :func:`reml_fn.lmer` takes.
+
+    Example:
+        >>> from reml_fn import datasets
+        >>> datasets.load_frame("sleepstudy").columns.tolist()
+        ['Reaction', 'Days', 'Subject']
+    """
+    import pandas as pd
+
+    path = _DATA / f"{name}.csv"
+    if not path.is_file():
+        raise ValueError(f"unknown dataset {name!r}; available: {available()}")
+    with path.open(newline="") as handle:
+        frame = pd.read_csv(handle)
+    return frame.drop(columns=[c for c in frame.columns if c in ("rownames", "Unnamed: 0")])
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,12 @@
+"""The formula front end: lme4's language on pandas DataFrames (``rf.lmer``, ``rf.lmer_model``).
+
+Layers: :mod:`~reml_fn.frontend.formula` splits an lme4 formula into its fixed part and random
+terms; :mod:`~reml_fn.frontend.model` makes the structure, y, X and names with formulaic;
+:mod:`~reml_fn.frontend.result` gives a fit lme4's accessors. pandas and formulaic are imported
+only when this module is.
+"""
+
+from reml_fn.frontend.model import LmerModel, TermInfo, lmer, lmer_model
+from reml_fn.frontend.result import LmerResult
+
+__all__ = ["lmer", "lmer_model", "LmerModel", "LmerResult", "TermInfo"]
