@@ -38,3 +38,16 @@ def test_readme_concept_snippets_run(block):
     assert torch.allclose(batched[0], rf.reml_loglik(s, p, y, X))
     score = torch.func.grad(lambda q: rf.reml_loglik(s, q, y, X))(p)
     assert torch.allclose(rf.flatten_params(s, score), rf.ai_terms(s, p, y, X).score)
+
+
+def test_readme_formula_section_prints_what_it_shows():
+    import reml_fn as rf
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Formulas: lme4's language") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("```", 4)[3]  # the block after the code: the printed summary
+    namespace: dict = {}
+    exec(code.replace("print(m)", ""), namespace)
+    assert str(namespace["m"]).strip() == shown.strip()
+    assert isinstance(namespace["m"], rf.LmerResult)

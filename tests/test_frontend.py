@@ -302,6 +302,39 @@ def test_dyestuff_rail_orthodont_oxboys_dietox_through_formulas():
     assert m.loglik == pytest.approx(dietox["logLik"], abs=5e-4)
 
 
+def test_no_intercept_categorical_and_c_designs():
+    cake = frame("cake")
+    model = rf.lmer_model("angle ~ recipe - 1 + (1 | replicate)", cake)
+    assert model.x_names == ["recipeA", "recipeB", "recipeC"]
+    expected = np.stack([(cake["recipe"] == r).to_numpy(dtype=float) for r in "ABC"], 1)
+    assert torch.equal(model.X, torch.tensor(expected))
+    model = rf.lmer_model("Reaction ~ C(Days) + (1 | Subject)", frame("sleepstudy"))
+    assert model.x_names == ["(Intercept)", *[f"C(Days){d}" for d in range(1, 10)]]
+    days = frame("sleepstudy")["Days"].to_numpy()
+    assert torch.equal(model.X[:, 1:], torch.tensor(np.stack([(days == d) * 1.0 for d in range(1, 10)], 1)))
+
+
+def test_float_group_labels_print_as_r_prints_them():
+    data = frame("sleepstudy").assign(Subject=lambda d: d["Subject"].astype(float))
+    (term,) = rf.lmer_model("Reaction ~ Days + (1 | Subject)", data).terms
+    assert term.levels[:2] == ("308", "309")
+
+
+def test_dietox_intercept_and_statsmodels_uncorrelated_through_formulas():
+    dietox = datasets.references("dietox")["REML_intercept"]
+    m = lmer("Weight ~ Time + (1|Pig)", "dietox")
+    np.testing.assert_allclose(m.fixef().to_numpy(), dietox["beta"], rtol=1e-6)
+    assert m.varcorr()["vcov"].tolist() == pytest.approx([dietox["var_Pig"], dietox["sigma2"]], rel=2e-4)
+    for number in range(6, 12):
+        data = datasets.load_frame(f"statsmodels_lme/lme{number:02d}")
+        fixed = " + ".join(sorted(c for c in data if c.startswith("exog_fe_")))
+        random = " + ".join(sorted(c for c in data if c.startswith("exog_re_")))
+        reference = datasets.statsmodels_references()[f"lme{number:02d}"]["reml_irf"]
+        m = rf.lmer(f"endog ~ 0 + {fixed} + (0 + {random} || groups)", data)
+        np.testing.assert_allclose(m.fixef().to_numpy(), reference["coef"], rtol=2e-6, atol=1e-7)
+        assert m.loglik == pytest.approx(reference["loglike"][0], abs=5e-4)
+
+
 @pytest.mark.parametrize("number", range(12))
 def test_statsmodels_lme_sets_through_formulas(number):
     data = datasets.load_frame(f"statsmodels_lme/lme{number:02d}")
@@ -388,7 +421,6 @@ def test_result_types_and_names():
         "Days -0.138",
     ]:
         assert text in summary, summary
-    assert m.model.structure.param_names() if hasattr(m.model.structure, "param_names") else True
     assert rf.param_names(m.model.structure) == list(m.fit.names)
 
 
@@ -460,3 +492,15 @@ def test_dict_data_and_string_levels():
     m = rf.lmer("Reaction ~ Days + (Days | Subject)", as_dict)
     assert m.reml_criterion == pytest.approx(REFERENCES["sleepstudy_slope"]["reml_criterion"], rel=1e-9)
     assert math.isfinite(m.aic)
+
+
+def test_frames_with_to_pandas_are_converted():
+    class Frame:  # what a polars DataFrame offers
+        def __init__(self, data):
+            self.data = data
+
+        def to_pandas(self):
+            return self.data
+
+    m = rf.lmer("Reaction ~ Days + (Days | Subject)", Frame(frame("sleepstudy")))
+    assert m.reml_criterion == pytest.approx(REFERENCES["sleepstudy_slope"]["reml_criterion"], rel=1e-9)

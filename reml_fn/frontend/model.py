@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -150,45 +151,44 @@ def level_label(value: Any) -> str:
     return str(value)
 
 
-def _observed_levels(column: pd.Series) -> list:
-    """The levels of a grouping column in code order: a categorical's categories that occur, else
-    the sorted distinct values (numbers as numbers, so 2 < 10)."""
-    present = column.dropna()
+def _factor_codes(column: pd.Series) -> tuple[np.ndarray, list]:
+    """Codes (n,) and levels of one grouping column: a categorical's categories that occur, in
+    their order; else the sorted distinct values (numbers as numbers, so 2 < 10)."""
     if isinstance(column.dtype, pd.CategoricalDtype):
-        seen = set(present.unique())
-        return [level for level in column.cat.categories if level in seen]
-    values = present.unique().tolist()
+        present = column.cat.remove_unused_categories()
+        return present.cat.codes.to_numpy(dtype=np.int64), list(present.cat.categories)
     try:
-        return sorted(values)
-    except TypeError:
-        return sorted(values, key=str)
+        codes, uniques = pd.factorize(column, sort=True)
+    except TypeError:  # labels of mixed types: ordered by their text
+        codes, uniques = pd.factorize(column.map(str), sort=True)
+    return codes.astype(np.int64), list(uniques)
 
 
 def _group_codes(frame: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
     """Codes (n,) and labels of the interaction of ``factors``: levels ordered with the first factor
     slowest, each factor in its own level order (lme4's ``g1:g2``); only combinations that occur."""
-    per_factor = []
-    for factor in factors:
-        levels = _observed_levels(frame[factor])
-        lookup = {level: rank for rank, level in enumerate(levels)}
-        per_factor.append((levels, frame[factor].map(lookup).to_numpy(dtype=np.int64)))
+    per_factor = [_factor_codes(frame[factor]) for factor in factors]
     if len(factors) == 1:
-        levels, codes = per_factor[0]
+        codes, levels = per_factor[0]
         return codes, [level_label(level) for level in levels]
-    ranks = np.stack([codes for _, codes in per_factor], axis=1)
+    ranks = np.stack([codes for codes, _ in per_factor], axis=1)
     combos, codes = np.unique(ranks, axis=0, return_inverse=True)  # lexicographic: first factor slowest
-    labels = [":".join(level_label(per_factor[f][0][r]) for f, r in enumerate(row)) for row in combos.tolist()]
+    labels = [":".join(level_label(per_factor[f][1][r]) for f, r in enumerate(row)) for row in combos.tolist()]
     return codes.reshape(-1), labels
 
 
-def _rewrite_contrasts(expression: str, contrasts: Mapping[str, str], used: set) -> str:
+def _rewrite_contrasts(expression: str, contrasts: Mapping[str, str], used: set, where: str) -> str:
     """The right-hand side with each variable of ``contrasts`` wrapped as ``C(variable, contr.kind)``
     (formulaic parses it; the terms are written back in its order)."""
     if not contrasts:
         return expression
-    intercept, terms = formula_terms(expression)
+    try:
+        intercept, _ = formula_terms(expression)
+        terms = list(Formula(expression))
+    except FormulaicError as error:
+        raise ValueError(f"{where}: cannot parse {expression!r}: {error}") from None
     rewritten = []
-    for term in Formula(expression):
+    for term in terms:
         if str(term) == "1":
             continue
         factors = []
@@ -272,20 +272,33 @@ def _r_powers(expression: str) -> str:
     return "".join(out)
 
 
-def _matrix(expression: str, frame: pd.DataFrame, where: str):
-    try:
-        return model_matrix(expression, frame, ensure_full_rank=True, na_action="raise", context=CONTEXT)
-    except FormulaicError as error:
-        raise ValueError(f"{where}: {error}") from None
-    except Exception as error:  # evaluation errors of transforms (numpy, pandas) name the factor
-        raise ValueError(f"{where}: cannot evaluate {expression!r}: {type(error).__name__}: {error}") from None
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> Formula:
+    # Parsing is a pure function of the text: refits of one formula (a simulation, a bootstrap by
+    # hand) parse it once.
+    return Formula(text)
 
 
-def _required(expression: str, where: str) -> set[str]:
+def _parse(text: str, wheres: list[str], parts: list[str]) -> Formula:
+    """The combined formula, parsed once; a syntax error names the part it is in."""
     try:
-        return set(Formula(expression).required_variables) - set(CONTEXT)
-    except FormulaicError as error:
-        raise ValueError(f"{where}: {error}") from None
+        return _parsed(text)
+    except FormulaicError:
+        for part, where in zip(parts, wheres):
+            try:
+                Formula(part)
+            except FormulaicError as error:
+                raise ValueError(f"{where}: cannot parse {part!r}: {error}") from None
+        raise
+
+
+def _matrices(formula: Formula, frame: pd.DataFrame, wheres: list[str]):
+    try:
+        return model_matrix(formula, frame, ensure_full_rank=True, na_action="raise", context=CONTEXT, output="numpy")
+    except Exception as error:  # formulaic's and the transforms' (numpy, pandas) errors name the factor
+        raise ValueError(
+            f"cannot build the model matrices of {', '.join(wheres)}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _check_columns(names: set[str], frame: pd.DataFrame, where: str) -> None:
@@ -325,28 +338,37 @@ def lmer_model(
         raise ValueError(f"formula {formula!r} has no random-effects term such as (1 | group); lmer needs at least one")
     kinds = _contrast_kinds(contrasts)
     response = _r_powers(parsed.response)
-    fixed = _r_powers(parsed.fixed)
+    # One formulaic formula for every model matrix, parsed once: response ~ fixed | expr_1 | …
+    # (the random terms with covariates besides an intercept), contrasts written in as C(x, contr.…).
+    expressions = [_r_powers(term.expression) for term in parsed.random]
+    plain = [expression.strip() == "1" for expression in expressions]
+    parts = [_r_powers(parsed.fixed)] + [e for e, is_plain in zip(expressions, plain) if not is_plain]
+    wheres = [f"the fixed effects of {formula!r}"] + [
+        f"the random term {term.text}" for term, is_plain in zip(parsed.random, plain) if not is_plain
+    ]
+    used_contrasts: set = set()
+    parts = [_rewrite_contrasts(part, kinds, used_contrasts, where) for part, where in zip(parts, wheres)]
+    combined = _parse(
+        f"{response} ~ {' | '.join(parts)}", [f"the response {parsed.response!r}", *wheres], [response, *parts]
+    )
+    right = [combined.rhs] if len(parts) == 1 else list(combined.rhs)
 
     # Columns each part uses, checked by name before any model matrix is made.
-    where_fixed = f"the fixed effects of {formula!r}"
     used: dict[str, None] = {}
-    for name in sorted(_required(response, f"the response {parsed.response!r}")):
-        used[name] = None
-    _check_columns(set(used), frame, f"the response {parsed.response!r}")
-    fixed_columns = _required(fixed, where_fixed)
-    _check_columns(fixed_columns, frame, where_fixed)
-    used.update(dict.fromkeys(sorted(fixed_columns)))
+    for names, where in zip(
+        [combined.lhs.required_variables, *(part.required_variables for part in right)],
+        [f"the response {parsed.response!r}", *wheres],
+    ):
+        names = set(names) - set(CONTEXT)
+        _check_columns(names, frame, where)
+        used.update(dict.fromkeys(sorted(names)))
     for term in parsed.random:
-        where = f"the random term {term.text}"
-        covariates = _required(_r_powers(term.expression), where)
-        _check_columns(covariates, frame, where)
         for factor in term.factors:
             if factor not in frame.columns:
                 raise ValueError(
                     f"the grouping factor {factor!r} of the random term {term.text} is not a column of data; "
                     f"its columns are {list(frame.columns)}"
                 )
-        used.update(dict.fromkeys(sorted(covariates)))
         used.update(dict.fromkeys(term.factors))
     unknown_contrasts = sorted(set(kinds) - set(used))
     if unknown_contrasts:
@@ -354,48 +376,46 @@ def lmer_model(
 
     # Missing values: a row missing anything the model uses is dropped (or an error).
     columns = list(used)
-    missing = frame[columns].isna()
-    n_dropped = int(missing.any(axis=1).sum())
+    missing = np.stack([frame[column].isna().to_numpy() for column in columns], axis=1)
+    dropped_rows = missing.any(axis=1)
+    n_dropped = int(dropped_rows.sum())
     if n_dropped:
         if na_action == "raise":
-            counts = {name: int(count) for name, count in missing.sum().items() if count}
+            counts = {name: int(count) for name, count in zip(columns, missing.sum(axis=0)) if count}
             raise ValueError(
                 f"missing values in {counts} (rows with any: {n_dropped}); use na_action='omit' to drop them"
             )
-        frame = frame.loc[~missing.any(axis=1).to_numpy()]
+        frame = frame.loc[~dropped_rows]
     n = len(frame)
     if n == 0:
         raise ValueError("no rows left after dropping the rows with missing values")
 
-    originals: dict[str, str] = {}
-    contrast_used: set = set()
-    fixed_rhs = _rewrite_contrasts(fixed, kinds, contrast_used)
-    for variable, kind in kinds.items():
-        originals[f"C({variable}, {kind})"] = variable
-    matrices = _matrix(f"{response} ~ {fixed_rhs}", frame, where_fixed)
-    if matrices.lhs.shape[1] != 1:
+    originals = {f"C({variable}, {kind})": variable for variable, kind in kinds.items()}
+    matrices = _matrices(combined, frame, wheres)
+    lhs = matrices.lhs
+    blocks = [matrices.rhs] if len(parts) == 1 else list(matrices.rhs)
+    if lhs.shape[1] != 1:
         raise ValueError(
-            f"the response {parsed.response!r} must be one numeric column, got {matrices.lhs.shape[1]} columns "
-            f"{list(matrices.lhs.columns)} (a categorical response?)"
+            f"the response {parsed.response!r} must be one numeric column, got {lhs.shape[1]} columns "
+            f"{list(lhs.model_spec.column_names)} (a categorical response?)"
         )
-    y = torch.tensor(np.asarray(matrices.lhs, dtype=float)[:, 0], dtype=dtype)
-    X = torch.tensor(np.asarray(matrices.rhs, dtype=float), dtype=dtype).reshape(n, -1)
-    fixed_spec = matrices.rhs.model_spec
-    x_names = _lme4_names(list(matrices.rhs.columns), fixed_spec, originals)
+    y = torch.tensor(np.asarray(lhs, dtype=float)[:, 0], dtype=dtype)
+    X = torch.tensor(np.asarray(blocks[0], dtype=float), dtype=dtype).reshape(n, -1)
+    fixed_spec = blocks[0].model_spec
+    x_names = _lme4_names(list(fixed_spec.column_names), fixed_spec, originals)
 
-    built = []
-    for term in parsed.random:
+    built, next_block = [], iter(blocks[1:])
+    for term, expression, is_plain in zip(parsed.random, expressions, plain):
         where = f"the random term {term.text}"
-        expression = _rewrite_contrasts(_r_powers(term.expression), kinds, contrast_used)
-        if expression.strip() == "1":
+        if is_plain:
             Z, names, spec = torch.ones(n, 1, dtype=dtype), ["(Intercept)"], None
         else:
-            matrix = _matrix(expression, frame, where)
+            matrix = next(next_block)
             if matrix.shape[1] == 0:
                 raise ValueError(f"{where}: the covariates {term.expression!r} give no column")
             spec = matrix.model_spec
             Z = torch.tensor(np.asarray(matrix, dtype=float), dtype=dtype).reshape(n, -1)
-            names = _lme4_names(list(matrix.columns), spec, originals)
+            names = _lme4_names(list(spec.column_names), spec, originals)
         codes, levels = _group_codes(frame, term.factors)
         m = len(levels)
         if m < 2:

@@ -1,3 +1,5 @@
+# Note: cake.csv, Machines.csv, ergoStool.csv and Penicillin.csv written by this script were moved to
+# reml_fn/datasets/data/ (shipped datasets); sleepstudy_na.csv and the JSON stay in tests/data/formula/.
 # Reference numbers from lme4 for the formula-interface tests of reml_fn.
 # Run from anywhere:  Rscript tests/data/formula/make_references.R
 # Writes the CSV data sets and lme4_formula_references.json next to this script.
