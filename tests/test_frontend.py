@@ -320,28 +320,24 @@ def test_float_group_labels_print_as_r_prints_them():
     assert term.levels[:2] == ("308", "309")
 
 
-def test_dietox_intercept_and_statsmodels_uncorrelated_through_formulas():
+def test_dietox_intercept_through_a_formula():
     dietox = datasets.references("dietox")["REML_intercept"]
     m = lmer("Weight ~ Time + (1|Pig)", "dietox")
     np.testing.assert_allclose(m.fixef().to_numpy(), dietox["beta"], rtol=1e-6)
     assert m.varcorr()["vcov"].tolist() == pytest.approx([dietox["var_Pig"], dietox["sigma2"]], rel=2e-4)
-    for number in range(6, 12):
-        data = datasets.load_frame(f"statsmodels_lme/lme{number:02d}")
-        fixed = " + ".join(sorted(c for c in data if c.startswith("exog_fe_")))
-        random = " + ".join(sorted(c for c in data if c.startswith("exog_re_")))
-        reference = datasets.statsmodels_references()[f"lme{number:02d}"]["reml_irf"]
-        m = rf.lmer(f"endog ~ 0 + {fixed} + (0 + {random} || groups)", data)
-        np.testing.assert_allclose(m.fixef().to_numpy(), reference["coef"], rtol=2e-6, atol=1e-7)
-        assert m.loglik == pytest.approx(reference["loglike"][0], abs=5e-4)
 
 
-@pytest.mark.parametrize("number", range(12))
-def test_statsmodels_lme_sets_through_formulas(number):
+# statsmodels' lme sets: correlated random effects (drf) in every set, uncorrelated (irf, lme4's ||) in 6–11.
+STATSMODELS_CASES = [(k, "reml_drf", "|") for k in range(12)] + [(k, "reml_irf", "||") for k in range(6, 12)]
+
+
+@pytest.mark.parametrize("number, kind, bar", STATSMODELS_CASES)
+def test_statsmodels_lme_sets_through_formulas(number, kind, bar):
     data = datasets.load_frame(f"statsmodels_lme/lme{number:02d}")
     fixed = " + ".join(sorted(c for c in data if c.startswith("exog_fe_")))
     random = " + ".join(sorted(c for c in data if c.startswith("exog_re_")))
-    reference = datasets.statsmodels_references()[f"lme{number:02d}"]["reml_drf"]
-    m = rf.lmer(f"endog ~ 0 + {fixed} + (0 + {random} | groups)", data)
+    reference = datasets.statsmodels_references()[f"lme{number:02d}"][kind]
+    m = rf.lmer(f"endog ~ 0 + {fixed} + (0 + {random} {bar} groups)", data)
     np.testing.assert_allclose(m.fixef().to_numpy(), reference["coef"], rtol=2e-6, atol=1e-7)
     assert m.loglik == pytest.approx(reference["loglike"][0], abs=5e-4)
     assert m.sigma**2 == pytest.approx(reference["scale"][0], rel=2e-4)
