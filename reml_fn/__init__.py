@@ -37,7 +37,7 @@ from reml_fn.params import (
     unfix,
     unflatten_params,
 )
-from reml_fn.reml import ai_terms, blue, blup, predict, reml_loglik, residuals, vcov_beta
+from reml_fn.reml import ai_terms, blue, blup, ml_ai_terms, ml_loglik, predict, reml_loglik, residuals, vcov_beta
 from reml_fn.structures import (
     AR1,
     CompoundSymmetric,
@@ -118,6 +118,8 @@ __all__ = [
     "Stack",
     "Inverse",
     "reml_loglik",
+    "ml_loglik",
+    "ml_ai_terms",
     "ai_terms",
     "blue",
     "vcov_beta",

@@ -575,6 +575,7 @@ def solve(
     chunk_size: int | None,
     verbose: int,
     single: bool = False,
+    reml: bool = True,
 ) -> FitResult:
     """Check the inputs, read ``init``, and fit the B datasets of Y chunk by chunk: the one path
     behind ``fit`` (B = 1) and ``fit_batched``. Returns the batched :class:`FitResult`, or with
@@ -596,7 +597,7 @@ def solve(
     p = X.shape[-1]
     names = param_names(template)
     chosen = select_engine(template, engine)
-    calls = EngineCalls(chosen, jacobian, tuple(names))
+    calls = EngineCalls(chosen, jacobian, tuple(names), reml)
     init_flat = read_init(template, init, B, Y.dtype, Y.device)
     batch = Batch(s, dims, spec, Y, X, X.dim() == 3)
     size = B if chunk_size is None else chunk_size
@@ -612,4 +613,4 @@ def solve(
         out = _concatenate(parts)
     # Out of inference mode (and, for a single fit, off the batch axis) in one copy.
     out = map_tensors(lambda leaf: (leaf[0] if single else leaf).clone(), out)
-    return build_result(out, names, x_names, chosen.name, n, p, Y.dtype)
+    return build_result(out, names, x_names, chosen.name, n, p, Y.dtype, reml)

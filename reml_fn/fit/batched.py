@@ -53,7 +53,7 @@ from typing import Any
 from torch import Tensor
 
 from reml_fn.fit.algorithm import solve
-from reml_fn.fit.problem import dataset_structure, stack_structures
+from reml_fn.fit.problem import check_reml, dataset_structure, stack_structures
 from reml_fn.fit.result import FitResult
 from reml_fn.fit.step import DEFAULT_MAX_ITER, DEFAULT_MAX_STEP, DEFAULT_MAX_TRIES, DEFAULT_TOL, Options
 
@@ -76,6 +76,7 @@ def fit_batched(
     max_tries: int = DEFAULT_MAX_TRIES,
     chunk_size: int | None = None,
     verbose: int = 0,
+    REML: bool = True,  # noqa: N803  (lme4's name)
 ) -> FitResult:
     r"""Fit y_b ~ N(X_b β_b, V_b(θ_b)) by AI-REML for every dataset b = 0 … B−1 at once.
 
@@ -139,4 +140,5 @@ def fit_batched(
         options=options,
         chunk_size=chunk_size,
         verbose=verbose,
+        reml=check_reml(REML),
     )

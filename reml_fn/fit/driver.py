@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.fit.algorithm import solve
+from reml_fn.fit.problem import check_reml
 from reml_fn.fit.result import OVERFLOW, STATUS, FitResult
 from reml_fn.fit.step import DEFAULT_MAX_ITER, DEFAULT_MAX_STEP, DEFAULT_MAX_TRIES, DEFAULT_TOL, Options
 from reml_fn.reml.likelihood import check_data
@@ -35,6 +36,7 @@ def fit(
     max_step: float = DEFAULT_MAX_STEP,
     max_tries: int = DEFAULT_MAX_TRIES,
     verbose: int = 0,
+    REML: bool = True,  # noqa: N803  (lme4's name)
 ) -> FitResult:
     """Fit the REML linear mixed model y ~ N(Xβ, V(θ)) by AI-REML.
 
@@ -53,6 +55,9 @@ def fit(
             per iteration before giving up.
         verbose: 0 silent; 1 a tqdm progress bar with the log-likelihood; 2 also a line per
             iteration.
+        REML: True (default) maximises the REML log-likelihood (:func:`~reml_fn.reml_loglik`);
+            False the ML log-likelihood (:func:`~reml_fn.ml_loglik`, lme4's ``REML = FALSE``), with
+            the same algorithm and the ML average-information matrix (:mod:`reml_fn.reml.ml`).
 
     Returns:
         A :class:`FitResult`; ``print(result)`` shows an lme4-style summary.
@@ -94,6 +99,7 @@ def fit(
         chunk_size=None,
         verbose=verbose,
         single=True,
+        reml=check_reml(REML),
     )
     code = int(result.status)
     if code in UNFITTABLE or (code == OVERFLOW and int(result.n_iter) == 0):

@@ -17,6 +17,7 @@ from reml_fn.fit.start import check_design, default_init, exact_linear_response,
 from reml_fn.params import param_names, tree_from_names
 from reml_fn.reml.engines import prepared_data, prepared_keyword
 from reml_fn.reml.likelihood import check_data
+from reml_fn.reml.ml import ml_from_reml, ml_loglik_from_reml
 from reml_fn.structures.base import Structure
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "stack_structures",
     "check_batch_inputs",
     "read_init",
+    "check_reml",
     "screen",
     "put",
     "map_tensors",
@@ -314,6 +316,18 @@ def _leaf_path(s, i: int) -> str:
     return ".".join(parts) or f"leaf {i}"
 
 
+def check_reml(REML) -> bool:  # noqa: N803  (lme4's argument name)
+    """``REML`` of ``fit``/``fit_batched``: True (REML) or False (ML), nothing else.
+
+    Example:
+        >>> check_reml(False)
+        False
+    """
+    if not isinstance(REML, bool):
+        raise TypeError(f"REML must be True or False, got {REML!r}")
+    return REML
+
+
 def read_init(s, init, B: int, dtype, device) -> Tensor | None:
     """``init`` as raw flat starts (B, k) in ``param_names(s)`` order, or None for the default start.
 
@@ -462,6 +476,7 @@ class EngineCalls(NamedTuple):
     chosen: Any
     jacobian: str
     names: tuple
+    reml: bool = True  # False: the ML log-likelihood and its terms (reml_fn.reml.ml)
 
     def _params(self, theta):
         return tree_from_names(self.names, theta.unbind(-1))
@@ -470,9 +485,13 @@ class EngineCalls(NamedTuple):
         return prepared_data(self.chosen, s, y, X)
 
     def terms(self, s, y, X, prepared, theta):
+        if not self.reml:
+            return ml_from_reml(self.chosen, s, self.names, theta, y, X, self.jacobian, prepared)
         return self.chosen.ai_terms(s, self._params(theta), y, X, self.jacobian, **prepared_keyword(prepared))
 
     def loglik(self, s, y, X, prepared, theta):
+        if not self.reml:
+            return ml_loglik_from_reml(self.chosen, s, self._params(theta), y, X, prepared)
         return self.chosen.loglik(s, self._params(theta), y, X, **prepared_keyword(prepared))
 
     def start(self, s, y, X, prepared, residual_variance):

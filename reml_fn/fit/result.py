@@ -138,6 +138,7 @@ class FitResult:
     n: int = static()
     p: int = static()
     dtype: str = static(default="float64")
+    reml: bool = static(default=True)  # False: an ML fit (loglik is the ML log-likelihood)
 
     @property
     def message(self) -> str | list[str]:
@@ -172,15 +173,29 @@ class FitResult:
         """Names of parameters that stopped at a bound (single fits)."""
         return [name for name, flag in zip(self.names, self.at_boundary.tolist()) if flag]
 
+    @property
+    def deviance(self) -> Tensor:
+        """−2 × log-likelihood: lme4's deviance of an ML fit, its REML criterion of a REML fit."""
+        return -2.0 * self.loglik
+
+    @property
+    def criterion_name(self) -> str:
+        return "REML" if self.reml else "ML"
+
     def summary(self) -> str:
         """An lme4-style summary: variance components, fixed effects, log-likelihood."""
         if self.loglik.dim() != 0:
             return (
                 f"FitResult of {self.loglik.shape[0]} datasets (engine {self.engine}): "
-                f"{int(self.converged.sum())} converged; mean REML logLik {float(self.loglik.mean()):.4f}"
+                f"{int(self.converged.sum())} converged; mean {self.criterion_name} logLik "
+                f"{float(self.loglik.mean()):.4f}"
             )
-        lines = [f"Linear mixed model fit by REML (reml_fn, {self.engine} engine, {self.dtype})"]
-        lines.append(f"REML criterion at convergence: {float(self.reml_criterion):.4f}")
+        method = "REML" if self.reml else "maximum likelihood"
+        lines = [f"Linear mixed model fit by {method} (reml_fn, {self.engine} engine, {self.dtype})"]
+        if self.reml:
+            lines.append(f"REML criterion at convergence: {float(self.reml_criterion):.4f}")
+        else:
+            lines.append(f"deviance at convergence: {float(self.deviance):.4f}")
         lines.append("")
         lines.append("Covariance parameters:")
         width = max([len(name) for name in self.names] + [9])
@@ -201,7 +216,7 @@ class FitResult:
         for name, b, se in zip(self.beta_names, self.beta.tolist(), self.se_beta.tolist()):
             lines.append(f" {name:<{bw}}  {b:12.6g}  {se:11.5g}  {b / se:8.3f}")
         lines.append("")
-        lines.append(f"logLik (REML) {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}")
+        lines.append(f"logLik ({self.criterion_name}) {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}")
         lines.append(f"{self.message} after {int(self.n_iter)} iterations")
         if self.boundary_names:
             lines.append(f"boundary (singular) fit: {', '.join(self.boundary_names)} at a bound")
@@ -220,7 +235,14 @@ class FitResult:
 
 
 def build_result(
-    out: dict, names: Sequence[str], x_names: Sequence[str] | None, engine: str, n: int, p: int, dtype: torch.dtype
+    out: dict,
+    names: Sequence[str],
+    x_names: Sequence[str] | None,
+    engine: str,
+    n: int,
+    p: int,
+    dtype: torch.dtype,
+    reml: bool = True,
 ) -> FitResult:
     """The batched :class:`FitResult` from the per-dataset fields of the fit (leading dimension B):
     ``params``, ``natural``, ``beta``, ``vcov_beta``, ``score``, ``ai``, ``loglik``, ``status``,
@@ -261,4 +283,5 @@ def build_result(
         n=n,
         p=p,
         dtype=str(dtype).removeprefix("torch."),
+        reml=reml,
     )

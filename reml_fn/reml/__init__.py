@@ -2,7 +2,18 @@
 
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import ENGINES, register_engine, select_engine
-from reml_fn.reml.likelihood import ai_terms, blue, blup, check_data, predict, reml_loglik, residuals, vcov_beta
+from reml_fn.reml.likelihood import (
+    ai_terms,
+    blue,
+    blup,
+    check_data,
+    ml_ai_terms,
+    ml_loglik,
+    predict,
+    reml_loglik,
+    residuals,
+    vcov_beta,
+)
 from reml_fn.reml.mme import MMEEngine  # registers the "mme" engine
 
 __all__ = [
@@ -12,6 +23,8 @@ __all__ = [
     "register_engine",
     "select_engine",
     "reml_loglik",
+    "ml_loglik",
+    "ml_ai_terms",
     "ai_terms",
     "blue",
     "vcov_beta",

@@ -38,6 +38,23 @@ __all__ = [
 ]
 
 
+def inverse_from_cholesky(L: Tensor) -> Tensor:
+    """A⁻¹ from the lower Cholesky factor L of A (…, p, p), as ``cholesky_solve(I, L)``.
+
+    Why not ``torch.cholesky_inverse``: its forward-mode derivative is wrong (torch 2.13:
+    ``torch.func.jacfwd`` of ``cholesky_inverse(cholesky(A(t)))`` differs from that of ``inv(A(t))``,
+    while reverse mode agrees), and the ML terms differentiate (XᵀV⁻¹X)⁻¹ forward.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[4.0, 2.0], [2.0, 3.0]])
+        >>> inverse_from_cholesky(torch.linalg.cholesky(A)).mul(8).round().tolist()  # A⁻¹ = [[3, −2], [−2, 4]]/8
+        [[3.0, -2.0], [-2.0, 4.0]]
+    """
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand(L.shape)
+    return torch.cholesky_solve(eye, L)
+
+
 class AITerms(NamedTuple):
     """Result of :func:`ai_terms`: ``loglik`` (0-d), ``score`` (k,), ``ai`` (k, k), ``beta`` (p,)."""
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from reml_fn.reml.dense import AITerms, ai_terms_dense, dV_stack, factorize, reml_loglik_dense
+from reml_fn.reml.dense import AITerms, ai_terms_dense, dV_stack, factorize, inverse_from_cholesky, reml_loglik_dense
 
 __all__ = [
     "DenseEngine",
@@ -118,7 +118,7 @@ class DenseEngine:
     def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
         """β̂ and its covariance (XᵀV⁻¹X)⁻¹."""
         factor = factorize(s._build(params), y, X)
-        return factor.beta, torch.cholesky_inverse(factor.chol_xvx)
+        return factor.beta, inverse_from_cholesky(factor.chol_xvx)
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
         """û_i = G_i Z_iᵀ P y for every Propagate or Grouped term, keyed by its path

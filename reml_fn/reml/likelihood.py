@@ -13,11 +13,23 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from reml_fn.params import as_params
+from reml_fn.params import as_params, flatten_params, param_names
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import select_engine
+from reml_fn.reml.ml import ml_from_reml, ml_loglik_from_reml
 
-__all__ = ["reml_loglik", "ai_terms", "blue", "vcov_beta", "blup", "predict", "residuals", "check_data"]
+__all__ = [
+    "reml_loglik",
+    "ml_loglik",
+    "ai_terms",
+    "ml_ai_terms",
+    "blue",
+    "vcov_beta",
+    "blup",
+    "predict",
+    "residuals",
+    "check_data",
+]
 
 
 def check_data(s, y: Tensor, X: Tensor) -> None:
@@ -69,6 +81,45 @@ def reml_loglik(s, params: Mapping | Tensor | None, y: Tensor, X: Tensor, engine
     """
     params = _prepare(s, params, y, X)
     return select_engine(s, engine).loglik(s, params, y, X)
+
+
+def ml_loglik(s, params: Mapping | Tensor | None, y: Tensor, X: Tensor, engine: str = "auto") -> Tensor:
+    """The (maximum-likelihood) log-likelihood at the GLS estimate β̃(θ) (lme4's ``logLik`` of a
+    ``REML = FALSE`` fit; deviance = −2 ×):
+
+        ℓ_ML(θ) = −½ (log|V| + (y − Xβ̃)ᵀV⁻¹(y − Xβ̃)) − n/2 · log 2π
+                = ℓ_REML(θ) + ½ log|XᵀV⁻¹X| − p/2 · log 2π.
+
+    Pure like :func:`reml_loglik` (``grad``, ``vmap``); −∞ where V(θ) is not positive definite.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> y = torch.tensor([1.0, 2.0, 4.0, 3.0]); X = torch.ones(4, 1)
+        >>> r = y - y.mean()                                  # σ² = 1: −½ (rᵀr + 4 log 2π)
+        >>> bool(torch.isclose(rf.ml_loglik(rf.Scalar(4), None, y, X), -0.5 * (r @ r + 4 * torch.log(torch.tensor(2 * torch.pi)))))
+        True
+    """
+    params = _prepare(s, params, y, X)
+    return ml_loglik_from_reml(select_engine(s, engine), s, params, y, X)
+
+
+def ml_ai_terms(
+    s, params: Mapping | Tensor | None, y: Tensor, X: Tensor, jacobian: str = "closed", engine: str = "auto"
+) -> AITerms:
+    """ML log-likelihood, score (= ``torch.func.grad`` of :func:`ml_loglik`), average-information
+    matrix AI_ML = ½ rᵀV⁻¹V̇_iV⁻¹V̇_jV⁻¹r (r = y − Xβ̃) and β̃ at θ, from the engine's REML terms
+    (:mod:`reml_fn.reml.ml`).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> y = torch.tensor([1.0, 2.0, 4.0, 3.0]); X = torch.ones(4, 1)
+        >>> terms = rf.ml_ai_terms(rf.Scalar(4), None, y, X)     # V = σ²I, θ = ½ log σ² = 0
+        >>> round(float(terms.score[0]), 6), round(float(terms.ai[0, 0]), 6)   # rᵀr − n, 2 rᵀr
+        (1.0, 10.0)
+    """
+    params = _prepare(s, params, y, X)
+    theta = flatten_params(s, params)
+    return ml_from_reml(select_engine(s, engine), s, param_names(s), theta, y, X, jacobian)
 
 
 def ai_terms(

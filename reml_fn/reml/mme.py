@@ -107,7 +107,7 @@ from reml_fn.reml.covariance_blocks import (
     psd_cholesky,
     residual_variance,
 )
-from reml_fn.reml.dense import AITerms
+from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf
@@ -836,7 +836,7 @@ class MMEEngine:
         fac = _solve(_factor(s, params, X), y)
         q_rest = _rest_sizes(fac.rest)
         beta = torch.where(fac.ok, fac.u_s[..., q_rest:], math.nan)
-        vcov = torch.where(fac.ok, torch.cholesky_inverse(fac.L_ss[..., q_rest:, q_rest:]), math.nan)
+        vcov = torch.where(fac.ok, inverse_from_cholesky(fac.L_ss[..., q_rest:, q_rest:]), math.nan)
         return beta, vcov
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:

@@ -83,7 +83,7 @@ from reml_fn.reml.covariance_blocks import (
     residual_variance,
     unrolled_cholesky,
 )
-from reml_fn.reml.dense import AITerms
+from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.structures import Identity, Scalar
 from reml_fn.structures.base import first_leaf
 
@@ -388,7 +388,7 @@ def gls(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics)
     """
     point = _point_at(model, params, y, X, stats, evaluate=False)
     beta = torch.where(point.ok, point.beta, math.nan)
-    return beta, torch.where(point.ok, torch.cholesky_inverse(point.L_s), math.nan)
+    return beta, torch.where(point.ok, inverse_from_cholesky(point.L_s), math.nan)
 
 
 def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") -> Tensor:
