@@ -57,7 +57,7 @@ from reml_fn.tree import replace, static, structure
 
 __version__ = "0.1.0"
 
-_FRONTEND = ("lmer", "lmer_model", "LmerModel", "LmerResult")
+_FRONTEND = ("lmer", "lmer_model", "LmerModel", "LmerResult", "anova", "bootstrap", "coef_table", "confint", "contest")
 
 
 def __getattr__(name: str):
@@ -133,5 +133,10 @@ __all__ = [
     "lmer_model",
     "LmerModel",
     "LmerResult",
+    "anova",
+    "bootstrap",
+    "coef_table",
+    "confint",
+    "contest",
     "FitResult",
 ]

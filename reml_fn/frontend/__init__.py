@@ -6,7 +6,21 @@ terms; :mod:`~reml_fn.frontend.model` makes the structure, y, X and names with f
 only when this module is.
 """
 
+from reml_fn.frontend.inference import Bootstrap, anova, bootstrap, coef_table, confint, contest, parameter_names
 from reml_fn.frontend.model import LmerModel, TermInfo, lmer, lmer_model
 from reml_fn.frontend.result import LmerResult
 
-__all__ = ["lmer", "lmer_model", "LmerModel", "LmerResult", "TermInfo"]
+__all__ = [
+    "lmer",
+    "lmer_model",
+    "LmerModel",
+    "LmerResult",
+    "TermInfo",
+    "anova",
+    "bootstrap",
+    "Bootstrap",
+    "coef_table",
+    "confint",
+    "contest",
+    "parameter_names",
+]

@@ -115,18 +115,14 @@ class LmerModel:
         return out
 
     def fit(self, REML: bool = True, **fit_options):  # noqa: N803  (lme4's argument name)
-        """Fit by REML with :func:`reml_fn.fit` (``fit_options``: ``init``, ``max_iter``, ``tol``,
-        ``engine``, …) and return an :class:`~reml_fn.frontend.result.LmerResult`; a fit that does
-        not converge raises nothing here: its ``status`` and ``message`` say so."""
+        """Fit by REML (or ML with ``REML=False``) with :func:`reml_fn.fit` (``fit_options``:
+        ``init``, ``max_iter``, ``tol``, ``engine``, …) and return an
+        :class:`~reml_fn.frontend.result.LmerResult`; a fit that does not converge raises nothing
+        here: its ``status`` and ``message`` say so."""
         from reml_fn.fit import fit
         from reml_fn.frontend.result import LmerResult
 
-        if not REML:
-            raise NotImplementedError(
-                "REML=False (maximum likelihood) is not available yet: lmer fits by REML; ML fits, anova "
-                "and likelihood-ratio tests come with the inference module"
-            )
-        result = fit(self.structure, self.y, self.X, x_names=list(self.x_names), **fit_options)
+        result = fit(self.structure, self.y, self.X, x_names=list(self.x_names), REML=REML, **fit_options)
         return LmerResult(self, result)
 
 
@@ -470,8 +466,8 @@ def lmer(
 ):
     """Fit a linear mixed model given in lme4's formula language, as lme4's ``lmer`` does.
 
-    ``rf.lmer("Reaction ~ Days + (Days | Subject)", data)`` is ``lmer_model(…).fit(…)``: REML by
-    AI-REML (:func:`reml_fn.fit`, whose options ``fit_options`` passes on). Returns an
+    ``rf.lmer("Reaction ~ Days + (Days | Subject)", data)`` is ``lmer_model(…).fit(…)``: REML (or
+    ML with ``REML=False``) by AI-REML (:func:`reml_fn.fit`, whose options ``fit_options`` passes on). Returns an
     :class:`~reml_fn.frontend.result.LmerResult` with lme4's accessors (``fixef()``, ``varcorr()``,
     ``ranef()``, ``coef()``, ``predict()``, ``summary()``, …).
 

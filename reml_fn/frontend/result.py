@@ -53,9 +53,21 @@ class LmerResult:
         return float(self.fit.loglik)
 
     @property
+    def reml(self) -> bool:
+        """Whether this is a REML fit (else ML)."""
+        return self.fit.reml
+
+    @property
     def reml_criterion(self) -> float:
-        """−2 × REML log-likelihood (lme4's ``REMLcrit``)."""
+        """−2 × REML log-likelihood (lme4's ``REMLcrit``) of a REML fit."""
+        if not self.reml:
+            raise ValueError("an ML fit has no REML criterion: see deviance (−2 × its log-likelihood)")
         return float(self.fit.reml_criterion)
+
+    @property
+    def deviance(self) -> float:
+        """−2 × log-likelihood: lme4's ``deviance`` of an ML fit; of a REML fit, its REML criterion."""
+        return -2.0 * self.loglik
 
     @property
     def aic(self) -> float:
@@ -251,8 +263,24 @@ class LmerResult:
     def summary(self) -> str:
         """lme4's ``summary(m)`` layout: criterion, scaled residuals, random effects, fixed effects
         and their correlations."""
-        lines = ["Linear mixed model fit by REML", f"Formula: {self.model.formula}", ""]
-        lines.append(f"REML criterion at convergence: {self.reml_criterion:.4f}")
+        method = "REML" if self.reml else "maximum likelihood"
+        lines = [f"Linear mixed model fit by {method}", f"Formula: {self.model.formula}", ""]
+        if self.reml:
+            lines.append(f"REML criterion at convergence: {self.reml_criterion:.4f}")
+        else:
+            lines += _table(
+                ["AIC", "BIC", "logLik", "deviance", "df.resid"],
+                [
+                    [
+                        f"{self.aic:.1f}",
+                        f"{self.bic:.1f}",
+                        f"{self.loglik:.1f}",
+                        f"{self.deviance:.1f}",
+                        str(self.nobs - self.model.X.shape[1] - len(self.fit.names)),
+                    ]
+                ],
+                index=None,
+            )
         if not self.converged:
             lines.append(f"Status {self.status}: {self.message}")
         if self.model.n_dropped:
@@ -313,10 +341,27 @@ class LmerResult:
 
     def __repr__(self) -> str:
         fixed = ", ".join(f"{name}={value:.6g}" for name, value in self.fixef().items())
-        return (
-            f"LmerResult({self.model.formula!r}, REML criterion {self.reml_criterion:.4f}, "
-            f"status {self.status}, fixef: {fixed})"
-        )
+        criterion = f"REML criterion {self.reml_criterion:.4f}" if self.reml else f"deviance {self.deviance:.4f}"
+        return f"LmerResult({self.model.formula!r}, {criterion}, status {self.status}, fixef: {fixed})"
+
+    # -- inference (reml_fn.frontend.inference) ---------------------------------------------------
+    def coef_table(self, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """Fixed effects with Satterthwaite df and p-values (:func:`reml_fn.frontend.inference.coef_table`)."""
+        from reml_fn.frontend.inference import coef_table
+
+        return coef_table(self, ddf)
+
+    def contest(self, L: Any, ddf: str = "satterthwaite", joint: bool = True) -> pd.DataFrame:
+        """Tests of Lβ (:func:`reml_fn.frontend.inference.contest`)."""
+        from reml_fn.frontend.inference import contest
+
+        return contest(self, L, ddf, joint)
+
+    def confint(self, method: str = "wald", level: float = 0.95, **options: Any) -> pd.DataFrame:
+        """Confidence intervals in lme4's layout (:func:`reml_fn.frontend.inference.confint`)."""
+        from reml_fn.frontend.inference import confint
+
+        return confint(self, method, level, **options)
 
 
 def _grouped(model: LmerModel):
