@@ -475,8 +475,8 @@ def test_other_argument_errors():
         rf.lmer_model("Reaction ~ Days + (1 | Subject)", data, contrasts={"Days": "deviation"})
     with pytest.raises(ValueError, match="na_action must be"):
         rf.lmer_model("Reaction ~ Days + (1 | Subject)", data, na_action="pass")
-    with pytest.raises(NotImplementedError, match="REML=False"):
-        rf.lmer("Reaction ~ Days + (1 | Subject)", data, REML=False)
+    with pytest.raises(TypeError, match="REML must be True or False"):
+        rf.lmer("Reaction ~ Days + (1 | Subject)", data, REML="no")
     with pytest.raises(TypeError, match="pandas DataFrame"):
         rf.lmer("Reaction ~ Days + (1 | Subject)", [1, 2, 3])
 
