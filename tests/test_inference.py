@@ -181,11 +181,38 @@ def test_contest_equals_lmertest():
     check_p_values(single["Pr(>|t|)"], theirs["Pr(>|t|)"])
 
 
+@pytest.mark.parametrize("key", sorted(REFERENCES["lmertest_coefficients"]))
+def test_kenward_roger_table_equals_lmertest(key):
+    reference = REFERENCES["lmertest_coefficients"][key]
+    ours = lmer(reference["formula"]).coef_table(ddf="kenward-roger")
+    theirs = table(reference["coefficients_kenward_roger"])
+    np.testing.assert_allclose(ours["df"].to_numpy(), theirs["df"].to_numpy(), rtol=1e-4)
+    for column in ["Estimate", "Std. Error", "t value"]:
+        np.testing.assert_allclose(ours[column].to_numpy(), theirs[column].to_numpy(), rtol=1e-4)
+    check_p_values(ours["Pr(>|t|)"], theirs["Pr(>|t|)"])
+
+
+def test_kenward_roger_contest_and_adjusted_vcov_equal_pbkrtest():
+    reference = REFERENCES["lmertest_contest"]
+    m = lmer("score ~ Machine + (1 | Worker/Machine)")
+    joint = m.contest(reference["L_joint"], ddf="kenward-roger")
+    theirs = table(reference["joint_kenward_roger"])
+    for column in ["Sum Sq", "Mean Sq", "NumDF", "DenDF", "F value"]:
+        np.testing.assert_allclose(joint[column].to_numpy(), theirs[column].to_numpy(), rtol=1e-4)
+    single = m.contest([reference["L_single"]], ddf="kenward-roger", joint=False)
+    theirs = table(reference["single_1d_kenward_roger"])
+    for column in ["Estimate", "Std. Error", "df", "t value", "lower", "upper"]:
+        np.testing.assert_allclose(single[column].to_numpy(), theirs[column].to_numpy(), rtol=1e-4)
+    adjusted = REFERENCES["vcovAdj"]["sleepstudy_slopes"]["vcovAdj"]["rows"]
+    parts = rf.frontend.inference._kenward_roger(lmer("Reaction ~ Days + (Days | Subject)"))
+    np.testing.assert_allclose(parts.vcov_adjusted.numpy(), np.array(adjusted), rtol=2e-5)
+
+
 def test_ddf_none_and_what_is_not_available_yet():
     m = lmer("Reaction ~ Days + (Days | Subject)")
     assert list(m.coef_table(ddf="none").columns) == ["Estimate", "Std. Error", "t value"]
-    with pytest.raises(NotImplementedError, match="kenward-roger"):
-        m.coef_table(ddf="kenward-roger")
+    with pytest.raises(ValueError, match="REML fits"):
+        lmer("Reaction ~ Days + (Days | Subject)", REML=False).coef_table(ddf="kenward-roger")
     with pytest.raises(ValueError, match="ddf must be one of"):
         m.coef_table(ddf="containment")
     with pytest.raises(NotImplementedError, match="profile"):

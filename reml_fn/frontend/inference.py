@@ -4,7 +4,8 @@
   ``npar, AIC, BIC, logLik, deviance, Chisq, Df, Pr(>Chisq)``; with ``refit=True`` (lme4's default)
   every REML fit is refitted by ML first, as lme4 does even when the fixed effects are equal.
 * :func:`coef_table` — ``Estimate, Std. Error, df, t value, Pr(>|t|)`` with Satterthwaite's df
-  (lmerTest's ``summary``; :mod:`reml_fn.inference.satterthwaite`), or without df (``"none"``).
+  (lmerTest's ``summary``; :mod:`reml_fn.inference.satterthwaite`) or Kenward–Roger's adjusted
+  standard errors and df (:mod:`reml_fn.inference.kenward_roger`), or without df (``"none"``).
 * :func:`contest` — F test of Lβ = 0 (lmerTest's ``contest``), or one t test per row of L.
 * :func:`confint` — Wald intervals (fixed effects; NaN for the covariance parameters, as lme4) or
   parametric-bootstrap percentile intervals, rows in lme4's order and names: ``.sig01, .sig02, …``
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from reml_fn.fit import fit_batched
 from reml_fn.frontend.result import LmerResult
+from reml_fn.inference.kenward_roger import kenward_roger, kenward_roger_df
 from reml_fn.inference.satterthwaite import contrast_df, joint_df, variance_derivatives
 from reml_fn.params import flatten_params
 
@@ -189,17 +191,32 @@ def _check_ddf(ddf: str) -> str:
     key = ddf.lower().replace("_", "-").replace(" ", "-") if isinstance(ddf, str) else ddf
     if key not in _DDF:
         raise ValueError(f"ddf must be one of {_DDF}, got {ddf!r}")
-    if key == "kenward-roger":
-        raise NotImplementedError(
-            "ddf='kenward-roger' is not available yet; use 'satterthwaite' (lmerTest's default) or 'none'"
-        )
     return key
+
+
+def _kenward_roger(result: LmerResult):
+    if not result.fit.reml:
+        raise ValueError("Kenward–Roger df are defined for REML fits (pbkrtest refuses ML fits too)")
+    model = result.model
+    names = list(result.fit.names)
+    natural = dict(_leaves(result.fit.natural))
+    vector = torch.stack([natural[name] for name in names])
+    return kenward_roger(model.structure, names, vector, model.y, model.X, engine=result.fit.engine)
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def coef_table(result: LmerResult, ddf: str = "satterthwaite") -> pd.DataFrame:
     """The fixed-effects table: ``Estimate, Std. Error, df, t value, Pr(>|t|)`` with Satterthwaite's
-    denominator df (lmerTest's ``summary(m)$coefficients``), or ``Estimate, Std. Error, t value``
-    (``ddf="none"``, lme4's).
+    denominator df (lmerTest's ``summary(m)$coefficients``), with Kenward–Roger's adjusted standard
+    errors and df (``ddf="kenward-roger"``, lmerTest's ``ddf = "Kenward-Roger"``), or
+    ``Estimate, Std. Error, t value`` (``ddf="none"``, lme4's).
 
     Example:
         >>> import reml_fn as rf
@@ -215,8 +232,14 @@ def coef_table(result: LmerResult, ddf: str = "satterthwaite") -> pd.DataFrame:
         table["t value"] = table["Estimate"] / table["Std. Error"]
         return table
     p = len(estimates)
-    _, variance, nu = contrast_df(_parts(result), torch.eye(p, dtype=result.model.X.dtype))
-    table["df"] = nu.detach().cpu().numpy()
+    eye = torch.eye(p, dtype=result.model.X.dtype)
+    if key == "kenward-roger":  # lmerTest: SE from the adjusted Φ_A, df from pbkrtest's Lb_ddf
+        parts = _kenward_roger(result)
+        table["Std. Error"] = torch.diagonal(parts.vcov_adjusted).sqrt().detach().cpu().numpy()
+        table["df"] = [kenward_roger_df(parts, eye[j : j + 1]) for j in range(p)]
+    else:
+        _, variance, nu = contrast_df(_parts(result), eye)
+        table["df"] = nu.detach().cpu().numpy()
     table["t value"] = table["Estimate"] / table["Std. Error"]
     table["Pr(>|t|)"] = 2.0 * stats.t.sf(np.abs(table["t value"]), table["df"])
     return table
@@ -235,17 +258,27 @@ def contest(
         >>> round(float(rf.contest(m, [[0, 1, 0], [0, 0, 1]])["F value"].iloc[0]), 3)   # lmerTest: 20.576
         20.576
     """
-    _check_ddf(ddf)
+    key = _check_ddf(ddf)
+    if key == "none":
+        raise ValueError("contest needs ddf='satterthwaite' or 'kenward-roger'")
     matrix = torch.as_tensor(np.atleast_2d(np.asarray(L, dtype=float)), dtype=result.model.X.dtype)
     p = result.model.X.shape[1]
     if matrix.shape[1] != p:
         raise ValueError(
-            f"contest: L must have {p} columns (one per fixed effect {list(result.model.x_names)}), got {matrix.shape[1]}"
+            f"contest: L must have {p} columns (one per fixed effect {list(result.model.x_names)}), "
+            f"got {matrix.shape[1]}"
         )
-    parts = _parts(result)
+    if key == "kenward-roger":
+        kr = _kenward_roger(result)
+        beta, vcov = kr.beta, kr.vcov_adjusted
+        rows_df = [kenward_roger_df(kr, matrix[r : r + 1]) for r in range(matrix.shape[0])]
+    else:
+        parts = _parts(result)
+        beta, vcov = parts.beta, parts.vcov
     if not joint:
-        estimate, variance, nu = contrast_df(parts, matrix)
-        estimate, se, nu = (t.detach().cpu().numpy() for t in (estimate, variance.sqrt(), nu))
+        estimate = (matrix @ beta).detach().cpu().numpy()
+        se = torch.einsum("qa,ab,qb->q", matrix, vcov, matrix).sqrt().detach().cpu().numpy()
+        nu = np.asarray(rows_df) if key == "kenward-roger" else contrast_df(parts, matrix)[2].detach().cpu().numpy()
         quantile = stats.t.ppf(0.5 + level / 2.0, nu)
         t_value = estimate / se
         return pd.DataFrame(
@@ -261,7 +294,13 @@ def contest(
         )
     if int(torch.linalg.matrix_rank(matrix)) != matrix.shape[0]:
         raise ValueError("contest: the rows of L must be linearly independent for a joint test")
-    F, q, nu = joint_df(parts, matrix)
+    if key == "kenward-roger":
+        q = matrix.shape[0]
+        contrast = matrix @ beta
+        F = float(contrast @ torch.linalg.solve(matrix @ vcov @ matrix.mT, contrast)) / q
+        nu = kenward_roger_df(kr, matrix)
+    else:
+        F, q, nu = joint_df(parts, matrix)
     sigma2 = result.sigma**2
     return pd.DataFrame(
         {
