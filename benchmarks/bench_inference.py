@@ -1,0 +1,115 @@
+"""Benchmark of inference: the parametric bootstrap against lme4's ``bootMer`` (in the same run,
+through Rscript), and Satterthwaite / Kenward–Roger tables at n = 100,000.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_inference.py [--nsim 1000] [--out benchmarks/results/inference.json]
+
+* bootstrap: ``rf.bootstrap(m, nsim)`` on sleepstudy ``Reaction ~ Days + (Days | Subject)``
+  (simulation and all refits in one ``fit_batched`` call) against
+  ``confint(m, method = "boot", nsim = nsim)`` (lme4's ``bootMer`` loop of refits). Target: ≤ 1/20.
+* ``coef_table(ddf="satterthwaite")`` at n = 100,000 (L1-shaped data with a random slope,
+  ``y ~ x1 + x2 + x3 + (x1 | g)``, 1,000 groups). Target: under 1 s.
+
+One torch thread. R is skipped with a message when Rscript or lme4 is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import reml_fn as rf  # noqa: E402
+from benchmarks.data import make_case  # noqa: E402
+
+R_BOOT = r"""
+suppressMessages(library(lme4))
+m <- lmer(Reaction ~ Days + (Days | Subject), sleepstudy)
+times <- c()
+for (i in 1:{repeats}) {{
+  start <- proc.time()[["elapsed"]]
+  ci <- suppressWarnings(suppressMessages(confint(m, method = "boot", nsim = {nsim}, seed = i)))
+  times <- c(times, proc.time()[["elapsed"]] - start)
+}}
+cat(sprintf("%.6f", times), sep = "\n")
+"""
+
+
+def time_lme4_bootstrap(nsim: int, repeats: int) -> list[float] | str:
+    if shutil.which("Rscript") is None:
+        return "Rscript not found: lme4 skipped"
+    with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as handle:
+        handle.write(R_BOOT.format(nsim=nsim, repeats=repeats))
+    done = subprocess.run(["Rscript", handle.name], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"lme4 skipped: {done.stderr.strip()[-300:]}"
+    return [float(line) for line in done.stdout.split()]
+
+
+def time_it(run, repeats: int) -> list[float]:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def spread(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nsim", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/inference.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    report: dict = {"torch_threads": 1, "nsim": args.nsim}
+
+    m = rf.lmer("Reaction ~ Days + (Days | Subject)", rf.datasets.load_frame("sleepstudy"))
+    ours = time_it(lambda: rf.bootstrap(m, args.nsim, seed=1), args.repeats)
+    boot = rf.bootstrap(m, args.nsim, seed=1)
+    report["bootstrap_reml_fn"] = spread(ours) | {"converged": int((boot.status == 0).sum())}
+    lme4 = time_lme4_bootstrap(args.nsim, args.repeats)
+    if isinstance(lme4, str):
+        print(lme4)
+        report["bootstrap_lme4"] = {"skipped": lme4}
+    else:
+        report["bootstrap_lme4"] = spread(lme4)
+        report["bootstrap_ratio"] = report["bootstrap_reml_fn"]["median_s"] / report["bootstrap_lme4"]["median_s"]
+    print(
+        f"bootstrap {args.nsim}: reml_fn {report['bootstrap_reml_fn']['median_s']:.3f} s "
+        f"({min(ours):.3f}–{max(ours):.3f}), lme4 bootMer "
+        + (f"{statistics.median(lme4):.2f} s, ratio 1/{1 / report['bootstrap_ratio']:.0f}" if not isinstance(lme4, str) else "skipped")
+    )
+
+    data = make_case("L1").data.copy()
+    rng = np.random.default_rng(7)
+    slopes = rng.normal(0.0, 0.5, data["g"].nunique())
+    codes = data["g"].astype("category").cat.codes.to_numpy()
+    data["y"] = data["y"] + slopes[codes] * data["x1"]
+    large = rf.lmer("y ~ x1 + x2 + x3 + (x1 | g)", data)
+    for ddf in ("satterthwaite", "kenward-roger"):
+        times = time_it(lambda d=ddf: large.coef_table(ddf=d), args.repeats)
+        report[f"{ddf}_n100000"] = spread(times)
+        print(f"coef_table(ddf={ddf!r}) at n = {large.nobs}: {statistics.median(times):.3f} s ({min(times):.3f}–{max(times):.3f})")
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
