@@ -8,6 +8,8 @@ Usage (from the repository root)::
 * bootstrap: ``rf.bootstrap(m, nsim)`` on sleepstudy ``Reaction ~ Days + (Days | Subject)``
   (simulation and all refits in one ``fit_batched`` call) against
   ``confint(m, method = "boot", nsim = nsim)`` (lme4's ``bootMer`` loop of refits). Target: ≤ 1/20.
+* ``confint(method="profile")`` on the same model against lme4's ``confint(m, method = "profile")``.
+  Target: ≤ 0.5×.
 * ``coef_table(ddf="satterthwaite")`` at n = 100,000 (L1-shaped data with a random slope,
   ``y ~ x1 + x2 + x3 + (x1 | g)``, 1,000 groups). Target: under 1 s.
 
@@ -34,6 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reml_fn as rf  # noqa: E402
 from benchmarks.data import make_case  # noqa: E402
 
+R_PROFILE = r"""
+suppressMessages(library(lme4))
+m <- lmer(Reaction ~ Days + (Days | Subject), sleepstudy)
+times <- c()
+for (i in 1:{repeats}) {{
+  start <- proc.time()[["elapsed"]]
+  ci <- suppressWarnings(suppressMessages(confint(m, method = "profile")))
+  times <- c(times, proc.time()[["elapsed"]] - start)
+}}
+cat(sprintf("%.6f", times), sep = "\n")
+"""
+
 R_BOOT = r"""
 suppressMessages(library(lme4))
 m <- lmer(Reaction ~ Days + (Days | Subject), sleepstudy)
@@ -47,11 +61,11 @@ cat(sprintf("%.6f", times), sep = "\n")
 """
 
 
-def time_lme4_bootstrap(nsim: int, repeats: int) -> list[float] | str:
+def time_lme4(script: str) -> list[float] | str:
     if shutil.which("Rscript") is None:
         return "Rscript not found: lme4 skipped"
     with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as handle:
-        handle.write(R_BOOT.format(nsim=nsim, repeats=repeats))
+        handle.write(script)
     done = subprocess.run(["Rscript", handle.name], capture_output=True, text=True)
     if done.returncode != 0:
         return f"lme4 skipped: {done.stderr.strip()[-300:]}"
@@ -85,7 +99,7 @@ def main() -> None:
     ours = time_it(lambda: rf.bootstrap(m, args.nsim, seed=1), args.repeats)
     boot = rf.bootstrap(m, args.nsim, seed=1)
     report["bootstrap_reml_fn"] = spread(ours) | {"converged": int((boot.status == 0).sum())}
-    lme4 = time_lme4_bootstrap(args.nsim, args.repeats)
+    lme4 = time_lme4(R_BOOT.format(nsim=args.nsim, repeats=args.repeats))
     if isinstance(lme4, str):
         print(lme4)
         report["bootstrap_lme4"] = {"skipped": lme4}
@@ -95,8 +109,26 @@ def main() -> None:
     print(
         f"bootstrap {args.nsim}: reml_fn {report['bootstrap_reml_fn']['median_s']:.3f} s "
         f"({min(ours):.3f}–{max(ours):.3f}), lme4 bootMer "
-        + (f"{statistics.median(lme4):.2f} s, ratio 1/{1 / report['bootstrap_ratio']:.0f}" if not isinstance(lme4, str) else "skipped")
+        + (
+            f"{statistics.median(lme4):.2f} s, ratio 1/{1 / report['bootstrap_ratio']:.0f}"
+            if not isinstance(lme4, str)
+            else "skipped"
+        )
     )
+
+    ours = time_it(lambda: m.confint(method="profile"), args.repeats)
+    report["profile_reml_fn"] = spread(ours)
+    lme4 = time_lme4(R_PROFILE.format(repeats=args.repeats))
+    if isinstance(lme4, str):
+        report["profile_lme4"] = {"skipped": lme4}
+        print(lme4)
+    else:
+        report["profile_lme4"] = spread(lme4)
+        report["profile_ratio"] = report["profile_reml_fn"]["median_s"] / report["profile_lme4"]["median_s"]
+        print(
+            f"profile confint: reml_fn {statistics.median(ours):.3f} s ({min(ours):.3f}–{max(ours):.3f}), "
+            f"lme4 {statistics.median(lme4):.3f} s, ratio {report['profile_ratio']:.2f}"
+        )
 
     data = make_case("L1").data.copy()
     rng = np.random.default_rng(7)
@@ -107,7 +139,9 @@ def main() -> None:
     for ddf in ("satterthwaite", "kenward-roger"):
         times = time_it(lambda d=ddf: large.coef_table(ddf=d), args.repeats)
         report[f"{ddf}_n100000"] = spread(times)
-        print(f"coef_table(ddf={ddf!r}) at n = {large.nobs}: {statistics.median(times):.3f} s ({min(times):.3f}–{max(times):.3f})")
+        print(
+            f"coef_table(ddf={ddf!r}) at n = {large.nobs}: {statistics.median(times):.3f} s ({min(times):.3f}–{max(times):.3f})"
+        )
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 

@@ -215,8 +215,8 @@ def test_ddf_none_and_what_is_not_available_yet():
         lmer("Reaction ~ Days + (Days | Subject)", REML=False).coef_table(ddf="kenward-roger")
     with pytest.raises(ValueError, match="ddf must be one of"):
         m.coef_table(ddf="containment")
-    with pytest.raises(NotImplementedError, match="profile"):
-        m.confint(method="profile")
+    with pytest.raises(ValueError, match="method must be"):
+        m.confint(method="likelihood")
 
 
 # ------------------------------------------------------------------------------------ intervals
@@ -259,3 +259,27 @@ def test_bootstrap_statistic():
     m = lmer("Reaction ~ Days + (Days | Subject)")
     boot = rf.bootstrap(m, 10, seed=2, statistic=lambda t: t[["Days"]] * 2)
     assert list(boot.replicates.columns) == ["Days"] and boot.estimate["Days"] == pytest.approx(2 * m.fixef()["Days"])
+
+
+PROFILES = [
+    ("sleepstudy_reml_profile", "Reaction ~ Days + (Days | Subject)", True),
+    ("sleepstudy_ml_profile", "Reaction ~ Days + (Days | Subject)", False),
+    ("dyestuff_reml_profile", "Yield ~ 1 + (1 | Batch)", True),
+    ("machines_nested_reml_profile", "score ~ Machine + (1 | Worker/Machine)", True),
+]
+
+
+@pytest.mark.parametrize("key, formula, reml", PROFILES)
+def test_profile_intervals_equal_lme4(key, formula, reml):
+    reference = table(REFERENCES["confint"][key])
+    ours = lmer(formula, REML=reml).confint(method="profile")
+    assert list(ours.index) == list(reference.index) and list(ours.columns) == list(reference.columns)
+    # lme4 interpolates its profile with splines; the ends here are roots of ζ to 1e-6.
+    np.testing.assert_allclose(ours.to_numpy(), reference.to_numpy(), rtol=1e-3)
+
+
+def test_profile_of_a_reml_fit_is_that_of_its_ml_fit():
+    # lme4 profiles the ML deviance for a REML fit too (sleepstudy: .sig01 14.3814–37.7160 either way).
+    reml = lmer("Reaction ~ Days + (Days | Subject)").confint(method="profile")
+    ml = lmer("Reaction ~ Days + (Days | Subject)", REML=False).confint(method="profile")
+    np.testing.assert_allclose(reml.to_numpy(), ml.to_numpy(), rtol=1e-6)

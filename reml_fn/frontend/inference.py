@@ -32,8 +32,11 @@ from torch import Tensor
 from reml_fn.fit import fit_batched
 from reml_fn.frontend.result import LmerResult
 from reml_fn.inference.kenward_roger import kenward_roger, kenward_roger_df
+from reml_fn.inference.profile import profile_limits
 from reml_fn.inference.satterthwaite import contrast_df, joint_df, variance_derivatives
-from reml_fn.params import flatten_params
+from reml_fn.params import flatten_params, unconstrain
+from reml_fn.reml.engines import select_engine
+from reml_fn.reml.ml import ml_fit_at
 
 __all__ = ["anova", "coef_table", "contest", "confint", "bootstrap", "Bootstrap", "parameter_names", "sdcor"]
 
@@ -389,7 +392,10 @@ def confint(
 
     ``method="wald"``: β̂ ± z·SE for the fixed effects, NaN for the covariance parameters (as lme4).
     ``method="boot"``: percentile intervals of a parametric bootstrap (:func:`bootstrap`, ``nsim``
-    refits in one batched call, ``seed``). Profile intervals are not available yet.
+    refits in one batched call, ``seed``). ``method="profile"``: where the signed root of the ML
+    deviance difference reaches ±z (:mod:`reml_fn.inference.profile`), every parameter profiled
+    with the others at their constrained ML optimum — of the ML fit, also for a REML fit, as lme4
+    does (so a REML fit's profile intervals are its ML fit's).
 
     Example:
         >>> import reml_fn as rf
@@ -416,5 +422,82 @@ def confint(
     if method == "boot":
         return bootstrap(result, nsim, seed=seed).confint(level)
     if method == "profile":
-        raise NotImplementedError("method='profile' is not available yet; use 'wald' or 'boot'")
+        return _profile_intervals(result, stats.norm.ppf(upper), columns)
     raise ValueError(f"method must be 'wald', 'boot' or 'profile', got {method!r}")
+
+
+# --------------------------------------------------------------------------------- profile intervals
+
+
+def _sdcor_coordinates(result: LmerResult) -> tuple[Tensor, Callable[[Tensor], dict], list[tuple[float, float]]]:
+    """φ̂ (log standard deviations, atanh correlations, log σ; :func:`parameter_names` order) of
+    ``result`` (an ML fit), the map φ → raw parameter tree, and each coordinate's bounds."""
+    model = result.model
+    covariances = _covariances(model, result.fit.params, batched=False)
+    phi, bounds = [], []
+    for sigma in covariances:
+        sd = torch.diagonal(sigma).clamp(min=1e-300).sqrt()
+        k = sigma.shape[-1]
+        for a in range(k):
+            phi.append(sd[a].log())
+            bounds.append((float(sd[a].log()) - 30.0, math.inf))
+            for b in range(a + 1, k):
+                phi.append(torch.atanh((sigma[b, a] / (sd[a] * sd[b])).clamp(-1 + 1e-12, 1 - 1e-12)))
+                bounds.append((-20.0, 20.0))
+    residual = result.fit.natural["residual"]["sigma^2"].sqrt()
+    phi.append(residual.log())
+    bounds.append((float(residual.log()) - 30.0, math.inf))
+    terms = model.terms
+    structure = model.structure
+
+    def raw(coordinates: Tensor) -> dict:
+        natural, position = {}, 0
+        for term in terms:
+            k = term.k
+            sd, correlations = [], {}
+            for a in range(k):
+                sd.append(coordinates[position].exp())
+                position += 1
+                for b in range(a + 1, k):
+                    correlations[(b, a)] = torch.tanh(coordinates[position])
+                    position += 1
+            if k == 1:
+                entries = {"sigma^2": sd[0] ** 2}
+            else:
+                entries = {
+                    f"sigma^2_{a}_{b}": sd[a] ** 2 if a == b else correlations[(a, b)] * sd[a] * sd[b]
+                    for a in range(k)
+                    for b in range(a + 1)
+                }
+            natural[term.name] = {"cov": entries}
+        natural["residual"] = {"sigma^2": coordinates[position].exp() ** 2}
+        return unconstrain(structure, natural)
+
+    return torch.stack(phi), raw, bounds
+
+
+def _profile_intervals(result: LmerResult, z: float, columns: list[str]) -> pd.DataFrame:
+    ml = result if not result.fit.reml else result.model.fit(REML=False)
+    model = ml.model
+    engine = select_engine(model.structure, ml.fit.engine)
+    phi, raw, bounds = _sdcor_coordinates(ml)
+
+    def deviance(coordinates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loglik, beta, vcov = ml_fit_at(engine, model.structure, raw(coordinates), model.y, model.X)
+        return -2.0 * loglik, beta, vcov
+
+    ends, _ = profile_limits(deviance, phi, z, bounds)
+    ends = ends.detach().cpu().numpy()
+    names = parameter_names(result)
+    rows = []
+    for j, kind in enumerate(names["kind"]):
+        low, high = ends[j]
+        if kind == "sd":
+            rows.append((0.0 if low <= bounds[j][0] else math.exp(low), math.exp(high)))
+        else:
+            rows.append(
+                (-1.0 if low <= bounds[j][0] else math.tanh(low), 1.0 if high >= bounds[j][1] else math.tanh(high))
+            )
+    K = len(rows)
+    fixed = [tuple(ends[K + j]) for j in range(model.X.shape[1])]
+    return pd.DataFrame(rows + fixed, index=[*names.index, *model.x_names], columns=columns)

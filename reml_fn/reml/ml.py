@@ -23,7 +23,7 @@ from reml_fn.params import tree_from_names
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import prepared_keyword
 
-__all__ = ["ml_from_reml", "ml_loglik_from_reml"]
+__all__ = ["ml_from_reml", "ml_loglik_from_reml", "ml_fit_at"]
 
 
 def _information_logdet(vcov: Tensor) -> Tensor:
@@ -41,12 +41,18 @@ def _shift(reml_loglik: Tensor, logdet: Tensor, p: int) -> Tensor:
     return torch.where(torch.isfinite(reml_loglik), value, reml_loglik)
 
 
-def ml_loglik_from_reml(engine, s, params, y: Tensor, X: Tensor, prepared=None) -> Tensor:
-    """ℓ_ML at ``params`` (a parameter tree) from ``engine.loglik`` and ``engine.gls``. Pure."""
+def ml_fit_at(engine, s, params, y: Tensor, X: Tensor, prepared=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ_ML, β̃, C = (XᵀV⁻¹X)⁻¹) at ``params`` (a parameter tree) from ``engine.loglik`` and
+    ``engine.gls``. Pure."""
     keyword = prepared_keyword(prepared)
     reml = engine.loglik(s, params, y, X, **keyword)
-    _, vcov = engine.gls(s, params, y, X, **keyword)
-    return _shift(reml, _information_logdet(vcov), X.shape[-1])
+    beta, vcov = engine.gls(s, params, y, X, **keyword)
+    return _shift(reml, _information_logdet(vcov), X.shape[-1]), beta, vcov
+
+
+def ml_loglik_from_reml(engine, s, params, y: Tensor, X: Tensor, prepared=None) -> Tensor:
+    """ℓ_ML at ``params`` (a parameter tree) from ``engine.loglik`` and ``engine.gls``. Pure."""
+    return ml_fit_at(engine, s, params, y, X, prepared)[0]
 
 
 def ml_from_reml(engine, s, names, theta: Tensor, y: Tensor, X: Tensor, jacobian: str = "closed", prepared=None):
