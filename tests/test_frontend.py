@@ -500,3 +500,9 @@ def test_frames_with_to_pandas_are_converted():
 
     m = rf.lmer("Reaction ~ Days + (Days | Subject)", Frame(frame("sleepstudy")))
     assert m.reml_criterion == pytest.approx(REFERENCES["sleepstudy_slope"]["reml_criterion"], rel=1e-9)
+
+
+def test_formulaic_syntax_errors_name_the_part_and_carry_no_terminal_codes():
+    with pytest.raises(ValueError, match=r"the fixed effects of .*cannot parse 'Days \*'") as caught:
+        rf.lmer_model("Reaction ~ Days * (1|Subject)", frame("sleepstudy"))
+    assert "\x1b" not in str(caught.value)

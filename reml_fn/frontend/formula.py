@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from formulaic import Formula
 from formulaic.errors import FormulaicError
 
-__all__ = ["RandomTerm", "ParsedFormula", "parse_formula", "formula_terms"]
+__all__ = ["RandomTerm", "ParsedFormula", "parse_formula", "formula_terms", "plain_message"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def plain_message(error: Exception) -> str:
+    """An error's message without terminal colour codes (formulaic colours the position it marks)."""
+    return _ANSI.sub("", str(error))
+
 
 _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$|^`[^`]+`$")
 
@@ -165,7 +173,9 @@ def parse_formula(formula: str) -> ParsedFormula:
             try:
                 intercept, terms = formula_terms(expression)
             except FormulaicError as error:
-                raise ValueError(f"formula: cannot parse the covariates {expression!r} of {text}: {error}") from None
+                raise ValueError(
+                    f"formula: cannot parse the covariates {expression!r} of {text}: {plain_message(error)}"
+                ) from None
             pieces = (["1"] if intercept else []) + [f"0 + {term}" for term in terms]
         else:
             pieces = [expression]

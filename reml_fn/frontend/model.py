@@ -36,7 +36,7 @@ from formulaic.errors import FormulaicError
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
-from reml_fn.frontend.formula import ParsedFormula, formula_terms, parse_formula
+from reml_fn.frontend.formula import ParsedFormula, formula_terms, parse_formula, plain_message
 from reml_fn.structures import Scalar, Unstructured
 
 __all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "as_frame", "level_label", "CONTEXT"]
@@ -182,7 +182,7 @@ def _rewrite_contrasts(expression: str, contrasts: Mapping[str, str], used: set,
         intercept, _ = formula_terms(expression)
         terms = list(Formula(expression))
     except FormulaicError as error:
-        raise ValueError(f"{where}: cannot parse {expression!r}: {error}") from None
+        raise ValueError(f"{where}: cannot parse {expression!r}: {plain_message(error)}") from None
     rewritten = []
     for term in terms:
         if str(term) == "1":
@@ -284,7 +284,7 @@ def _parse(text: str, wheres: list[str], parts: list[str]) -> Formula:
             try:
                 Formula(part)
             except FormulaicError as error:
-                raise ValueError(f"{where}: cannot parse {part!r}: {error}") from None
+                raise ValueError(f"{where}: cannot parse {part!r}: {plain_message(error)}") from None
         raise
 
 
@@ -293,7 +293,7 @@ def _matrices(formula: Formula, frame: pd.DataFrame, wheres: list[str]):
         return model_matrix(formula, frame, ensure_full_rank=True, na_action="raise", context=CONTEXT, output="numpy")
     except Exception as error:  # formulaic's and the transforms' (numpy, pandas) errors name the factor
         raise ValueError(
-            f"cannot build the model matrices of {', '.join(wheres)}: {type(error).__name__}: {error}"
+            f"cannot build the model matrices of {', '.join(wheres)}: {type(error).__name__}: {plain_message(error)}"
         ) from None
 
 
