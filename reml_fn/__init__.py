@@ -52,12 +52,37 @@ from reml_fn.structures import (
     Scalar,
     Structure,
     Unstructured,
+    WithinGroup,
 )
 from reml_fn.tree import replace, static, structure
 
 __version__ = "0.1.0"
 
-_FRONTEND = ("lmer", "lmer_model", "LmerModel", "LmerResult", "anova", "bootstrap", "coef_table", "confint", "contest")
+_FRONTEND = (
+    "lmer",
+    "lmer_model",
+    "LmerModel",
+    "LmerResult",
+    "anova",
+    "bootstrap",
+    "coef_table",
+    "confint",
+    "contest",
+    "gls",
+    "cor_ar1",
+    "cor_car1",
+    "cor_cs",
+    "cor_exp",
+    "cor_gaus",
+    "var_ident",
+    "gls",
+    "cor_ar1",
+    "cor_car1",
+    "cor_cs",
+    "cor_exp",
+    "cor_gaus",
+    "var_ident",
+)
 
 
 def __getattr__(name: str):
@@ -100,6 +125,7 @@ __all__ = [
     "CompoundSymmetric",
     "AR1",
     "Unstructured",
+    "WithinGroup",
     "LowerTriangular",
     "Fixed",
     "Custom",

@@ -7,12 +7,20 @@ only when this module is.
 """
 
 from reml_fn.frontend.inference import Bootstrap, anova, bootstrap, coef_table, confint, contest, parameter_names
-from reml_fn.frontend.model import LmerModel, TermInfo, lmer, lmer_model
+from reml_fn.frontend.model import LmerModel, TermInfo, gls, lmer, lmer_model
+from reml_fn.frontend.residuals import cor_ar1, cor_car1, cor_cs, cor_exp, cor_gaus, var_ident
 from reml_fn.frontend.result import LmerResult
 
 __all__ = [
     "lmer",
     "lmer_model",
+    "gls",
+    "cor_ar1",
+    "cor_car1",
+    "cor_cs",
+    "cor_exp",
+    "cor_gaus",
+    "var_ident",
     "LmerModel",
     "LmerResult",
     "TermInfo",

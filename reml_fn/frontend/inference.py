@@ -98,7 +98,8 @@ def sdcor(result: LmerResult) -> pd.Series:
     """The covariance parameters as standard deviations and correlations, named as lme4's
     ``.sig01 …`` and ``.sigma`` (:func:`parameter_names`)."""
     values = _sdcor_from_covariances(
-        _covariances(result.model, result.fit.params, batched=False), result.fit.natural["residual"]["sigma^2"]
+        _covariances(result.model, result.fit.params, batched=False),
+        result.model.residual_subtree(result.fit.natural)["sigma^2"],
     )
     return pd.Series(values.detach().cpu().numpy(), index=parameter_names(result).index)
 
@@ -198,6 +199,11 @@ def _check_ddf(ddf: str) -> str:
 
 
 def _kenward_roger(result: LmerResult):
+    if result.model.correlation is not None or result.model.weights is not None:
+        raise ValueError(
+            "Kenward–Roger needs V linear in its parameters (pbkrtest's setting); a residual correlation or "
+            "variance function is not: use ddf='satterthwaite'"
+        )
     if not result.fit.reml:
         raise ValueError("Kenward–Roger df are defined for REML fits (pbkrtest refuses ML fits too)")
     model = result.model
@@ -368,7 +374,7 @@ def bootstrap(
     Y = torch.tensor(simulated.to_numpy().T, dtype=model.y.dtype)
     refits = fit_batched(model.structure, Y, model.X, REML=result.fit.reml, engine=result.fit.engine, **fit_options)
     values = _sdcor_from_covariances(
-        _covariances(model, refits.params, batched=True), refits.natural["residual"]["sigma^2"]
+        _covariances(model, refits.params, batched=True), model.residual_subtree(refits.natural)["sigma^2"]
     )
     names = list(parameter_names(result).index) + list(model.x_names)
     table = pd.DataFrame(
@@ -477,6 +483,10 @@ def _sdcor_coordinates(result: LmerResult) -> tuple[Tensor, Callable[[Tensor], d
 
 
 def _profile_intervals(result: LmerResult, z: float, columns: list[str]) -> pd.DataFrame:
+    if result.model.correlation is not None or result.model.weights is not None:
+        raise NotImplementedError(
+            "profile intervals with a residual correlation or variance function are not available yet; use 'wald' or 'boot'"
+        )
     ml = result if not result.fit.reml else result.model.fit(REML=False)
     model = ml.model
     engine = select_engine(model.structure, ml.fit.engine)

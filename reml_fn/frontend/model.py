@@ -37,9 +37,10 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
 from reml_fn.frontend.formula import ParsedFormula, formula_terms, parse_formula, plain_message
+from reml_fn.frontend.residuals import Correlation, VarIdent, residual_structure
 from reml_fn.structures import Scalar, Unstructured
 
-__all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "as_frame", "level_label", "CONTEXT"]
+__all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "gls", "as_frame", "level_label", "CONTEXT"]
 
 # Names a formula may call besides the columns: numpy as np, and R's spellings of common transforms.
 CONTEXT = {
@@ -101,6 +102,16 @@ class LmerModel:
     index: Any
     n_dropped: int
     contrasts: Mapping | None
+    residual_path: tuple = ("residual",)  # where σ² (and any correlation parameters) sit in the tree
+    correlation: Any = None
+    weights: Any = None
+
+    def residual_subtree(self, tree: Mapping) -> Mapping:
+        """The residual's part of a parameter tree (raw or natural): ``sigma^2`` and any correlation
+        parameters or variance ratios."""
+        for key in self.residual_path:
+            tree = tree[key]
+        return tree
 
     @property
     def nobs(self) -> int:
@@ -312,6 +323,8 @@ def lmer_model(
     *,
     na_action: str = "omit",
     contrasts: Mapping[str, str] | None = None,
+    correlation: Correlation | None = None,
+    weights: VarIdent | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> LmerModel:
     """The model of an lme4 formula on ``data`` (see the module docstring), unfitted.
@@ -324,14 +337,28 @@ def lmer_model(
         na_action: ``"omit"`` drops rows with a missing value in any column the model uses (the
             count is ``n_dropped``); ``"raise"`` raises naming the columns.
         contrasts: ``{"column": "sum" | "helmert" | "treatment" | "poly"}`` (default treatment).
+        correlation, weights: a residual correlation within groups (``rf.cor_ar1``, ``rf.cor_car1``,
+            ``rf.cor_cs``, ``rf.cor_exp``, ``rf.cor_gaus``) and a variance function (``rf.var_ident``),
+            nlme's arguments (:mod:`reml_fn.frontend.residuals`); the residual is then a
+            :class:`~reml_fn.structures.within_group.WithinGroup` instead of ``Scalar(n)``.
         dtype: of y, X and the covariates (float64, lme4's precision, by default).
     """
+    return _model(formula, data, na_action, contrasts, correlation, weights, dtype, random_required=True)
+
+
+def _model(formula, data, na_action, contrasts, correlation, weights, dtype, random_required: bool) -> LmerModel:
     frame = as_frame(data)
+    if correlation is not None and not isinstance(correlation, Correlation):
+        raise TypeError(f"correlation must come from rf.cor_ar1, rf.cor_car1, … , got {type(correlation).__name__}")
+    if weights is not None and not isinstance(weights, VarIdent):
+        raise TypeError(f"weights must come from rf.var_ident, got {type(weights).__name__}")
     if na_action not in _NA_ACTIONS:
         raise ValueError(f"na_action must be 'omit' or 'raise', got {na_action!r}")
     parsed: ParsedFormula = parse_formula(formula)
-    if not parsed.random:
+    if random_required and not parsed.random:
         raise ValueError(f"formula {formula!r} has no random-effects term such as (1 | group); lmer needs at least one")
+    if not random_required and parsed.random:
+        raise ValueError(f"formula {formula!r} has random-effects terms: fit it with rf.lmer (rf.gls has none)")
     kinds = _contrast_kinds(contrasts)
     response = _r_powers(parsed.response)
     # One formulaic formula for every model matrix, parsed once: response ~ fixed | expr_1 | …
@@ -366,6 +393,10 @@ def lmer_model(
                     f"its columns are {list(frame.columns)}"
                 )
         used.update(dict.fromkeys(term.factors))
+    for spec, what in ((correlation, "correlation"), (weights, "weights")):
+        if spec is not None:
+            _check_columns(set(spec.columns), frame, f"the {what} {spec}")
+            used.update(dict.fromkeys(spec.columns))
     unknown_contrasts = sorted(set(kinds) - set(used))
     if unknown_contrasts:
         raise ValueError(f"contrasts name {unknown_contrasts}, which the formula does not use; it uses {list(used)}")
@@ -439,7 +470,9 @@ def lmer_model(
         cov = Scalar(1) if Z.shape[1] == 1 else Unstructured(Z.shape[1])
         children[name] = Grouped(codes, cov, covariates=Z, num_groups=len(levels))
         terms.append(TermInfo(name, term.group, term.factors, tuple(names), tuple(levels), spec, term.text, expression))
-    structure = Sum(**children, residual=Scalar(n))
+    custom = correlation is not None or weights is not None
+    residual = residual_structure(frame, correlation, weights, dtype) if custom else Scalar(n)
+    structure = Sum(**children, residual=residual) if children else residual
     return LmerModel(
         formula=formula,
         structure=structure,
@@ -452,6 +485,9 @@ def lmer_model(
         index=frame.index,
         n_dropped=n_dropped,
         contrasts=dict(kinds) or None,
+        residual_path=("residual",) if children else (),
+        correlation=correlation,
+        weights=weights,
     )
 
 
@@ -462,6 +498,8 @@ def lmer(
     REML: bool = True,  # noqa: N803  (lme4's argument name)
     na_action: str = "omit",
     contrasts: Mapping[str, str] | None = None,
+    correlation: Correlation | None = None,
+    weights: VarIdent | None = None,
     **fit_options: Any,
 ):
     """Fit a linear mixed model given in lme4's formula language, as lme4's ``lmer`` does.
@@ -477,5 +515,32 @@ def lmer(
         >>> round(m.reml_criterion, 4), m.fixef().round(3).to_dict()
         (1743.6283, {'(Intercept)': 251.405, 'Days': 10.467})
     """
-    model = lmer_model(formula, data, na_action=na_action, contrasts=contrasts)
+    model = lmer_model(
+        formula, data, na_action=na_action, contrasts=contrasts, correlation=correlation, weights=weights
+    )
+    return model.fit(REML=REML, **fit_options)
+
+
+def gls(
+    formula: str,
+    data: Any,
+    *,
+    correlation: Correlation | None = None,
+    weights: VarIdent | None = None,
+    REML: bool = True,  # noqa: N803  (nlme's method = "REML")
+    na_action: str = "omit",
+    contrasts: Mapping[str, str] | None = None,
+    **fit_options: Any,
+):
+    """Generalised least squares with correlated and/or heteroscedastic residuals and no random
+    effects (nlme's ``gls``): V = σ² W ∘ C (:class:`~reml_fn.structures.within_group.WithinGroup`),
+    fitted by REML (or ML) with the same optimizer.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> m = rf.gls("distance ~ age", rf.datasets.load_frame("Orthodont"), correlation=rf.cor_cs(group="Subject"))
+        >>> round(m.loglik, 4)                                    # nlme: -223.5013
+        -223.5013
+    """
+    model = _model(formula, data, na_action, contrasts, correlation, weights, torch.float64, random_required=False)
     return model.fit(REML=REML, **fit_options)

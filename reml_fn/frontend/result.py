@@ -100,7 +100,15 @@ class LmerResult:
     @property
     def sigma(self) -> float:
         """Residual standard deviation σ̂."""
-        return math.sqrt(float(self.fit.natural["residual"]["sigma^2"]))
+        return math.sqrt(float(self.model.residual_subtree(self.fit.natural)["sigma^2"]))
+
+    def residual_parameters(self) -> pd.Series:
+        """The residual's correlation parameters and variance ratios on the natural scale (nlme's
+        ``coef(m$modelStruct$corStruct, unconstrained = FALSE)`` and ``varStruct``), empty for an
+        independent residual."""
+        natural = self.model.residual_subtree(self.fit.natural)
+        values = {name: float(value) for name, value in natural.items() if name != "sigma^2"}
+        return pd.Series(values, dtype=float, name="residual")
 
     # -- fixed effects -------------------------------------------------------------------------------
     def fixef(self) -> pd.Series:
@@ -174,7 +182,9 @@ class LmerResult:
         return out
 
     # -- fitted values, prediction, simulation -------------------------------------------------------
-    def _random_part(self, codes: dict[str, Tensor], covariates: dict[str, Tensor]) -> Tensor:
+    def _random_part(self, codes: dict[str, Tensor], covariates: dict[str, Tensor]) -> Tensor | float:
+        if not self.model.terms:  # gls: no random effects
+            return 0.0
         effects = self._blups()
         total = None
         for term in self.model.terms:
@@ -248,7 +258,13 @@ class LmerResult:
         generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         dtype, n = model.y.dtype, model.nobs
         mean = model.X @ self.fit.beta
-        draws = mean.unsqueeze(-1) + self.sigma * torch.randn(n, nsim, generator=generator, dtype=dtype)
+        noise = torch.randn(n, nsim, generator=generator, dtype=dtype)
+        if model.correlation is None and model.weights is None:
+            draws = mean.unsqueeze(-1) + self.sigma * noise
+        else:  # e ~ N(0, R): R's factor (dense; the residual's n × n matrix)
+            residual = model.structure if not model.residual_path else model.structure["residual"]
+            R = residual.build(model.residual_subtree(self.fit.params)).to(dtype)
+            draws = mean.unsqueeze(-1) + _psd_factor(R) @ noise
         covariances = self._covariances()
         for name, child in _grouped(model):
             sigma = torch.as_tensor(covariances[name], dtype=dtype)
@@ -264,7 +280,8 @@ class LmerResult:
         """lme4's ``summary(m)`` layout: criterion, scaled residuals, random effects, fixed effects
         and their correlations."""
         method = "REML" if self.reml else "maximum likelihood"
-        lines = [f"Linear mixed model fit by {method}", f"Formula: {self.model.formula}", ""]
+        kind = "Linear mixed model" if self.model.terms else "Generalized least squares"
+        lines = [f"{kind} fit by {method}", f"Formula: {self.model.formula}", ""]
         if self.reml:
             lines.append(f"REML criterion at convergence: {self.reml_criterion:.4f}")
         else:
@@ -290,8 +307,13 @@ class LmerResult:
         lines += _table(["Min", "1Q", "Median", "3Q", "Max"], [[f"{q:.4f}" for q in quantiles]], index=None)
         lines += ["", "Random effects:"]
         lines += self._random_table()
+        extra = self.residual_parameters()
+        if len(extra):
+            what = [str(spec) for spec in (self.model.correlation, self.model.weights) if spec is not None]
+            lines.append(f"Residual structure: {'; '.join(what)}")
+            lines.append("  " + ", ".join(f"{name} = {value:.6g}" for name, value in extra.items()))
         groups = ", ".join(f"{group}, {count}" for group, count in self.ngroups.items())
-        lines += [f"Number of obs: {self.nobs}, groups:  {groups}", "", "Fixed effects:"]
+        lines += [f"Number of obs: {self.nobs}" + (f", groups:  {groups}" if groups else ""), "", "Fixed effects:"]
         estimates = self.fixef()
         errors = np.sqrt(np.diag(self.vcov().to_numpy()))
         rows = [

@@ -6,6 +6,7 @@ from reml_fn.structures.custom import Custom, Reparam
 from reml_fn.structures.fixed import Fixed
 from reml_fn.structures.scalar import Diagonal, EqualEntry, Identity, Scalar
 from reml_fn.structures.triangular import LowerTriangular, Unstructured
+from reml_fn.structures.within_group import WithinGroup
 
 __all__ = [
     "Structure",
@@ -22,4 +23,5 @@ __all__ = [
     "Fixed",
     "Custom",
     "Reparam",
+    "WithinGroup",
 ]

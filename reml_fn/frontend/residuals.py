@@ -1,0 +1,172 @@
+"""Correlated and heteroscedastic residuals for formula fits: nlme's ``correlation =`` and
+``weights =`` arguments, as specifications the model builder turns into a
+:class:`~reml_fn.structures.within_group.WithinGroup` residual.
+
+==============================================  ==========================================
+reml_fn                                          nlme
+==============================================  ==========================================
+``rf.cor_ar1(group="g")``                        ``corAR1(form = ~ 1 | g)`` (row order)
+``rf.cor_ar1(group="g", time="t")``              AR(1) by the position of t within g (gaps
+                                                 ignored); nlme's ``corAR1(form = ~ t | g)``
+                                                 uses integer lags t_i − t_j instead: for
+                                                 that, ``rf.cor_car1(group="g", time="t")``
+``rf.cor_car1(group="g", time="t")``             ``corCAR1(form = ~ t | g)``
+``rf.cor_cs(group="g")``                         ``corCompSymm(form = ~ 1 | g)``
+``rf.cor_exp(group="g", time="t")``,             ``corExp(form = ~ t | g)``,
+``coords=("x", "y")``, ``nugget=True``           ``corExp(form = ~ x + y | g, nugget = TRUE)``
+``rf.cor_gaus(...)``                             ``corGaus(...)``
+``rf.var_ident(by="s")``                         ``varIdent(form = ~ 1 | s)``
+==============================================  ==========================================
+
+Example:
+    >>> import reml_fn as rf
+    >>> rf.cor_car1(group="Rat", time="Time")
+    Correlation(kind='car1', group='Rat', time='Time', coords=None, nugget=False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from reml_fn.structures.within_group import WithinGroup
+
+__all__ = [
+    "Correlation",
+    "VarIdent",
+    "cor_ar1",
+    "cor_car1",
+    "cor_cs",
+    "cor_exp",
+    "cor_gaus",
+    "var_ident",
+    "residual_structure",
+]
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """A residual correlation within the groups of ``group`` (see the module table)."""
+
+    kind: str
+    group: str
+    time: str | None = None
+    coords: tuple[str, ...] | None = None
+    nugget: bool = False
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.group, *([self.time] if self.time else []), *(self.coords or ())]
+
+    def __str__(self) -> str:
+        """nlme's spelling of the same structure (AR(1) by the rank of a time has none)."""
+        if self.kind == "ar1":
+            return f"corAR1(form = ~ 1 | {self.group})" + (f", ordered by {self.time}" if self.time else "")
+        if self.kind == "car1":
+            return f"corCAR1(form = ~ {self.time} | {self.group})"
+        if self.kind == "cs":
+            return f"corCompSymm(form = ~ 1 | {self.group})"
+        where = self.time or " + ".join(self.coords or ())
+        name = "corExp" if self.kind == "exp" else "corGaus"
+        return f"{name}(form = ~ {where} | {self.group}{', nugget = TRUE' if self.nugget else ''})"
+
+
+@dataclass(frozen=True)
+class VarIdent:
+    """A residual standard deviation per level of ``by`` (nlme's ``varIdent``): σ_s = σ δ_s, δ = 1
+    for the first level."""
+
+    by: str
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.by]
+
+    def __str__(self) -> str:
+        return f"varIdent(form = ~ 1 | {self.by})"
+
+
+def _name(value, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{what} must be a column name (str), got {value!r}")
+    return value
+
+
+def cor_ar1(group: str, time: str | None = None) -> Correlation:
+    """AR(1) by position within each group: c_ij = ρ^{|p_i − p_j|}, p the row's rank by ``time``
+    within its group (the row order when ``time`` is None)."""
+    return Correlation("ar1", _name(group, "group"), None if time is None else _name(time, "time"))
+
+
+def cor_car1(group: str, time: str) -> Correlation:
+    """Continuous-time AR(1): c_ij = φ^{|t_i − t_j|} on the values of ``time``."""
+    return Correlation("car1", _name(group, "group"), _name(time, "time"))
+
+
+def cor_cs(group: str) -> Correlation:
+    """Compound symmetry within each group: c_ij = ρ."""
+    return Correlation("cs", _name(group, "group"))
+
+
+def _spatial(kind: str, group: str, time: str | None, coords: Sequence[str] | None, nugget: bool) -> Correlation:
+    if (time is None) == (coords is None):
+        raise ValueError(f"cor_{kind} needs either time= (one column) or coords= (columns), not both or neither")
+    coords = None if coords is None else tuple(_name(c, "coords") for c in coords)
+    return Correlation(kind, _name(group, "group"), None if time is None else _name(time, "time"), coords, bool(nugget))
+
+
+def cor_exp(
+    group: str, time: str | None = None, coords: Sequence[str] | None = None, nugget: bool = False
+) -> Correlation:
+    """Exponential: c_ij = (1 − ν) e^{−d_ij/r}, d the distance in ``time`` or ``coords``."""
+    return _spatial("exp", group, time, coords, nugget)
+
+
+def cor_gaus(
+    group: str, time: str | None = None, coords: Sequence[str] | None = None, nugget: bool = False
+) -> Correlation:
+    """Gaussian: c_ij = (1 − ν) e^{−(d_ij/r)²}."""
+    return _spatial("gaus", group, time, coords, nugget)
+
+
+def var_ident(by: str) -> VarIdent:
+    """A residual standard deviation per level of ``by`` (``varIdent(form = ~ 1 | by)``)."""
+    return VarIdent(_name(by, "by"))
+
+
+def _codes(column: pd.Series) -> tuple[np.ndarray, list]:
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present = column.cat.remove_unused_categories()
+        return present.cat.codes.to_numpy(dtype=np.int64), list(present.cat.categories)
+    codes, levels = pd.factorize(column, sort=True)
+    return codes.astype(np.int64), list(levels)
+
+
+def residual_structure(
+    frame: pd.DataFrame, correlation: Correlation | None, weights: VarIdent | None, dtype: torch.dtype
+) -> WithinGroup:
+    """The :class:`WithinGroup` residual of ``correlation`` and ``weights`` on the rows of ``frame``."""
+    n = len(frame)
+    strata, names = None, None
+    if weights is not None:
+        codes, levels = _codes(frame[weights.by])
+        # A level's name becomes part of the parameter name ratio_<level>: no '/' there.
+        strata, names = torch.as_tensor(codes), [str(level).replace("/", "_") for level in levels]
+    if correlation is None:
+        return WithinGroup(torch.zeros(n, dtype=torch.long), "none", strata=strata, strata_names=names)
+    groups = torch.as_tensor(_codes(frame[correlation.group])[0])
+    locations = None
+    if correlation.kind == "ar1" and correlation.time is not None:
+        # Positions: the rank of the time within the group (ties in row order).
+        ranks = frame.groupby(correlation.group, sort=False, observed=True)[correlation.time].rank(method="first")
+        locations = torch.tensor(ranks.to_numpy(dtype=float) - 1.0, dtype=dtype)
+    elif correlation.kind in ("car1", "exp", "gaus"):
+        columns = [correlation.time] if correlation.time else list(correlation.coords)
+        locations = torch.tensor(frame[columns].to_numpy(dtype=float), dtype=dtype)
+    return WithinGroup(
+        groups, correlation.kind, locations, nugget=correlation.nugget, strata=strata, strata_names=names
+    )

@@ -1,0 +1,234 @@
+"""Residual correlation and heteroscedasticity within groups of any sizes, in any row order
+(nlme's ``corStruct`` and ``varIdent`` on unbalanced data).
+
+``WithinGroup`` is V = σ² W ∘ C on the rows of each group, 0 between groups:
+
+    V_ij = σ² w_i w_j [g_i = g_j] c_ij,   c_ii = 1,   w_i = δ_{s_i} (δ = 1 for the first stratum),
+
+===========  ====================================  ===================  =====================================
+kind         c_ij (i ≠ j, same group)              parameters           nlme
+===========  ====================================  ===================  =====================================
+``"ar1"``    ρ^{|p_i − p_j|}, p = position          ``rho`` ∈ (−1, 1)     ``corAR1(form = ~ 1 | g)``
+``"car1"``   φ^{|t_i − t_j|}                        ``phi`` ∈ (0, 1)      ``corCAR1(form = ~ t | g)``
+``"cs"``     ρ                                      ``rho`` ≥ −1/(m−1)   ``corCompSymm(form = ~ 1 | g)``
+``"exp"``    (1 − ν) e^{−d_ij/r}, d = ‖x_i − x_j‖   ``range`` r > 0 [,    ``corExp(form = ~ x | g[, nugget])``
+                                                    ``nugget`` ν]
+``"gaus"``   (1 − ν) e^{−(d_ij/r)²}                 as exp                ``corGaus``
+``"none"``   0                                      –                     (a variance function only)
+===========  ====================================  ===================  =====================================
+
+with ``sigma^2`` = σ² (σ² = e^{2θ}) first and the variance ratios ``ratio_<stratum>`` = δ_s (e^θ,
+``varIdent``) last. The closed-form derivatives (natural parameters): ∂V/∂σ² = W ∘ C ∘ M;
+∂/∂ρ (ar1) σ² W ∘ M ∘ L ρ^{L−1} with L = |p_i − p_j|; ∂/∂φ (car1) σ² W ∘ M ∘ D φ^{D−1};
+∂/∂ρ (cs) σ² W ∘ (M − I); ∂/∂r (exp) σ²(1 − ν) W ∘ M' ∘ e^{−d/r} d/r², (gaus) … 2d²/r³; ∂/∂ν −σ² W ∘ M' ∘ e^{…};
+∂/∂δ_s σ² C ∘ M ∘ ([s_i = s] w_j + w_i [s_j = s]); M the same-group mask and M' = M − I.
+
+The ``range`` and the ratios use ``Chain((Exp(),))`` — positive, but not variances (the optimizer's
+variance floor and default shares apply to variances only).
+
+Example:
+    >>> import torch
+    >>> s = WithinGroup(torch.tensor([0, 0, 1, 0]), "ar1")         # group 0 has rows 0, 1, 3
+    >>> V = s(torch.tensor([0.0, 0.0]))                              # σ² = 1, ρ = 0: the identity
+    >>> bool(torch.equal(V, torch.eye(4)))
+    True
+    >>> import reml_fn as rf
+    >>> rf.param_names(s)
+    ['sigma^2', 'rho']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from reml_fn.params import ParamSpec
+from reml_fn.structures.base import Parametric, set_fields, variance_spec
+from reml_fn.structures.correlation import ar1_rho_transform, equicorrelation_rho_transform
+from reml_fn.transforms import Chain, Exp, Sigmoid
+from reml_fn.tree import static, structure
+
+__all__ = ["WithinGroup", "KINDS"]
+
+KINDS = ("ar1", "car1", "cs", "exp", "gaus", "none")
+
+
+def _positions(codes: Tensor) -> Tensor:
+    """Each row's position within its group, in row order (0, 1, 2, … per group)."""
+    n = codes.shape[0]
+    order = torch.argsort(codes, stable=True)
+    sorted_codes = codes[order]
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    index = torch.arange(n)
+    first = torch.cummax(torch.where(starts, index, 0), 0).values
+    positions = torch.empty(n, dtype=torch.long)
+    positions[order] = index - first
+    return positions
+
+
+@structure
+class WithinGroup(Parametric):
+    """Correlated (and optionally heteroscedastic) residuals within groups (module docstring).
+
+    Args:
+        codes: group code per row (n,), any order; rows of a group need not be adjacent.
+        kind: one of ``"ar1"``, ``"car1"``, ``"cs"``, ``"exp"``, ``"gaus"``, ``"none"``.
+        locations: (n,) positions (ar1; default: the order of the rows within each group), times
+            (car1) or (n,) / (n, d) coordinates (exp, gaus).
+        nugget: with a ``nugget`` parameter (exp, gaus).
+        strata: stratum code per row (n,) for a variance ratio per stratum (``varIdent``); the first
+            stratum's ratio is 1. ``strata_names`` name the ratios (default ``"1"``, ``"2"``, …).
+    """
+
+    codes: Tensor
+    locations: Tensor
+    strata: Tensor
+    kind: str = static()
+    nugget: bool = static()
+    n: int = static()
+    specs: tuple[ParamSpec, ...] = static()
+
+    def __init__(
+        self,
+        codes: Tensor,
+        kind: str,
+        locations: Tensor | None = None,
+        nugget: bool = False,
+        strata: Tensor | None = None,
+        strata_names: Sequence[str] | None = None,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"WithinGroup: kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(codes, Tensor) or codes.dim() != 1 or codes.is_floating_point():
+            raise TypeError("WithinGroup: codes must be a 1-D integer tensor of group codes")
+        n = codes.shape[0]
+        if nugget and kind not in ("exp", "gaus"):
+            raise ValueError(f"WithinGroup: a nugget applies to 'exp' and 'gaus', not {kind!r}")
+        if locations is None:
+            if kind in ("car1", "exp", "gaus"):
+                raise ValueError(f"WithinGroup: kind {kind!r} needs locations (times or coordinates)")
+            locations = _positions(codes).to(torch.get_default_dtype())
+        locations = torch.as_tensor(locations)
+        if not locations.is_floating_point():
+            locations = locations.to(torch.get_default_dtype())
+        if locations.shape[0] != n or locations.dim() not in (1, 2):
+            raise ValueError(
+                f"WithinGroup: locations must be (n,) or (n, d) with n = {n}, got {tuple(locations.shape)}"
+            )
+        if locations.dim() == 1:
+            locations = locations.unsqueeze(-1)
+        strata = torch.zeros(n, dtype=torch.long) if strata is None else torch.as_tensor(strata).long()
+        levels = int(strata.max()) + 1 if n else 1
+        names = list(strata_names) if strata_names is not None else [str(s + 1) for s in range(levels)]
+        specs = [variance_spec()]
+        if kind == "ar1":
+            specs.append(ParamSpec("rho", 0.0, ar1_rho_transform()))
+        elif kind == "car1":
+            specs.append(ParamSpec("phi", 0.0, Sigmoid()))
+        elif kind == "cs":
+            largest = int(torch.bincount(codes).max()) if n else 2
+            specs.append(ParamSpec("rho", 0.0, equicorrelation_rho_transform(max(largest, 2))))
+        elif kind in ("exp", "gaus"):
+            specs.append(ParamSpec("range", 0.0, Chain((Exp(),))))
+            if nugget:
+                specs.append(ParamSpec("nugget", 0.0, Sigmoid()))
+        specs += [ParamSpec(f"ratio_{name}", 0.0, Chain((Exp(),))) for name in names[1:levels]]
+        set_fields(
+            self, codes=codes, locations=locations, strata=strata, kind=kind, nugget=nugget, n=n, specs=tuple(specs)
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _same(self, like: Tensor) -> Tensor:
+        return (self.codes.unsqueeze(-1) == self.codes).to(like.dtype)
+
+    def _distance(self, like: Tensor) -> Tensor:
+        x = self.locations.to(like.dtype)
+        difference = x.unsqueeze(-2) - x.unsqueeze(-3)
+        if x.shape[-1] == 1:
+            return difference.squeeze(-1).abs()
+        return difference.pow(2).sum(-1).sqrt()
+
+    def _weights(self, natural: dict, like: Tensor) -> Tensor:
+        """w wᵀ with w_i = δ_{s_i}."""
+        ratios = [natural[spec.name] for spec in self.specs if spec.name.startswith("ratio_")]
+        if not ratios:
+            return torch.ones((), dtype=like.dtype, device=like.device)
+        delta = torch.cat([torch.ones(1, dtype=like.dtype, device=like.device), torch.stack(ratios)])
+        w = delta[self.strata]
+        return w.unsqueeze(-1) * w
+
+    def _correlation(self, natural: dict, like: Tensor) -> Tensor:
+        """C ∘ M: the within-group correlation (1 on the diagonal, 0 between groups)."""
+        same = self._same(like)
+        eye = torch.eye(self.n, dtype=like.dtype, device=like.device)
+        if self.kind == "none":
+            return eye
+        off = same - eye
+        if self.kind == "cs":
+            return eye + natural["rho"] * off
+        distance = self._distance(like)
+        if self.kind == "ar1":
+            return eye + off * torch.pow(natural["rho"], distance)
+        if self.kind == "car1":
+            return eye + off * torch.pow(natural["phi"], distance)
+        scaled = distance / natural["range"]
+        decay = torch.exp(-scaled) if self.kind == "exp" else torch.exp(-scaled * scaled)
+        level = 1.0 - natural["nugget"] if self.nugget else 1.0
+        return eye + off * level * decay
+
+    def _build_natural(self, natural):
+        like = natural["sigma^2"]
+        return natural["sigma^2"] * self._weights(natural, like) * self._correlation(natural, like)
+
+    def _natural_jacobian(self, natural, names):
+        like = natural["sigma^2"]
+        sigma2 = natural["sigma^2"]
+        weights = self._weights(natural, like)
+        correlation = self._correlation(natural, like)
+        out = {}
+        if "sigma^2" in names:
+            out["sigma^2"] = weights * correlation
+        eye = torch.eye(self.n, dtype=like.dtype, device=like.device)
+        off = self._same(like) - eye
+        if self.kind in ("ar1", "car1") and ({"rho", "phi"} & set(names)):
+            name = "rho" if self.kind == "ar1" else "phi"
+            value = natural[name]
+            distance = self._distance(like)
+            # L value^{L−1}, 0 where L = 0 (ties, the diagonal); exact at ρ = 0 for the integer lags of ar1
+            # (φ > 0 for car1, whose lags may be below 1).
+            exponent = (distance - 1.0).clamp(min=0.0) if self.kind == "ar1" else distance - 1.0
+            slope = torch.where(distance > 0, distance * torch.pow(value, exponent), 0.0)
+            out[name] = sigma2 * weights * off * slope
+        if self.kind == "cs" and "rho" in names:
+            out["rho"] = sigma2 * weights * off
+        if self.kind in ("exp", "gaus"):
+            distance = self._distance(like)
+            r = natural["range"]
+            scaled = distance / r
+            decay = torch.exp(-scaled) if self.kind == "exp" else torch.exp(-scaled * scaled)
+            level = 1.0 - natural["nugget"] if self.nugget else 1.0
+            if "range" in names:
+                factor = distance / (r * r) if self.kind == "exp" else 2.0 * distance * distance / (r * r * r)
+                out["range"] = sigma2 * weights * off * level * decay * factor
+            if self.nugget and "nugget" in names:
+                out["nugget"] = -sigma2 * weights * off * decay
+        ratios = [spec.name for spec in self.specs if spec.name.startswith("ratio_")]
+        if ratios:
+            delta = torch.cat(
+                [torch.ones(1, dtype=like.dtype, device=like.device), torch.stack([natural[r] for r in ratios])]
+            )
+            w = delta[self.strata]
+            for level, name in enumerate(ratios, start=1):
+                if name not in names:
+                    continue
+                indicator = (self.strata == level).to(like.dtype)
+                d_weights = indicator.unsqueeze(-1) * w + w.unsqueeze(-1) * indicator
+                out[name] = sigma2 * correlation * d_weights
+        return out
