@@ -1,0 +1,174 @@
+"""Correlated and heteroscedastic residuals within groups (WithinGroup, rf.gls, lmer(correlation=,
+weights=)) against nlme 3.1-162 (tests/data/correlation/nlme_references.json, made by
+tests/data/correlation/make_references.R), on full data and on subsets with 15 % of the rows
+removed at random (unbalanced groups).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reml_fn as rf
+from reml_fn import datasets
+from reml_fn.testing import assert_jacobian_matches
+
+REFERENCES = json.loads((Path(__file__).parent / "data" / "correlation" / "nlme_references.json").read_text())["models"]
+
+OVARY = "follicles ~ np.sin(2*np.pi*Time) + np.cos(2*np.pi*Time)"
+
+
+def frame(name: str, rows: list[int] | None) -> pd.DataFrame:
+    data = datasets.load_frame(name)
+    if name == "BodyWeight":
+        data["Diet"] = data["Diet"].astype("category")
+    return data if rows is None else data.iloc[[r - 1 for r in rows]]
+
+
+# key: (dataset, function, formula, correlation, weights)
+CASES = {
+    "orthodont_cs": ("Orthodont", "gls", "distance ~ age", rf.cor_cs(group="Subject"), None),
+    "orthodont_ar1_lme": ("Orthodont", "lmer", "distance ~ age + (1 | Subject)", rf.cor_ar1(group="Subject"), None),
+    "ovary_ar1": ("Ovary", "lmer", OVARY + " + (1 | Mare)", rf.cor_ar1(group="Mare"), None),
+    "bodyweight_car1": (
+        "BodyWeight",
+        "lmer",
+        "weight ~ Time * Diet + (Time | Rat)",
+        rf.cor_car1(group="Rat", time="Time"),
+        None,
+    ),
+    "orthodont_varident": ("Orthodont", "lmer", "distance ~ age + (1 | Subject)", None, rf.var_ident(by="Sex")),
+    "orthodont_exp_gls": ("Orthodont", "gls", "distance ~ age", rf.cor_exp(group="Subject", time="age"), None),
+    "orthodont_exp_nugget_gls": (
+        "Orthodont",
+        "gls",
+        "distance ~ age",
+        rf.cor_exp(group="Subject", time="age", nugget=True),
+        None,
+    ),
+    "orthodont_gaus_gls": ("Orthodont", "gls", "distance ~ age", rf.cor_gaus(group="Subject", time="age"), None),
+}
+CASES |= {
+    f"{key}_subset": CASES[key]
+    for key in ("orthodont_cs", "orthodont_ar1_lme", "ovary_ar1", "bodyweight_car1", "orthodont_varident")
+}
+
+# nlme's names of the residual parameters, and ours.
+PARAMETER = {"Rho": "rho", "Phi": "phi", "range": "range", "nugget": "nugget", "Male": "ratio_Male"}
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_fits_equal_nlme(key):
+    reference = REFERENCES[key]
+    name, function, formula, correlation, weights = CASES[key]
+    fit = rf.gls if function == "gls" else rf.lmer
+    m = fit(formula, frame(name, reference.get("rows")), correlation=correlation, weights=weights)
+    assert m.converged, m.message
+    assert m.nobs == reference["nobs"]
+    # REML logLik to 1e-6 (at least nlme's optimum), β and the parameters to nlme's precision.
+    assert m.loglik == pytest.approx(reference["logLik"], abs=1e-6)
+    assert m.loglik >= reference["logLik"] - 1e-8
+    np.testing.assert_allclose(m.fixef().to_numpy(), list(reference["fixef"].values()), rtol=1e-5, atol=1e-7)
+    assert m.sigma == pytest.approx(reference["sigma"], rel=1e-4)
+    ours = m.residual_parameters()
+    for struct in ("corStruct", "varStruct"):
+        if struct in reference:
+            for their_name, value in reference[struct]["natural"].items():
+                # nlme calls both AR(1) parameters Phi; ours: rho (by position), phi (continuous time).
+                mine = "rho" if their_name == "Phi" and correlation.kind == "ar1" else PARAMETER[their_name]
+                assert ours[mine] == pytest.approx(value, rel=2e-4, abs=1e-6), their_name
+    if "random" in reference:
+        sd = m.varcorr()
+        random = sd[sd["grp"] != "Residual"]
+        variances = random[random["var2"].isna()]["sdcor"].to_numpy()
+        np.testing.assert_allclose(variances, list(reference["random"]["sd"].values()), rtol=2e-4)
+
+
+def test_nlme_ar1_is_by_position_after_rows_are_removed():
+    # With rows removed, neighbouring remaining rows are lag 1 (nlme's corAR1(form = ~ 1 | g)):
+    # the same rows fitted with car1 on the visit ages (lags of 2 years) give another answer.
+    reference = REFERENCES["orthodont_ar1_lme_subset"]
+    data = frame("Orthodont", reference["rows"])
+    by_position = rf.lmer("distance ~ age + (1 | Subject)", data, correlation=rf.cor_ar1(group="Subject"))
+    by_time = rf.lmer("distance ~ age + (1 | Subject)", data, correlation=rf.cor_car1(group="Subject", time="age"))
+    assert by_position.residual_parameters()["rho"] == pytest.approx(reference["corStruct"]["natural"]["Phi"], rel=2e-4)
+    assert abs(by_time.loglik - by_position.loglik) > 1e-3
+
+
+def test_summary_shows_the_residual_structure():
+    m = rf.gls("distance ~ age", frame("Orthodont", None), correlation=rf.cor_cs(group="Subject"))
+    text = m.summary()
+    assert "Generalized least squares fit by REML" in text
+    assert "corCompSymm(form = ~ 1 | Subject)" in text and "rho = 0.6857" in text
+
+
+def test_gls_and_lmer_refuse_each_others_formulas():
+    data = frame("Orthodont", None)
+    with pytest.raises(ValueError, match="fit it with rf.lmer"):
+        rf.gls("distance ~ age + (1 | Subject)", data, correlation=rf.cor_cs(group="Subject"))
+    with pytest.raises(ValueError, match="column 'Visit' not in data"):
+        rf.gls("distance ~ age", data, correlation=rf.cor_car1(group="Subject", time="Visit"))
+    with pytest.raises(ValueError, match="either time= .* or coords="):
+        rf.cor_exp(group="Subject")
+    with pytest.raises(TypeError, match="rf.cor_ar1"):
+        rf.lmer("distance ~ age + (1 | Subject)", data, correlation="AR1")
+    m = rf.lmer("distance ~ age + (1 | Subject)", data, correlation=rf.cor_ar1(group="Subject"))
+    with pytest.raises(ValueError, match="Kenward–Roger needs V linear"):
+        m.coef_table(ddf="kenward-roger")
+
+
+# ----------------------------------------------------------------------------- the structure itself
+
+KINDS = [("ar1", False), ("car1", False), ("cs", False), ("exp", False), ("exp", True), ("gaus", True), ("none", False)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=2, max_size=5),
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**16),
+    stratified=st.booleans(),
+)
+def test_closed_form_jacobians_equal_autodiff_on_unbalanced_shuffled_groups(sizes, kind, seed, stratified):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    codes = codes[torch.randperm(codes.shape[0], generator=generator)]  # groups interleaved
+    n = codes.shape[0]
+    times = torch.rand(n, generator=generator, dtype=torch.float64) * 5.0
+    strata = torch.randint(0, 2, (n,), generator=generator) if stratified else None
+    name, nugget = kind
+    s = rf.WithinGroup(codes, name, None if name in ("ar1", "cs", "none") else times, nugget=nugget, strata=strata)
+    k = len(rf.param_names(s))
+    theta = (torch.rand(k, generator=generator, dtype=torch.float64) - 0.5) * 0.8
+    assert_jacobian_matches(s, theta)
+    V = s(theta)
+    assert torch.equal(V, V.mT) and float(torch.linalg.eigvalsh(V).min()) > 0
+    different = codes.unsqueeze(-1) != codes
+    assert bool((V[different] == 0).all())
+
+
+def test_dense_engine_equals_the_same_model_written_with_kronecker_on_balanced_sorted_data():
+    # Balanced, sorted groups: WithinGroup(ar1) = Kronecker(Identity(m), AR1(t)) (the old way).
+    m, t = 4, 5
+    codes = torch.arange(m).repeat_interleave(t)
+    theta = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    ours = rf.WithinGroup(codes, "ar1")(theta)
+    theirs = rf.Kronecker(a=rf.Identity(m), b=rf.AR1(t))(theta)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_vmap_over_parameters_equals_a_loop():
+    codes = torch.tensor([0, 1, 0, 1, 1, 2, 2])
+    s = rf.WithinGroup(
+        codes, "car1", torch.arange(7.0, dtype=torch.float64), strata=torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    )
+    thetas = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batched = torch.func.vmap(s)(thetas)
+    torch.testing.assert_close(batched, torch.stack([s(t) for t in thetas]))
