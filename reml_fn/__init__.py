@@ -75,6 +75,7 @@ _FRONTEND = (
     "cor_exp",
     "cor_gaus",
     "var_ident",
+    "var_power",
     "gls",
     "cor_ar1",
     "cor_car1",
@@ -82,6 +83,7 @@ _FRONTEND = (
     "cor_exp",
     "cor_gaus",
     "var_ident",
+    "var_power",
 )
 
 

@@ -172,3 +172,44 @@ def test_vmap_over_parameters_equals_a_loop():
     thetas = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     batched = torch.func.vmap(s)(thetas)
     torch.testing.assert_close(batched, torch.stack([s(t) for t in thetas]))
+
+
+VARPOWER = json.loads((Path(__file__).parent / "data" / "correlation" / "nlme_varpower.json").read_text())["models"]
+POWER_CASES = {
+    "orthodont_varpower": ("Orthodont", "lmer", "distance ~ age + (1 | Subject)", None),
+    "orthodont_varpower_gls": ("Orthodont", "gls", "distance ~ age", None),
+    "bodyweight_varpower": ("BodyWeight", "lmer", "weight ~ Time * Diet + (Time | Rat)", None),
+    "bodyweight_car1_varpower": (
+        "BodyWeight",
+        "lmer",
+        "weight ~ Time * Diet + (Time | Rat)",
+        rf.cor_car1(group="Rat", time="Time"),
+    ),
+}
+
+
+@pytest.mark.parametrize("key", sorted(POWER_CASES))
+def test_var_power_fits_equal_nlme(key):
+    reference = VARPOWER[key]
+    name, function, formula, correlation = POWER_CASES[key]
+    covariate = "age" if name == "Orthodont" else "Time"
+    fit = rf.gls if function == "gls" else rf.lmer
+    m = fit(formula, frame(name, None), correlation=correlation, weights=rf.var_power(covariate=covariate))
+    assert m.converged, m.message
+    assert m.loglik == pytest.approx(reference["logLik"], abs=1e-6)
+    np.testing.assert_allclose(m.fixef().to_numpy(), list(reference["fixef"].values()), rtol=1e-5, atol=1e-7)
+    # nlme's power moves by ~3e-6 between starting points (its report): compared to 1e-5.
+    assert m.residual_parameters()["power"] == pytest.approx(reference["varStruct"]["natural"]["power"], abs=1e-5)
+
+
+def test_var_ident_and_var_power_combine_and_scale_the_residuals():
+    data = frame("Orthodont", None)
+    both = rf.gls("distance ~ age", data, weights=(rf.var_power(covariate="age"), rf.var_ident(by="Sex")))
+    assert set(both.residual_parameters().index) == {"ratio_Male", "power"}
+    assert "varPower(form = ~ age); varIdent(form = ~ 1 | Sex)" in both.summary()
+    power = rf.gls("distance ~ age", data, weights=rf.var_power(covariate="age"))
+    # Pearson residuals: divided by each row's σ|age|^power.
+    expected = power.residuals() / (power.sigma * data["age"].abs() ** power.residual_parameters()["power"])
+    np.testing.assert_allclose(power.residuals(scaled=True), expected, rtol=1e-12)
+    with pytest.raises(TypeError, match="weights must be"):
+        rf.gls("distance ~ age", data, weights=(rf.var_power(covariate="age"), rf.var_power(covariate="age")))

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
 from reml_fn.frontend.formula import ParsedFormula, formula_terms, parse_formula, plain_message
-from reml_fn.frontend.residuals import Correlation, VarIdent, residual_structure
+from reml_fn.frontend.residuals import Correlation, VarIdent, residual_structure, variance_functions
 from reml_fn.structures import Scalar, Unstructured
 
 __all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "gls", "as_frame", "level_label", "CONTEXT"]
@@ -350,8 +350,7 @@ def _model(formula, data, na_action, contrasts, correlation, weights, dtype, ran
     frame = as_frame(data)
     if correlation is not None and not isinstance(correlation, Correlation):
         raise TypeError(f"correlation must come from rf.cor_ar1, rf.cor_car1, … , got {type(correlation).__name__}")
-    if weights is not None and not isinstance(weights, VarIdent):
-        raise TypeError(f"weights must come from rf.var_ident, got {type(weights).__name__}")
+    weight_specs = [w for w in variance_functions(weights) if w is not None] if weights is not None else []
     if na_action not in _NA_ACTIONS:
         raise ValueError(f"na_action must be 'omit' or 'raise', got {na_action!r}")
     parsed: ParsedFormula = parse_formula(formula)
@@ -393,7 +392,7 @@ def _model(formula, data, na_action, contrasts, correlation, weights, dtype, ran
                     f"its columns are {list(frame.columns)}"
                 )
         used.update(dict.fromkeys(term.factors))
-    for spec, what in ((correlation, "correlation"), (weights, "weights")):
+    for spec, what in [(correlation, "correlation"), *((w, "weights") for w in weight_specs)]:
         if spec is not None:
             _check_columns(set(spec.columns), frame, f"the {what} {spec}")
             used.update(dict.fromkeys(spec.columns))

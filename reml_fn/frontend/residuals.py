@@ -16,6 +16,8 @@ reml_fn                                          nlme
 ``coords=("x", "y")``, ``nugget=True``           ``corExp(form = ~ x + y | g, nugget = TRUE)``
 ``rf.cor_gaus(...)``                             ``corGaus(...)``
 ``rf.var_ident(by="s")``                         ``varIdent(form = ~ 1 | s)``
+``rf.var_power(covariate="v")``                  ``varPower(form = ~ v)``
+``weights=(rf.var_ident(…), rf.var_power(…))``   ``varComb(varIdent(…), varPower(…))``
 ==============================================  ==========================================
 
 Example:
@@ -133,6 +135,37 @@ def cor_gaus(
     return _spatial("gaus", group, time, coords, nugget)
 
 
+@dataclass(frozen=True)
+class VarPower:
+    """A residual standard deviation σ |v|^π in a covariate v (nlme's ``varPower(form = ~ v)``)."""
+
+    covariate: str
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.covariate]
+
+    def __str__(self) -> str:
+        return f"varPower(form = ~ {self.covariate})"
+
+
+def var_power(covariate: str) -> VarPower:
+    """σ_i = σ |v_i|^π (``varPower(form = ~ covariate)``); v must not be 0."""
+    return VarPower(_name(covariate, "covariate"))
+
+
+def variance_functions(weights) -> tuple[VarIdent | None, VarPower | None]:
+    """``weights`` (a :class:`VarIdent`, a :class:`VarPower`, or a tuple of one of each) split."""
+    items = weights if isinstance(weights, (tuple, list)) else (weights,)
+    ident = [w for w in items if isinstance(w, VarIdent)]
+    power = [w for w in items if isinstance(w, VarPower)]
+    if len(ident) + len(power) != len(items) or len(ident) > 1 or len(power) > 1:
+        raise TypeError(
+            f"weights must be rf.var_ident(...), rf.var_power(...) or a tuple of one of each, got {weights!r}"
+        )
+    return (ident[0] if ident else None), (power[0] if power else None)
+
+
 def var_ident(by: str) -> VarIdent:
     """A residual standard deviation per level of ``by`` (``varIdent(form = ~ 1 | by)``)."""
     return VarIdent(_name(by, "by"))
@@ -147,17 +180,27 @@ def _codes(column: pd.Series) -> tuple[np.ndarray, list]:
 
 
 def residual_structure(
-    frame: pd.DataFrame, correlation: Correlation | None, weights: VarIdent | None, dtype: torch.dtype
+    frame: pd.DataFrame, correlation: Correlation | None, weights, dtype: torch.dtype
 ) -> WithinGroup:
     """The :class:`WithinGroup` residual of ``correlation`` and ``weights`` on the rows of ``frame``."""
     n = len(frame)
-    strata, names = None, None
-    if weights is not None:
-        codes, levels = _codes(frame[weights.by])
+    strata, names, covariate = None, None, None
+    ident, power = variance_functions(weights) if weights is not None else (None, None)
+    if power is not None:
+        values = frame[power.covariate].to_numpy(dtype=float)
+        if (values == 0).any():
+            raise ValueError(
+                f"var_power: the covariate {power.covariate!r} has zeros, where |v|^power is 0 or infinite"
+            )
+        covariate = torch.tensor(values, dtype=dtype)
+    if ident is not None:
+        codes, levels = _codes(frame[ident.by])
         # A level's name becomes part of the parameter name ratio_<level>: no '/' there.
         strata, names = torch.as_tensor(codes), [str(level).replace("/", "_") for level in levels]
     if correlation is None:
-        return WithinGroup(torch.zeros(n, dtype=torch.long), "none", strata=strata, strata_names=names)
+        return WithinGroup(
+            torch.zeros(n, dtype=torch.long), "none", strata=strata, strata_names=names, power_covariate=covariate
+        )
     groups = torch.as_tensor(_codes(frame[correlation.group])[0])
     locations = None
     if correlation.kind == "ar1" and correlation.time is not None:
@@ -168,5 +211,11 @@ def residual_structure(
         columns = [correlation.time] if correlation.time else list(correlation.coords)
         locations = torch.tensor(frame[columns].to_numpy(dtype=float), dtype=dtype)
     return WithinGroup(
-        groups, correlation.kind, locations, nugget=correlation.nugget, strata=strata, strata_names=names
+        groups,
+        correlation.kind,
+        locations,
+        nugget=correlation.nugget,
+        strata=strata,
+        strata_names=names,
+        power_covariate=covariate,
     )

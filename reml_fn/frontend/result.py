@@ -102,6 +102,16 @@ class LmerResult:
         """Residual standard deviation σ̂."""
         return math.sqrt(float(self.model.residual_subtree(self.fit.natural)["sigma^2"]))
 
+    def _residual_sd(self) -> np.ndarray | float:
+        """σ w_i per row (σ when the residual has no variance function)."""
+        model = self.model
+        if model.weights is None:
+            return self.sigma
+        residual = model.structure if not model.residual_path else model.structure["residual"]
+        natural = model.residual_subtree(self.fit.natural)
+        w = residual._w(natural, model.y)
+        return self.sigma * w.detach().cpu().numpy()
+
     def residual_parameters(self) -> pd.Series:
         """The residual's correlation parameters and variance ratios on the natural scale (nlme's
         ``coef(m$modelStruct$corStruct, unconstrained = FALSE)`` and ``varStruct``), empty for an
@@ -207,8 +217,8 @@ class LmerResult:
     def residuals(self, scaled: bool = False) -> pd.Series:
         """y − fitted (divided by σ̂ when ``scaled``), indexed as in ``data``."""
         values = self.model.y.detach().cpu().numpy() - self.fitted().to_numpy()
-        if scaled:
-            values = values / self.sigma
+        if scaled:  # by each row's residual sd σ w_i (nlme's Pearson residuals under a variance function)
+            values = values / self._residual_sd()
         return pd.Series(values, index=self.model.index, name="residuals")
 
     def predict(self, newdata: Any = None, re_form: Any = None, allow_new_levels: bool = False) -> pd.Series:
@@ -309,7 +319,9 @@ class LmerResult:
         lines += self._random_table()
         extra = self.residual_parameters()
         if len(extra):
-            what = [str(spec) for spec in (self.model.correlation, self.model.weights) if spec is not None]
+            weights = self.model.weights
+            specs = [self.model.correlation, *(weights if isinstance(weights, (tuple, list)) else (weights,))]
+            what = [str(spec) for spec in specs if spec is not None]
             lines.append(f"Residual structure: {'; '.join(what)}")
             lines.append("  " + ", ".join(f"{name} = {value:.6g}" for name, value in extra.items()))
         groups = ", ".join(f"{group}, {count}" for group, count in self.ngroups.items())

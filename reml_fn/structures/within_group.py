@@ -17,11 +17,12 @@ kind         c_ij (i ≠ j, same group)              parameters           nlme
 ``"none"``   0                                      –                     (a variance function only)
 ===========  ====================================  ===================  =====================================
 
-with ``sigma^2`` = σ² (σ² = e^{2θ}) first and the variance ratios ``ratio_<stratum>`` = δ_s (e^θ,
-``varIdent``) last. The closed-form derivatives (natural parameters): ∂V/∂σ² = W ∘ C ∘ M;
+with ``sigma^2`` = σ² (σ² = e^{2θ}) first, then the variance ratios ``ratio_<stratum>`` = δ_s (e^θ,
+``varIdent``) and a ``power`` π of a covariate v (``varPower``: w_i = δ_{s_i} |v_i|^π) last. The closed-form derivatives (natural parameters): ∂V/∂σ² = W ∘ C ∘ M;
 ∂/∂ρ (ar1) σ² W ∘ M ∘ L ρ^{L−1} with L = |p_i − p_j|; ∂/∂φ (car1) σ² W ∘ M ∘ D φ^{D−1};
 ∂/∂ρ (cs) σ² W ∘ (M − I); ∂/∂r (exp) σ²(1 − ν) W ∘ M' ∘ e^{−d/r} d/r², (gaus) … 2d²/r³; ∂/∂ν −σ² W ∘ M' ∘ e^{…};
-∂/∂δ_s σ² C ∘ M ∘ ([s_i = s] w_j + w_i [s_j = s]); M the same-group mask and M' = M − I.
+∂/∂δ_s σ² C ∘ M ∘ (a_i w_j + w_i a_j) with a_i = [s_i = s] w_i/δ_s; ∂/∂π V ∘ (log|v_i| + log|v_j|);
+M the same-group mask and M' = M − I.
 
 The ``range`` and the ratios use ``Chain((Exp(),))`` — positive, but not variances (the optimizer's
 variance floor and default shares apply to variances only).
@@ -47,7 +48,7 @@ from torch import Tensor
 from reml_fn.params import ParamSpec
 from reml_fn.structures.base import Parametric, set_fields, variance_spec
 from reml_fn.structures.correlation import ar1_rho_transform, equicorrelation_rho_transform
-from reml_fn.transforms import Chain, Exp, Sigmoid
+from reml_fn.transforms import Chain, Exp, Identity, Sigmoid
 from reml_fn.tree import static, structure
 
 __all__ = ["WithinGroup", "KINDS"]
@@ -81,11 +82,13 @@ class WithinGroup(Parametric):
         nugget: with a ``nugget`` parameter (exp, gaus).
         strata: stratum code per row (n,) for a variance ratio per stratum (``varIdent``); the first
             stratum's ratio is 1. ``strata_names`` name the ratios (default ``"1"``, ``"2"``, …).
+        power_covariate: v (n,) for a ``power`` parameter, w_i ∝ |v_i|^π (``varPower``); v ≠ 0.
     """
 
     codes: Tensor
     locations: Tensor
     strata: Tensor
+    covariate: Tensor
     kind: str = static()
     nugget: bool = static()
     n: int = static()
@@ -99,6 +102,7 @@ class WithinGroup(Parametric):
         nugget: bool = False,
         strata: Tensor | None = None,
         strata_names: Sequence[str] | None = None,
+        power_covariate: Tensor | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"WithinGroup: kind must be one of {KINDS}, got {kind!r}")
@@ -136,8 +140,29 @@ class WithinGroup(Parametric):
             if nugget:
                 specs.append(ParamSpec("nugget", 0.0, Sigmoid()))
         specs += [ParamSpec(f"ratio_{name}", 0.0, Chain((Exp(),))) for name in names[1:levels]]
+        if power_covariate is not None:
+            power_covariate = torch.as_tensor(power_covariate)
+            if power_covariate.shape != (n,):
+                raise ValueError(
+                    f"WithinGroup: power_covariate must be (n,) = ({n},), got {tuple(power_covariate.shape)}"
+                )
+            if bool((power_covariate == 0).any()):
+                raise ValueError("WithinGroup: power_covariate has zeros, where |v|^π is 0 or infinite")
+            if not power_covariate.is_floating_point():
+                power_covariate = power_covariate.to(torch.get_default_dtype())
+            specs.append(ParamSpec("power", 0.0, Identity()))
+        else:
+            power_covariate = torch.ones(n)
         set_fields(
-            self, codes=codes, locations=locations, strata=strata, kind=kind, nugget=nugget, n=n, specs=tuple(specs)
+            self,
+            codes=codes,
+            locations=locations,
+            strata=strata,
+            covariate=power_covariate,
+            kind=kind,
+            nugget=nugget,
+            n=n,
+            specs=tuple(specs),
         )
 
     @property
@@ -155,13 +180,23 @@ class WithinGroup(Parametric):
             return difference.squeeze(-1).abs()
         return difference.pow(2).sum(-1).sqrt()
 
-    def _weights(self, natural: dict, like: Tensor) -> Tensor:
-        """w wᵀ with w_i = δ_{s_i}."""
+    def _w(self, natural: dict, like: Tensor) -> Tensor | None:
+        """w (n,) with w_i = δ_{s_i} |v_i|^π, or None when every w_i is 1."""
         ratios = [natural[spec.name] for spec in self.specs if spec.name.startswith("ratio_")]
-        if not ratios:
+        w = None
+        if ratios:
+            delta = torch.cat([torch.ones(1, dtype=like.dtype, device=like.device), torch.stack(ratios)])
+            w = delta[self.strata]
+        if "power" in natural:
+            powered = torch.pow(self.covariate.to(like.dtype).abs(), natural["power"])
+            w = powered if w is None else w * powered
+        return w
+
+    def _weights(self, natural: dict, like: Tensor) -> Tensor:
+        """w wᵀ (a 0-d 1 when every w_i is 1)."""
+        w = self._w(natural, like)
+        if w is None:
             return torch.ones((), dtype=like.dtype, device=like.device)
-        delta = torch.cat([torch.ones(1, dtype=like.dtype, device=like.device), torch.stack(ratios)])
-        w = delta[self.strata]
         return w.unsqueeze(-1) * w
 
     def _correlation(self, natural: dict, like: Tensor) -> Tensor:
@@ -221,14 +256,17 @@ class WithinGroup(Parametric):
                 out["nugget"] = -sigma2 * weights * off * decay
         ratios = [spec.name for spec in self.specs if spec.name.startswith("ratio_")]
         if ratios:
+            w = self._w(natural, like)
             delta = torch.cat(
                 [torch.ones(1, dtype=like.dtype, device=like.device), torch.stack([natural[r] for r in ratios])]
             )
-            w = delta[self.strata]
             for level, name in enumerate(ratios, start=1):
                 if name not in names:
                     continue
-                indicator = (self.strata == level).to(like.dtype)
-                d_weights = indicator.unsqueeze(-1) * w + w.unsqueeze(-1) * indicator
-                out[name] = sigma2 * correlation * d_weights
+                # ∂w_i/∂δ_s = [s_i = s] w_i/δ_s.
+                d_w = (self.strata == level).to(like.dtype) * w / delta[level]
+                out[name] = sigma2 * correlation * (d_w.unsqueeze(-1) * w + w.unsqueeze(-1) * d_w)
+        if "power" in names:
+            logs = torch.log(self.covariate.to(like.dtype).abs())
+            out["power"] = sigma2 * weights * correlation * (logs.unsqueeze(-1) + logs)
         return out
