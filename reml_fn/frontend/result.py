@@ -27,6 +27,7 @@ from torch import Tensor
 from reml_fn.fit.result import FitResult
 from reml_fn.frontend.model import CONTEXT, LmerModel, as_frame, level_label
 from reml_fn.reml import blup
+from reml_fn.structures.within_group import row_weights
 
 __all__ = ["LmerResult"]
 
@@ -109,7 +110,7 @@ class LmerResult:
             return self.sigma
         residual = model.structure if not model.residual_path else model.structure["residual"]
         natural = model.residual_subtree(self.fit.natural)
-        w = residual._w(natural, model.y)
+        w = row_weights(residual, natural, residual.strata, residual.covariate.to(model.y.dtype))
         return self.sigma * w.detach().cpu().numpy()
 
     def residual_parameters(self) -> pd.Series:

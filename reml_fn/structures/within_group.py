@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,7 +52,16 @@ from reml_fn.structures.correlation import ar1_rho_transform, equicorrelation_rh
 from reml_fn.transforms import Chain, Exp, Identity, Sigmoid
 from reml_fn.tree import static, structure
 
-__all__ = ["WithinGroup", "KINDS"]
+__all__ = [
+    "WithinGroup",
+    "KINDS",
+    "RowPairs",
+    "pairwise_distance",
+    "row_weights",
+    "within_group_correlation",
+    "within_group_matrix",
+    "within_group_derivatives",
+]
 
 KINDS = ("ar1", "car1", "cs", "exp", "gaus", "none")
 
@@ -169,104 +179,132 @@ class WithinGroup(Parametric):
     def shape(self) -> tuple[int, int]:
         return (self.n, self.n)
 
-    # -- pieces ----------------------------------------------------------------------------------
-    def _same(self, like: Tensor) -> Tensor:
-        return (self.codes.unsqueeze(-1) == self.codes).to(like.dtype)
-
-    def _distance(self, like: Tensor) -> Tensor:
+    # -- the matrix and its derivatives, from row pairs -------------------------------------------
+    def pairs(self, like: Tensor) -> RowPairs:
+        """The n × n row pairs of this structure (engines that work block by block make the same
+        for each group's rows, :class:`RowPairs`)."""
         x = self.locations.to(like.dtype)
-        difference = x.unsqueeze(-2) - x.unsqueeze(-3)
-        if x.shape[-1] == 1:
-            return difference.squeeze(-1).abs()
-        return difference.pow(2).sum(-1).sqrt()
-
-    def _w(self, natural: dict, like: Tensor) -> Tensor | None:
-        """w (n,) with w_i = δ_{s_i} |v_i|^π, or None when every w_i is 1."""
-        ratios = [natural[spec.name] for spec in self.specs if spec.name.startswith("ratio_")]
-        w = None
-        if ratios:
-            delta = torch.cat([torch.ones(1, dtype=like.dtype, device=like.device), torch.stack(ratios)])
-            w = delta[self.strata]
-        if "power" in natural:
-            powered = torch.pow(self.covariate.to(like.dtype).abs(), natural["power"])
-            w = powered if w is None else w * powered
-        return w
-
-    def _weights(self, natural: dict, like: Tensor) -> Tensor:
-        """w wᵀ (a 0-d 1 when every w_i is 1)."""
-        w = self._w(natural, like)
-        if w is None:
-            return torch.ones((), dtype=like.dtype, device=like.device)
-        return w.unsqueeze(-1) * w
-
-    def _correlation(self, natural: dict, like: Tensor) -> Tensor:
-        """C ∘ M: the within-group correlation (1 on the diagonal, 0 between groups)."""
-        same = self._same(like)
-        eye = torch.eye(self.n, dtype=like.dtype, device=like.device)
-        if self.kind == "none":
-            return eye
-        off = same - eye
-        if self.kind == "cs":
-            return eye + natural["rho"] * off
-        distance = self._distance(like)
-        if self.kind == "ar1":
-            return eye + off * torch.pow(natural["rho"], distance)
-        if self.kind == "car1":
-            return eye + off * torch.pow(natural["phi"], distance)
-        scaled = distance / natural["range"]
-        decay = torch.exp(-scaled) if self.kind == "exp" else torch.exp(-scaled * scaled)
-        level = 1.0 - natural["nugget"] if self.nugget else 1.0
-        return eye + off * level * decay
+        return RowPairs(
+            same=(self.codes.unsqueeze(-1) == self.codes).to(like.dtype),
+            eye=torch.eye(self.n, dtype=like.dtype, device=like.device),
+            distance=pairwise_distance(x),
+            strata=self.strata,
+            covariate=self.covariate.to(like.dtype),
+        )
 
     def _build_natural(self, natural):
-        like = natural["sigma^2"]
-        return natural["sigma^2"] * self._weights(natural, like) * self._correlation(natural, like)
+        return within_group_matrix(self, natural, self.pairs(natural["sigma^2"]))
 
     def _natural_jacobian(self, natural, names):
-        like = natural["sigma^2"]
-        sigma2 = natural["sigma^2"]
-        weights = self._weights(natural, like)
-        correlation = self._correlation(natural, like)
-        out = {}
-        if "sigma^2" in names:
-            out["sigma^2"] = weights * correlation
-        eye = torch.eye(self.n, dtype=like.dtype, device=like.device)
-        off = self._same(like) - eye
-        if self.kind in ("ar1", "car1") and ({"rho", "phi"} & set(names)):
-            name = "rho" if self.kind == "ar1" else "phi"
-            value = natural[name]
-            distance = self._distance(like)
-            # L value^{L−1}, 0 where L = 0 (ties, the diagonal); exact at ρ = 0 for the integer lags of ar1
-            # (φ > 0 for car1, whose lags may be below 1).
-            exponent = (distance - 1.0).clamp(min=0.0) if self.kind == "ar1" else distance - 1.0
-            slope = torch.where(distance > 0, distance * torch.pow(value, exponent), 0.0)
-            out[name] = sigma2 * weights * off * slope
-        if self.kind == "cs" and "rho" in names:
-            out["rho"] = sigma2 * weights * off
-        if self.kind in ("exp", "gaus"):
-            distance = self._distance(like)
-            r = natural["range"]
-            scaled = distance / r
-            decay = torch.exp(-scaled) if self.kind == "exp" else torch.exp(-scaled * scaled)
-            level = 1.0 - natural["nugget"] if self.nugget else 1.0
-            if "range" in names:
-                factor = distance / (r * r) if self.kind == "exp" else 2.0 * distance * distance / (r * r * r)
-                out["range"] = sigma2 * weights * off * level * decay * factor
-            if self.nugget and "nugget" in names:
-                out["nugget"] = -sigma2 * weights * off * decay
-        ratios = [spec.name for spec in self.specs if spec.name.startswith("ratio_")]
-        if ratios:
-            w = self._w(natural, like)
-            delta = torch.cat(
-                [torch.ones(1, dtype=like.dtype, device=like.device), torch.stack([natural[r] for r in ratios])]
-            )
-            for level, name in enumerate(ratios, start=1):
-                if name not in names:
-                    continue
-                # ∂w_i/∂δ_s = [s_i = s] w_i/δ_s.
-                d_w = (self.strata == level).to(like.dtype) * w / delta[level]
-                out[name] = sigma2 * correlation * (d_w.unsqueeze(-1) * w + w.unsqueeze(-1) * d_w)
-        if "power" in names:
-            logs = torch.log(self.covariate.to(like.dtype).abs())
-            out["power"] = sigma2 * weights * correlation * (logs.unsqueeze(-1) + logs)
-        return out
+        return within_group_derivatives(self, natural, names, self.pairs(natural["sigma^2"]))
+
+
+class RowPairs(NamedTuple):
+    """Row pairs on which :class:`WithinGroup` is evaluated: (…, a, a) ``same`` (1 for two valid rows
+    of one group, the diagonal of valid rows included), ``eye`` (the diagonal of valid rows),
+    ``distance`` between their locations, and per row (…, a) ``strata`` and ``covariate``."""
+
+    same: Tensor
+    eye: Tensor
+    distance: Tensor
+    strata: Tensor
+    covariate: Tensor
+
+
+def pairwise_distance(x: Tensor) -> Tensor:
+    """|x_i − x_j| (…, a, a) for locations (…, a, 1), or ‖x_i − x_j‖ for (…, a, d)."""
+    difference = x.unsqueeze(-2) - x.unsqueeze(-3)
+    if x.shape[-1] == 1:
+        return difference.squeeze(-1).abs()
+    return difference.pow(2).sum(-1).sqrt()
+
+
+def row_weights(s: WithinGroup, natural: dict, strata: Tensor, covariate: Tensor) -> Tensor | None:
+    """w (…, a) with w_i = δ_{s_i} |v_i|^π for rows of ``strata`` and power ``covariate``, or None when
+    every w_i is 1."""
+    like = natural["sigma^2"]
+    ratios = [natural[spec.name] for spec in s.specs if spec.name.startswith("ratio_")]
+    w = None
+    if ratios:
+        delta = torch.cat([torch.ones(1, dtype=like.dtype, device=like.device), torch.stack(ratios)])
+        w = delta[strata]
+    if "power" in natural:
+        powered = torch.pow(covariate.abs(), natural["power"])
+        w = powered if w is None else w * powered
+    return w
+
+
+def _outer(w: Tensor | None, like: Tensor) -> Tensor:
+    if w is None:
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    return w.unsqueeze(-1) * w.unsqueeze(-2)
+
+
+def _decay(s: WithinGroup, natural: dict, distance: Tensor) -> Tensor:
+    scaled = distance / natural["range"]
+    return torch.exp(-scaled) if s.kind == "exp" else torch.exp(-scaled * scaled)
+
+
+def within_group_correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
+    """C ∘ M on the pairs: c_ii = 1 on valid rows, c_ij within a group, 0 elsewhere."""
+    eye, off = pairs.eye, pairs.same - pairs.eye
+    if s.kind == "none":
+        return eye
+    if s.kind == "cs":
+        return eye + natural["rho"] * off
+    if s.kind == "ar1":
+        return eye + off * torch.pow(natural["rho"], pairs.distance)
+    if s.kind == "car1":
+        return eye + off * torch.pow(natural["phi"], pairs.distance)
+    level = 1.0 - natural["nugget"] if s.nugget else 1.0
+    return eye + off * level * _decay(s, natural, pairs.distance)
+
+
+def within_group_matrix(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
+    """σ² W ∘ C ∘ M on the pairs."""
+    like = natural["sigma^2"]
+    return like * _outer(row_weights(s, natural, pairs.strata, pairs.covariate), like) * within_group_correlation(s, natural, pairs)
+
+
+def within_group_derivatives(s: WithinGroup, natural: dict, names, pairs: RowPairs) -> dict[str, Tensor]:
+    """∂V/∂x for the natural parameters ``names`` on the pairs (the module docstring's formulas)."""
+    sigma2 = natural["sigma^2"]
+    w = row_weights(s, natural, pairs.strata, pairs.covariate)
+    weights = _outer(w, sigma2)
+    correlation = within_group_correlation(s, natural, pairs)
+    off = pairs.same - pairs.eye
+    distance = pairs.distance
+    out = {}
+    if "sigma^2" in names:
+        out["sigma^2"] = weights * correlation
+    if s.kind in ("ar1", "car1") and ({"rho", "phi"} & set(names)):
+        name = "rho" if s.kind == "ar1" else "phi"
+        # L value^{L−1}, 0 where L = 0 (ties, the diagonal); exact at ρ = 0 for the integer lags of ar1
+        # (φ > 0 for car1, whose lags may be below 1).
+        exponent = (distance - 1.0).clamp(min=0.0) if s.kind == "ar1" else distance - 1.0
+        slope = torch.where(distance > 0, distance * torch.pow(natural[name], exponent), 0.0)
+        out[name] = sigma2 * weights * off * slope
+    if s.kind == "cs" and "rho" in names:
+        out["rho"] = sigma2 * weights * off
+    if s.kind in ("exp", "gaus"):
+        r = natural["range"]
+        decay = _decay(s, natural, distance)
+        level = 1.0 - natural["nugget"] if s.nugget else 1.0
+        if "range" in names:
+            factor = distance / (r * r) if s.kind == "exp" else 2.0 * distance * distance / (r * r * r)
+            out["range"] = sigma2 * weights * off * level * decay * factor
+        if s.nugget and "nugget" in names:
+            out["nugget"] = -sigma2 * weights * off * decay
+    ratios = [spec.name for spec in s.specs if spec.name.startswith("ratio_")]
+    if ratios:
+        delta = torch.cat([torch.ones(1, dtype=sigma2.dtype, device=sigma2.device), torch.stack([natural[r] for r in ratios])])
+        for level, name in enumerate(ratios, start=1):
+            if name not in names:
+                continue
+            # ∂w_i/∂δ_s = [s_i = s] w_i/δ_s.
+            d_w = (pairs.strata == level).to(sigma2.dtype) * w / delta[level]
+            out[name] = sigma2 * correlation * (d_w.unsqueeze(-1) * w.unsqueeze(-2) + w.unsqueeze(-1) * d_w.unsqueeze(-2))
+    if "power" in names:
+        logs = torch.log(pairs.covariate.abs())
+        out["power"] = sigma2 * weights * correlation * (logs.unsqueeze(-1) + logs.unsqueeze(-2))
+    return out
