@@ -213,3 +213,72 @@ def test_var_ident_and_var_power_combine_and_scale_the_residuals():
     np.testing.assert_allclose(power.residuals(scaled=True), expected, rtol=1e-12)
     with pytest.raises(TypeError, match="weights must be"):
         rf.gls("distance ~ age", data, weights=(rf.var_power(covariate="age"), rf.var_power(covariate="age")))
+
+
+# ------------------------------------------------------------------------------ the blocks engine
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=3, max_size=6).filter(lambda sizes: sum(sizes) >= 6),
+    kind=st.sampled_from(KINDS),
+    slope=st.booleans(),
+    nested=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slope, nested, seed):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    codes = codes[torch.randperm(codes.shape[0], generator=generator)]
+    n = codes.shape[0]
+    times = torch.rand(n, generator=generator, dtype=torch.float64) * 4.0
+    name, nugget = kind
+    residual = rf.WithinGroup(
+        codes,
+        name,
+        None if name in ("ar1", "cs", "none") else times,
+        nugget=nugget,
+        strata=torch.randint(0, 2, (n,), generator=generator),
+        power_covariate=times + 0.5,
+    )
+    covariates = torch.stack([torch.ones(n, dtype=torch.float64), times], 1) if slope else None
+    # A random term on the residual's groups, or on groups nested in them (each split in two).
+    term_codes = codes * 2 + (torch.arange(n) % 2) if nested else codes
+    s = rf.Sum(g=rf.Grouped(term_codes, covariates=covariates), residual=residual)
+    y = torch.randn(n, generator=generator, dtype=torch.float64)
+    X = torch.stack([torch.ones(n, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)], 1)
+    k = len(rf.param_names(s))
+    theta = (torch.rand(k, generator=generator, dtype=torch.float64) - 0.5) * 0.6
+    from reml_fn.reml.engines import select_engine
+
+    assert select_engine(s).name == "blocks"
+    dense = rf.ai_terms(s, theta, y, X, engine="dense")
+    blocks = rf.ai_terms(s, theta, y, X, engine="blocks")
+    torch.testing.assert_close(blocks.loglik, dense.loglik, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(blocks.score, dense.score, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(blocks.ai, dense.ai, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(rf.blue(s, theta, y, X, engine="blocks"), rf.blue(s, theta, y, X, engine="dense"))
+    torch.testing.assert_close(
+        rf.vcov_beta(s, theta, y, X, engine="blocks"), rf.vcov_beta(s, theta, y, X, engine="dense")
+    )
+    torch.testing.assert_close(
+        rf.predict(s, theta, y, X, conditional=True, engine="blocks"),
+        rf.predict(s, theta, y, X, conditional=True, engine="dense"),
+    )
+
+
+def test_blocks_engine_is_not_chosen_for_crossed_terms_and_batches_equal_single_fits():
+    from reml_fn.reml.engines import select_engine
+
+    codes = torch.arange(12) % 3
+    crossed = rf.Sum(a=rf.Grouped(torch.arange(12) % 4), residual=rf.WithinGroup(codes, "ar1"))
+    assert select_engine(crossed).name == "dense"  # groups of a cross the residual's groups
+    model = rf.lmer_model(
+        "distance ~ age + (1 | Subject)", frame("Orthodont", None), correlation=rf.cor_ar1(group="Subject")
+    )
+    Y = torch.stack([model.y, model.y.flip(0)])
+    batched = rf.fit_batched(model.structure, Y, model.X)
+    for b in range(2):
+        single = rf.fit(model.structure, Y[b], model.X)
+        assert float(batched.loglik[b]) == pytest.approx(float(single.loglik), abs=1e-8)
+        assert single.engine == "blocks"

@@ -1,5 +1,6 @@
 """REML: pure log-likelihood, score/AI terms and post-estimation, per engine."""
 
+from reml_fn.reml.blocks import BlocksEngine  # registers the "blocks" engine (before mme: tried first)
 from reml_fn.reml.dense import AITerms
 from reml_fn.reml.engines import ENGINES, register_engine, select_engine
 from reml_fn.reml.likelihood import (
@@ -19,6 +20,7 @@ from reml_fn.reml.mme import MMEEngine  # registers the "mme" engine
 __all__ = [
     "AITerms",
     "MMEEngine",
+    "BlocksEngine",
     "ENGINES",
     "register_engine",
     "select_engine",

@@ -56,11 +56,13 @@ __all__ = [
     "WithinGroup",
     "KINDS",
     "RowPairs",
+    "row_pairs",
     "pairwise_distance",
     "row_weights",
     "within_group_correlation",
     "within_group_matrix",
     "within_group_derivatives",
+    "within_group_matrix_and_derivatives",
 ]
 
 KINDS = ("ar1", "car1", "cs", "exp", "gaus", "none")
@@ -184,12 +186,12 @@ class WithinGroup(Parametric):
         """The n × n row pairs of this structure (engines that work block by block make the same
         for each group's rows, :class:`RowPairs`)."""
         x = self.locations.to(like.dtype)
-        return RowPairs(
-            same=(self.codes.unsqueeze(-1) == self.codes).to(like.dtype),
-            eye=torch.eye(self.n, dtype=like.dtype, device=like.device),
-            distance=pairwise_distance(x),
-            strata=self.strata,
-            covariate=self.covariate.to(like.dtype),
+        return row_pairs(
+            (self.codes.unsqueeze(-1) == self.codes).to(like.dtype),
+            torch.eye(self.n, dtype=like.dtype, device=like.device),
+            pairwise_distance(x),
+            self.strata,
+            self.covariate.to(like.dtype),
         )
 
     def _build_natural(self, natural):
@@ -202,13 +204,24 @@ class WithinGroup(Parametric):
 class RowPairs(NamedTuple):
     """Row pairs on which :class:`WithinGroup` is evaluated: (…, a, a) ``same`` (1 for two valid rows
     of one group, the diagonal of valid rows included), ``eye`` (the diagonal of valid rows),
-    ``distance`` between their locations, and per row (…, a) ``strata`` and ``covariate``."""
+    ``distance`` between their locations, and per row (…, a) ``strata`` and ``covariate``; derived
+    once (:func:`row_pairs`): ``off`` = same − eye, ``lag`` = off ∘ distance, ``exponent`` =
+    max(distance − 1, 0)."""
 
     same: Tensor
     eye: Tensor
     distance: Tensor
     strata: Tensor
     covariate: Tensor
+    off: Tensor
+    lag: Tensor
+    exponent: Tensor
+
+
+def row_pairs(same: Tensor, eye: Tensor, distance: Tensor, strata: Tensor, covariate: Tensor) -> RowPairs:
+    """:class:`RowPairs` with its derived fields."""
+    off = same - eye
+    return RowPairs(same, eye, distance, strata, covariate, off, off * distance, (distance - 1.0).clamp(min=0.0))
 
 
 def pairwise_distance(x: Tensor) -> Tensor:
@@ -247,7 +260,7 @@ def _decay(s: WithinGroup, natural: dict, distance: Tensor) -> Tensor:
 
 def within_group_correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
     """C ∘ M on the pairs: c_ii = 1 on valid rows, c_ij within a group, 0 elsewhere."""
-    eye, off = pairs.eye, pairs.same - pairs.eye
+    eye, off = pairs.eye, pairs.off
     if s.kind == "none":
         return eye
     if s.kind == "cs":
@@ -263,48 +276,83 @@ def within_group_correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> 
 def within_group_matrix(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
     """σ² W ∘ C ∘ M on the pairs."""
     like = natural["sigma^2"]
-    return like * _outer(row_weights(s, natural, pairs.strata, pairs.covariate), like) * within_group_correlation(s, natural, pairs)
+    return (
+        like
+        * _outer(row_weights(s, natural, pairs.strata, pairs.covariate), like)
+        * within_group_correlation(s, natural, pairs)
+    )
 
 
 def within_group_derivatives(s: WithinGroup, natural: dict, names, pairs: RowPairs) -> dict[str, Tensor]:
     """∂V/∂x for the natural parameters ``names`` on the pairs (the module docstring's formulas)."""
+    return within_group_matrix_and_derivatives(s, natural, names, pairs)[1]
+
+
+def within_group_matrix_and_derivatives(
+    s: WithinGroup, natural: dict, names, pairs: RowPairs, scales: dict | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """V = σ² W ∘ C ∘ M and ∂V/∂x for the natural parameters ``names``, sharing the work (one power
+    of ρ for AR(1): ρ^L = ρ·ρ^{L−1} off the diagonal). ``scales`` (0-d per name, e.g. dx/dθ) multiply
+    the derivatives — folded into their scalar factors, so no extra pass over the arrays."""
+    scales = scales or {}
+    one = torch.ones((), dtype=natural["sigma^2"].dtype, device=natural["sigma^2"].device)
+
+    def scale(name: str) -> Tensor:
+        return scales.get(name, one)
+
     sigma2 = natural["sigma^2"]
     w = row_weights(s, natural, pairs.strata, pairs.covariate)
     weights = _outer(w, sigma2)
-    correlation = within_group_correlation(s, natural, pairs)
-    off = pairs.same - pairs.eye
+    off = pairs.off
     distance = pairs.distance
     out = {}
-    if "sigma^2" in names:
-        out["sigma^2"] = weights * correlation
-    if s.kind in ("ar1", "car1") and ({"rho", "phi"} & set(names)):
+    if s.kind in ("ar1", "car1"):
         name = "rho" if s.kind == "ar1" else "phi"
-        # L value^{L−1}, 0 where L = 0 (ties, the diagonal); exact at ρ = 0 for the integer lags of ar1
-        # (φ > 0 for car1, whose lags may be below 1).
-        exponent = (distance - 1.0).clamp(min=0.0) if s.kind == "ar1" else distance - 1.0
-        slope = torch.where(distance > 0, distance * torch.pow(natural[name], exponent), 0.0)
-        out[name] = sigma2 * weights * off * slope
+        value = natural[name]
+        # value^{L−1} once: off the diagonal ρ^L = ρ·ρ^{L−1} and ∂ρ^L/∂ρ = L ρ^{L−1} (exact at ρ = 0
+        # for the integer lags of ar1, L ≥ 1 there; 0 where L = 0, ties; φ > 0 for car1).
+        exponent = pairs.exponent if s.kind == "ar1" else distance - 1.0
+        lower = torch.pow(value, exponent)
+        lag = pairs.lag
+        if s.kind == "car1":  # a tie (L = 0) within a group: c = φ⁰ = 1
+            correlation = pairs.eye + off * torch.where(distance > 0, value * lower, 1.0)
+        else:
+            correlation = torch.addcmul(pairs.eye, off * value, lower)
+        if name in names:
+            factor = sigma2 * scale(name)
+            out[name] = lag * (lower * factor) if weights.dim() == 0 else (weights * factor) * lag * lower
+    else:
+        correlation = within_group_correlation(s, natural, pairs)
+    matrix = sigma2 * weights * correlation
+    if "sigma^2" in names:
+        out["sigma^2"] = (weights * scale("sigma^2")) * correlation
     if s.kind == "cs" and "rho" in names:
-        out["rho"] = sigma2 * weights * off
+        out["rho"] = (sigma2 * scale("rho") * weights) * off
     if s.kind in ("exp", "gaus"):
         r = natural["range"]
         decay = _decay(s, natural, distance)
         level = 1.0 - natural["nugget"] if s.nugget else 1.0
         if "range" in names:
             factor = distance / (r * r) if s.kind == "exp" else 2.0 * distance * distance / (r * r * r)
-            out["range"] = sigma2 * weights * off * level * decay * factor
+            out["range"] = (sigma2 * scale("range") * level * weights) * off * decay * factor
         if s.nugget and "nugget" in names:
-            out["nugget"] = -sigma2 * weights * off * decay
+            out["nugget"] = (-sigma2 * scale("nugget") * weights) * off * decay
     ratios = [spec.name for spec in s.specs if spec.name.startswith("ratio_")]
     if ratios:
-        delta = torch.cat([torch.ones(1, dtype=sigma2.dtype, device=sigma2.device), torch.stack([natural[r] for r in ratios])])
+        delta = torch.cat(
+            [torch.ones(1, dtype=sigma2.dtype, device=sigma2.device), torch.stack([natural[r] for r in ratios])]
+        )
         for level, name in enumerate(ratios, start=1):
             if name not in names:
                 continue
             # ∂w_i/∂δ_s = [s_i = s] w_i/δ_s.
             d_w = (pairs.strata == level).to(sigma2.dtype) * w / delta[level]
-            out[name] = sigma2 * correlation * (d_w.unsqueeze(-1) * w.unsqueeze(-2) + w.unsqueeze(-1) * d_w.unsqueeze(-2))
+            out[name] = (
+                (sigma2 * scale(name))
+                * correlation
+                * (d_w.unsqueeze(-1) * w.unsqueeze(-2) + w.unsqueeze(-1) * d_w.unsqueeze(-2))
+            )
     if "power" in names:
         logs = torch.log(pairs.covariate.abs())
-        out["power"] = sigma2 * weights * correlation * (logs.unsqueeze(-1) + logs.unsqueeze(-2))
-    return out
+        out["power"] = (matrix * scale("power")) * (logs.unsqueeze(-1) + logs.unsqueeze(-2))
+    return matrix, out
