@@ -74,6 +74,7 @@ _FRONTEND = (
     "cor_cs",
     "cor_exp",
     "cor_gaus",
+    "cor_symm",
     "var_ident",
     "var_power",
     "gls",
@@ -82,6 +83,7 @@ _FRONTEND = (
     "cor_cs",
     "cor_exp",
     "cor_gaus",
+    "cor_symm",
     "var_ident",
     "var_power",
 )

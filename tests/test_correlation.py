@@ -54,6 +54,7 @@ CASES = {
         None,
     ),
     "orthodont_gaus_gls": ("Orthodont", "gls", "distance ~ age", rf.cor_gaus(group="Subject", time="age"), None),
+    "orthodont_symm": ("Orthodont", "gls", "distance ~ age", rf.cor_symm(group="Subject"), None),
 }
 CASES |= {
     f"{key}_subset": CASES[key]
@@ -80,9 +81,16 @@ def test_fits_equal_nlme(key):
     ours = m.residual_parameters()
     for struct in ("corStruct", "varStruct"):
         if struct in reference:
-            for their_name, value in reference[struct]["natural"].items():
+            natural = reference[struct]["natural"]
+            if isinstance(natural, list):  # corSymm: unnamed, in nlme's pair order
+                natural = {f"cor{pair}": value for pair, value in zip(reference["corSymm_pairs"], natural)}
+            for their_name, value in natural.items():
                 # nlme calls both AR(1) parameters Phi; ours: rho (by position), phi (continuous time).
-                mine = "rho" if their_name == "Phi" and correlation.kind == "ar1" else PARAMETER[their_name]
+                mine = (
+                    "rho"
+                    if their_name == "Phi" and correlation.kind == "ar1"
+                    else PARAMETER.get(their_name, their_name)
+                )
                 assert ours[mine] == pytest.approx(value, rel=2e-4, abs=1e-6), their_name
     if "random" in reference:
         sd = m.varcorr()
@@ -126,7 +134,16 @@ def test_gls_and_lmer_refuse_each_others_formulas():
 
 # ----------------------------------------------------------------------------- the structure itself
 
-KINDS = [("ar1", False), ("car1", False), ("cs", False), ("exp", False), ("exp", True), ("gaus", True), ("none", False)]
+KINDS = [
+    ("ar1", False),
+    ("car1", False),
+    ("cs", False),
+    ("exp", False),
+    ("exp", True),
+    ("gaus", True),
+    ("symm", False),
+    ("none", False),
+]
 
 
 @settings(max_examples=25, deadline=None)
@@ -144,7 +161,9 @@ def test_closed_form_jacobians_equal_autodiff_on_unbalanced_shuffled_groups(size
     times = torch.rand(n, generator=generator, dtype=torch.float64) * 5.0
     strata = torch.randint(0, 2, (n,), generator=generator) if stratified else None
     name, nugget = kind
-    s = rf.WithinGroup(codes, name, None if name in ("ar1", "cs", "none") else times, nugget=nugget, strata=strata)
+    s = rf.WithinGroup(
+        codes, name, None if name in ("ar1", "cs", "symm", "none") else times, nugget=nugget, strata=strata
+    )
     k = len(rf.param_names(s))
     theta = (torch.rand(k, generator=generator, dtype=torch.float64) - 0.5) * 0.8
     assert_jacobian_matches(s, theta)
@@ -236,7 +255,7 @@ def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slo
     residual = rf.WithinGroup(
         codes,
         name,
-        None if name in ("ar1", "cs", "none") else times,
+        None if name in ("ar1", "cs", "symm", "none") else times,
         nugget=nugget,
         strata=torch.randint(0, 2, (n,), generator=generator),
         power_covariate=times + 0.5,

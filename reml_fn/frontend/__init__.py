@@ -8,7 +8,7 @@ only when this module is.
 
 from reml_fn.frontend.inference import Bootstrap, anova, bootstrap, coef_table, confint, contest, parameter_names
 from reml_fn.frontend.model import LmerModel, TermInfo, gls, lmer, lmer_model
-from reml_fn.frontend.residuals import cor_ar1, cor_car1, cor_cs, cor_exp, cor_gaus, var_ident, var_power
+from reml_fn.frontend.residuals import cor_ar1, cor_car1, cor_cs, cor_exp, cor_gaus, cor_symm, var_ident, var_power
 from reml_fn.frontend.result import LmerResult
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "cor_cs",
     "cor_exp",
     "cor_gaus",
+    "cor_symm",
     "var_ident",
     "var_power",
     "LmerModel",

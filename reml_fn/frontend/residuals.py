@@ -12,6 +12,7 @@ reml_fn                                          nlme
                                                  that, ``rf.cor_car1(group="g", time="t")``
 ``rf.cor_car1(group="g", time="t")``             ``corCAR1(form = ~ t | g)``
 ``rf.cor_cs(group="g")``                         ``corCompSymm(form = ~ 1 | g)``
+``rf.cor_symm(group="g")``, ``index="t"``        ``corSymm(form = ~ 1 | g)`` (row order), ``~ t | g``
 ``rf.cor_exp(group="g", time="t")``,             ``corExp(form = ~ t | g)``,
 ``coords=("x", "y")``, ``nugget=True``           ``corExp(form = ~ x + y | g, nugget = TRUE)``
 ``rf.cor_gaus(...)``                             ``corGaus(...)``
@@ -72,6 +73,8 @@ class Correlation:
             return f"corCAR1(form = ~ {self.time} | {self.group})"
         if self.kind == "cs":
             return f"corCompSymm(form = ~ 1 | {self.group})"
+        if self.kind == "symm":
+            return f"corSymm(form = ~ {self.time or 1} | {self.group})"
         where = self.time or " + ".join(self.coords or ())
         name = "corExp" if self.kind == "exp" else "corGaus"
         return f"{name}(form = ~ {where} | {self.group}{', nugget = TRUE' if self.nugget else ''})"
@@ -107,6 +110,13 @@ def cor_ar1(group: str, time: str | None = None) -> Correlation:
 def cor_car1(group: str, time: str) -> Correlation:
     """Continuous-time AR(1): c_ij = φ^{|t_i − t_j|} on the values of ``time``."""
     return Correlation("car1", _name(group, "group"), _name(time, "time"))
+
+
+def cor_symm(group: str, index: str | None = None) -> Correlation:
+    """An unstructured correlation C[k_i, k_j] over the within-group index k: the distinct values of
+    ``index`` in order (0, 1, … for visits 8, 10, 12, 14), or the row's position in its group when
+    ``index`` is None (nlme's ``corSymm(form = ~ 1 | g)``)."""
+    return Correlation("symm", _name(group, "group"), None if index is None else _name(index, "index"))
 
 
 def cor_cs(group: str) -> Correlation:
@@ -207,6 +217,9 @@ def residual_structure(
         # Positions: the rank of the time within the group (ties in row order).
         ranks = frame.groupby(correlation.group, sort=False, observed=True)[correlation.time].rank(method="first")
         locations = torch.tensor(ranks.to_numpy(dtype=float) - 1.0, dtype=dtype)
+    elif correlation.kind == "symm" and correlation.time is not None:
+        # The index: the distinct values of the column in order, 0, 1, … (visits 8, 10, 12, 14 → 0 … 3).
+        locations = torch.tensor(_codes(frame[correlation.time])[0], dtype=dtype)
     elif correlation.kind in ("car1", "exp", "gaus"):
         columns = [correlation.time] if correlation.time else list(correlation.coords)
         locations = torch.tensor(frame[columns].to_numpy(dtype=float), dtype=dtype)

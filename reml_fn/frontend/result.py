@@ -27,7 +27,7 @@ from torch import Tensor
 from reml_fn.fit.result import FitResult
 from reml_fn.frontend.model import CONTEXT, LmerModel, as_frame, level_label
 from reml_fn.reml import blup
-from reml_fn.structures.within_group import row_weights
+from reml_fn.structures.within_group import row_weights, symm_correlation
 
 __all__ = ["LmerResult"]
 
@@ -118,7 +118,17 @@ class LmerResult:
         ``coef(m$modelStruct$corStruct, unconstrained = FALSE)`` and ``varStruct``), empty for an
         independent residual."""
         natural = self.model.residual_subtree(self.fit.natural)
-        values = {name: float(value) for name, value in natural.items() if name != "sigma^2"}
+        values = {
+            name: float(value) for name, value in natural.items() if name != "sigma^2" and not name.startswith("L_")
+        }
+        correlation = self.model.correlation
+        if correlation is not None and correlation.kind == "symm":  # nlme's cor(i,j), i < j, from C
+            residual = self.model.structure if not self.model.residual_path else self.model.structure["residual"]
+            C = symm_correlation(residual, dict(natural))
+            pairs = {
+                f"cor({i + 1},{j + 1})": float(C[i, j]) for i in range(C.shape[0]) for j in range(i + 1, C.shape[0])
+            }
+            values = pairs | values
         return pd.Series(values, dtype=float, name="residual")
 
     # -- fixed effects -------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ def blocks_of(model: _Model, y: Tensor, X: Tensor) -> Blocks:
         pairwise_distance(locations),
         _pad(residual.strata, rows, 0),
         _pad(residual.covariate.to(dtype), rows, 1.0),
+        _pad(residual.locations[:, 0].round().long(), rows, 0),
     )
     bases = []
     for _, term in model.terms:

@@ -63,9 +63,11 @@ __all__ = [
     "within_group_matrix",
     "within_group_derivatives",
     "within_group_matrix_and_derivatives",
+    "symm_correlation",
+    "symm_correlation_derivatives",
 ]
 
-KINDS = ("ar1", "car1", "cs", "exp", "gaus", "none")
+KINDS = ("ar1", "car1", "cs", "exp", "gaus", "symm", "none")
 
 
 def _positions(codes: Tensor) -> Tensor:
@@ -105,6 +107,7 @@ class WithinGroup(Parametric):
     nugget: bool = static()
     n: int = static()
     specs: tuple[ParamSpec, ...] = static()
+    size: int = static(default=0)  # symm: the number of within-group indices
 
     def __init__(
         self,
@@ -151,6 +154,14 @@ class WithinGroup(Parametric):
             specs.append(ParamSpec("range", 0.0, Chain((Exp(),))))
             if nugget:
                 specs.append(ParamSpec("nugget", 0.0, Sigmoid()))
+        elif kind == "symm":
+            index = locations.reshape(n, -1)[:, 0]
+            if bool((index != index.round()).any()) or bool((index < 0).any()):
+                raise ValueError("WithinGroup: 'symm' needs locations that are within-group indices 0, 1, 2, …")
+            size = int(index.max()) + 1 if n else 1
+            # C = S (L Lᵀ) S, L unit lower-triangular with free entries L_a_b (a > b), S = diag(L Lᵀ)^{−½}:
+            # every value positive definite.
+            specs += [ParamSpec(f"L_{a}_{b}", 0.0, Identity()) for a in range(1, size) for b in range(a)]
         specs += [ParamSpec(f"ratio_{name}", 0.0, Chain((Exp(),))) for name in names[1:levels]]
         if power_covariate is not None:
             power_covariate = torch.as_tensor(power_covariate)
@@ -175,6 +186,7 @@ class WithinGroup(Parametric):
             nugget=nugget,
             n=n,
             specs=tuple(specs),
+            size=int(locations[:, 0].max()) + 1 if kind == "symm" and n else 0,
         )
 
     @property
@@ -192,6 +204,7 @@ class WithinGroup(Parametric):
             pairwise_distance(x),
             self.strata,
             self.covariate.to(like.dtype),
+            self.locations[:, 0].round().long(),
         )
 
     def _build_natural(self, natural):
@@ -216,12 +229,17 @@ class RowPairs(NamedTuple):
     off: Tensor
     lag: Tensor
     exponent: Tensor
+    position: Tensor  # (…, a) within-group index (symm)
 
 
-def row_pairs(same: Tensor, eye: Tensor, distance: Tensor, strata: Tensor, covariate: Tensor) -> RowPairs:
+def row_pairs(
+    same: Tensor, eye: Tensor, distance: Tensor, strata: Tensor, covariate: Tensor, position: Tensor
+) -> RowPairs:
     """:class:`RowPairs` with its derived fields."""
     off = same - eye
-    return RowPairs(same, eye, distance, strata, covariate, off, off * distance, (distance - 1.0).clamp(min=0.0))
+    return RowPairs(
+        same, eye, distance, strata, covariate, off, off * distance, (distance - 1.0).clamp(min=0.0), position
+    )
 
 
 def pairwise_distance(x: Tensor) -> Tensor:
@@ -265,6 +283,9 @@ def within_group_correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> 
         return eye
     if s.kind == "cs":
         return eye + natural["rho"] * off
+    if s.kind == "symm":
+        C = symm_correlation(s, natural)
+        return eye + off * C[pairs.position.unsqueeze(-1), pairs.position.unsqueeze(-2)]
     if s.kind == "ar1":
         return eye + off * torch.pow(natural["rho"], pairs.distance)
     if s.kind == "car1":
@@ -328,6 +349,13 @@ def within_group_matrix_and_derivatives(
         out["sigma^2"] = (weights * scale("sigma^2")) * correlation
     if s.kind == "cs" and "rho" in names:
         out["rho"] = (sigma2 * scale("rho") * weights) * off
+    if s.kind == "symm":
+        free = [name for name in names if name.startswith("L_")]
+        if free:
+            derivatives = symm_correlation_derivatives(s, natural)
+            rows, cols = pairs.position.unsqueeze(-1), pairs.position.unsqueeze(-2)
+            for name in free:
+                out[name] = (sigma2 * scale(name) * weights) * off * derivatives[name][rows, cols]
     if s.kind in ("exp", "gaus"):
         r = natural["range"]
         decay = _decay(s, natural, distance)
@@ -356,3 +384,46 @@ def within_group_matrix_and_derivatives(
         logs = torch.log(pairs.covariate.abs())
         out["power"] = (matrix * scale("power")) * (logs.unsqueeze(-1) + logs.unsqueeze(-2))
     return matrix, out
+
+
+def _unit_lower(s: WithinGroup, natural: dict) -> Tensor:
+    like = natural["sigma^2"]
+    K = s.size
+    values = [
+        natural[f"L_{a}_{b}"]
+        if a > b
+        else (torch.ones((), dtype=like.dtype) if a == b else torch.zeros((), dtype=like.dtype))
+        for a in range(K)
+        for b in range(K)
+    ]
+    return torch.stack(values).view(K, K)
+
+
+def symm_correlation(s: WithinGroup, natural: dict) -> Tensor:
+    """C = S M S (K × K), M = L Lᵀ, S = diag(M)^{−½}: the unstructured correlation of ``symm``."""
+    L = _unit_lower(s, natural)
+    M = L @ L.mT
+    M = 0.5 * (M + M.mT)  # exactly symmetric (a product's rounding need not be)
+    scale = torch.diagonal(M).rsqrt()
+    return M * (scale.unsqueeze(-1) * scale)  # s_i s_j = s_j s_i exactly: C stays symmetric
+
+
+def symm_correlation_derivatives(s: WithinGroup, natural: dict) -> dict[str, Tensor]:
+    """∂C/∂L_ab (K × K each): ∂M = E_ab Lᵀ + L E_ba, ∂s_i = −δ_ia L_ab M_aa^{−3/2},
+    ∂C_ij = ∂s_i M_ij s_j + s_i ∂M_ij s_j + s_i M_ij ∂s_j."""
+    L = _unit_lower(s, natural)
+    M = L @ L.mT
+    M = 0.5 * (M + M.mT)
+    K = s.size
+    scale = torch.diagonal(M).rsqrt()
+    eye = torch.eye(K, dtype=M.dtype, device=M.device)
+    out = {}
+    for a in range(1, K):
+        for b in range(a):
+            E = eye[:, a : a + 1] * eye[b : b + 1, :]  # E_ab
+            half = E @ L.mT
+            dM = half + half.mT
+            d_scale = -eye[a] * L[a, b] * M[a, a] ** -1.5
+            side = d_scale.unsqueeze(-1) * (M * scale)  # ∂s_i M_ij s_j; its transpose is s_i M_ij ∂s_j
+            out[f"L_{a}_{b}"] = side + side.mT + dM * (scale.unsqueeze(-1) * scale)
+    return out
