@@ -7,9 +7,9 @@ correlation and variance functions) and whose random terms are Grouped terms nes
 
     V_g = Σ_t S_tg ∘ (X_tg Σ_t X_tgᵀ) + R_g,   S_tg[i, j] = [term t puts rows i, j in one group],
 
-n_g × n_g for the n_g rows of group g. Blocks are padded to the largest group (padding rows carry
-an identity block, zero data) and factorised all at once, so an evaluation costs O(Σ_g n_g³) time
-and O(m·a²) memory (a the largest group) instead of the dense engine's O(n³) and O(n²). With
+n_g × n_g for the n_g rows of group g. Groups of equal size form a bucket whose blocks are
+factorised at once (no padding), so an evaluation costs O(Σ_g n_g³) time and O(Σ_g n_g²) memory
+instead of the dense engine's O(n³) and O(n²), in one pass per distinct group size. With
 L_g L_gᵀ = V_g, C = (XᵀV⁻¹X)⁻¹, q = Py = V⁻¹(y − Xβ̂) and P_gg = V_g⁻¹ − W_g C W_gᵀ (W_g = V_g⁻¹X_g):
 
     ℓ = −½ (Σ_g log|V_g| + log|XᵀV⁻¹X| + Σ_g r̃_gᵀr̃_g) − (n − p)/2 log 2π,   r̃_g = L_g⁻¹(y_g − X_gβ̂),
@@ -77,9 +77,10 @@ def _nested(term: Grouped, residual: WithinGroup) -> bool:
 
 
 class Blocks(NamedTuple):
-    """The θ-independent blocks of one dataset (``BlocksEngine.prepare``): row index (m, a) (``n`` for
-    padding), valid (m, a), y (m, a), X (m, a, p), the residual's row pairs, and per random term
-    the basis B_ab = S ∘ (x_a x_bᵀ) (k, k, m, a, a), so that its block is Σ_ab Σ_ab B_ab."""
+    """The θ-independent blocks of the m groups of one size a (``BlocksEngine.prepare`` makes one per
+    group size): row index (m, a), valid (m, a), y (m, a), X (m, a, p), the residual's row pairs,
+    and per random term the basis B_ab = S ∘ (x_a x_bᵀ) (k, k, m, a, a), so that its block is
+    Σ_ab Σ_ab B_ab."""
 
     rows: Tensor
     valid: Tensor
@@ -87,47 +88,43 @@ class Blocks(NamedTuple):
     X: Tensor
     pairs: RowPairs
     bases: tuple
-    padding: Tensor  # (m, a, a) the identity on padding rows, 0 elsewhere
 
 
-def _pad(values: Tensor, rows: Tensor, fill: float) -> Tensor:
-    padded = torch.cat([values, torch.full((1, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)])
-    return padded[rows]
-
-
-def blocks_of(model: _Model, y: Tensor, X: Tensor) -> Blocks:
+def blocks_of(model: _Model, y: Tensor, X: Tensor) -> tuple[Blocks, ...]:
+    """The groups of the residual as buckets of equal size: bucket b holds its m_b groups of a_b rows
+    as (m_b, a_b, …) arrays, so nothing is padded (one bucket per distinct group size)."""
     residual = model.residual
     codes = residual.codes
     n = codes.shape[0]
-    # Codes 0 … m−1 (a code without rows is an empty block: identity, no data).
-    group = codes
-    counts = torch.bincount(group)
-    m, a = counts.shape[0], int(counts.max())
-    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(codes)
+    order = torch.argsort(codes, stable=True)
     starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(n, device=codes.device) - starts[group[order]]
-    rows = torch.full((m, a), n, dtype=torch.long, device=codes.device)
-    rows[group[order], position] = order
-    valid = rows < n
+    position = torch.arange(n, device=codes.device) - starts[codes[order]]
     dtype = y.dtype
-    pair_valid = (valid.unsqueeze(-1) & valid.unsqueeze(-2)).to(dtype)
-    locations = _pad(residual.locations.to(dtype), rows, 0.0)
-    pairs = row_pairs(
-        pair_valid,
-        torch.diag_embed(valid.to(dtype)),
-        pairwise_distance(locations),
-        _pad(residual.strata, rows, 0),
-        _pad(residual.covariate.to(dtype), rows, 1.0),
-        _pad(residual.locations[:, 0].round().long(), rows, 0),
-    )
-    bases = []
-    for _, term in model.terms:
-        x = _pad(term.covariates.to(dtype), rows, 0.0)  # (m, a, k)
-        term_codes = _pad(term.codes, rows, -1)
-        same = (term_codes.unsqueeze(-1) == term_codes.unsqueeze(-2)).to(dtype) * pair_valid
-        bases.append(same * torch.einsum("gia,gjb->abgij", x, x))
-    padding = torch.diag_embed((~valid).to(dtype))
-    return Blocks(rows, valid, _pad(y, rows, 0.0), _pad(X, rows, 0.0), pairs, tuple(bases), padding)
+    # table[g, i]: the i-th row of group g (−1 beyond its size).
+    table = torch.full((counts.shape[0], int(counts.max())), -1, dtype=torch.long, device=codes.device)
+    table[codes[order], position] = order
+    buckets = []
+    for size in torch.unique(counts[counts > 0]).tolist():
+        rows = table[torch.nonzero(counts == size).flatten(), :size]  # the groups of this size
+        valid = torch.ones(rows.shape, dtype=torch.bool, device=codes.device)
+        pair_valid = torch.ones(*rows.shape, size, dtype=dtype, device=codes.device)
+        pairs = row_pairs(
+            pair_valid,
+            torch.eye(size, dtype=dtype, device=codes.device).expand(rows.shape[0], size, size),
+            pairwise_distance(residual.locations.to(dtype)[rows]),
+            residual.strata[rows],
+            residual.covariate.to(dtype)[rows],
+            residual.locations[:, 0].round().long()[rows],
+        )
+        bases = []
+        for _, term in model.terms:
+            x = term.covariates.to(dtype)[rows]  # (m_b, a_b, k)
+            term_codes = term.codes[rows]
+            same = (term_codes.unsqueeze(-1) == term_codes.unsqueeze(-2)).to(dtype)
+            bases.append(same * torch.einsum("gia,gjb->abgij", x, x))
+        buckets.append(Blocks(rows, valid, y[..., rows], X[rows], pairs, tuple(bases)))
+    return tuple(buckets)
 
 
 def _subtree(params: Mapping, name: str | None) -> Mapping:
@@ -148,7 +145,7 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
     R, d_raw = within_group_matrix_and_derivatives(
         residual, natural, [spec.name for spec in free], blocks.pairs, scales
     )
-    V = R + blocks.padding
+    V = R
     pieces = {}
     for (name, term), basis in zip(model.terms, blocks.bases):
         term_params = params.get(name, {}).get("cov", {})
@@ -172,30 +169,43 @@ class _Solved(NamedTuple):
     loglik: Tensor
     beta: Tensor
     vcov: Tensor
-    L: Tensor
-    whitened_X: Tensor
-    whitened_residual: Tensor
+    L: tuple  # per bucket (m_b, a_b, a_b)
+    whitened_X: tuple
+    whitened_residual: tuple
     ok: Tensor
 
 
-def _solve(V: Tensor, blocks: Blocks, n: int) -> _Solved:
-    L, info = torch.linalg.cholesky_ex(V)
-    ok = (info == 0).all()
-    eye = torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
-    L = torch.where(ok, L, eye)
-    p = blocks.X.shape[-1]
-    whitened = torch.linalg.solve_triangular(L, torch.cat([blocks.X, blocks.y.unsqueeze(-1)], -1), upper=False)
-    wX, wy = whitened[..., :p], whitened[..., p]
-    information = torch.einsum("gap,gaq->pq", wX, wX)
+def _solve(V: tuple, buckets: tuple, n: int) -> _Solved:
+    """Factor every bucket's blocks; β̂ and C from the sums over all groups; ℓ."""
+    p = buckets[0].X.shape[-1]
+    dtype, device = V[0].dtype, V[0].device
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    factors, whitened_X, whitened_y = [], [], []
+    information = torch.zeros(p, p, dtype=dtype, device=device)
+    right = torch.zeros(p, dtype=dtype, device=device)
+    log_det = torch.zeros((), dtype=dtype, device=device)
+    for V_b, blocks in zip(V, buckets):
+        L, info = torch.linalg.cholesky_ex(V_b)
+        ok = ok & (info == 0).all()
+        L = torch.where(ok, L, torch.eye(V_b.shape[-1], dtype=dtype, device=device))
+        whitened = torch.linalg.solve_triangular(L, torch.cat([blocks.X, blocks.y.unsqueeze(-1)], -1), upper=False)
+        wX, wy = whitened[..., :p], whitened[..., p]
+        information = information + torch.einsum("gap,gaq->pq", wX, wX)
+        right = right + torch.einsum("gap,ga->p", wX, wy)
+        log_det = log_det + 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
+        factors.append(L)
+        whitened_X.append(wX)
+        whitened_y.append(wy)
     chol_x, info_x = torch.linalg.cholesky_ex(information)
     ok = ok & (info_x == 0)
-    chol_x = torch.where(ok, chol_x, torch.eye(p, dtype=V.dtype, device=V.device))
-    beta = torch.cholesky_solve(torch.einsum("gap,ga->p", wX, wy).unsqueeze(-1), chol_x).squeeze(-1)
-    residual = wy - wX @ beta
-    log_det = 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum() + 2.0 * torch.log(torch.diagonal(chol_x)).sum()
-    value = -0.5 * (log_det + (residual * residual).sum()) - 0.5 * (n - p) * math.log(2.0 * math.pi)
+    chol_x = torch.where(ok, chol_x, torch.eye(p, dtype=dtype, device=device))
+    beta = torch.cholesky_solve(right.unsqueeze(-1), chol_x).squeeze(-1)
+    residuals = [wy - wX @ beta for wX, wy in zip(whitened_X, whitened_y)]
+    squares = sum((r * r).sum() for r in residuals)
+    log_det = log_det + 2.0 * torch.log(torch.diagonal(chol_x)).sum()
+    value = -0.5 * (log_det + squares) - 0.5 * (n - p) * math.log(2.0 * math.pi)
     loglik = torch.where(ok, value, -math.inf)
-    return _Solved(loglik, beta, inverse_from_cholesky(chol_x), L, wX, residual, ok)
+    return _Solved(loglik, beta, inverse_from_cholesky(chol_x), tuple(factors), tuple(whitened_X), tuple(residuals), ok)
 
 
 class BlocksEngine:
@@ -207,53 +217,53 @@ class BlocksEngine:
         model = _model(s)
         return model is not None and all(_nested(term, model.residual) for _, term in model.terms)
 
-    def prepare(self, s, y, X) -> Blocks:
-        """The padded blocks of y, X and the structure's data (θ-independent; once per dataset)."""
+    def prepare(self, s, y, X) -> tuple[Blocks, ...]:
+        """The blocks of y, X and the structure's data by group size (θ-independent; once per dataset)."""
         return blocks_of(_model(s), y, X)
 
-    def _blocks(self, s, y, X, prepared):
+    def _factor(self, s, params, y, X, prepared, derivatives: bool, jacobian: str = "closed"):
         model = _model(s)
-        return model, (prepared if prepared is not None else blocks_of(model, y, X))
+        buckets = prepared if prepared is not None else blocks_of(model, y, X)
+        built = [_matrix_and_derivatives(model, params, blocks, derivatives, jacobian) for blocks in buckets]
+        solved = _solve(tuple(V for V, _ in built), buckets, y.shape[-1])
+        return model, buckets, solved, [pieces for _, pieces in built]
 
     def loglik(self, s, params, y, X, prepared=None) -> Tensor:
-        model, blocks = self._blocks(s, y, X, prepared)
-        V, _ = _matrix_and_derivatives(model, params, blocks, False, "closed")
-        return _solve(V, blocks, y.shape[-1]).loglik
+        return self._factor(s, params, y, X, prepared, False)[2].loglik
 
     def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
-        model, blocks = self._blocks(s, y, X, prepared)
-        V, _ = _matrix_and_derivatives(model, params, blocks, False, "closed")
-        solved = _solve(V, blocks, y.shape[-1])
+        solved = self._factor(s, params, y, X, prepared, False)[2]
         return torch.where(solved.ok, solved.beta, math.nan), torch.where(solved.ok, solved.vcov, math.nan)
 
-    def _Py(self, solved: _Solved) -> Tensor:
-        """q = Py (m, a) blockwise: L_g⁻ᵀ r̃_g."""
-        return torch.linalg.solve_triangular(solved.L.mT, solved.whitened_residual.unsqueeze(-1), upper=True).squeeze(
-            -1
-        )
+    @staticmethod
+    def _Py(L: Tensor, whitened_residual: Tensor) -> Tensor:
+        """q = Py blockwise (m_b, a_b): L_g⁻ᵀ r̃_g."""
+        return torch.linalg.solve_triangular(L.mT, whitened_residual.unsqueeze(-1), upper=True).squeeze(-1)
 
     def ai_terms(
         self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None
     ) -> AITerms:
         """Exact traces always (``trace`` is accepted for the engine protocol)."""
-        model, blocks = self._blocks(s, y, X, prepared)
-        V, pieces = _matrix_and_derivatives(model, params, blocks, True, jacobian)
-        solved = _solve(V, blocks, y.shape[-1])
+        model, buckets, solved, pieces = self._factor(s, params, y, X, prepared, True, jacobian)
         names = param_names(s)
-        q = self._Py(solved)
-        V_inv = inverse_from_cholesky(solved.L)
-        W = torch.linalg.solve_triangular(solved.L.mT, solved.whitened_X, upper=True)  # V_g⁻¹ X_g
-        # s_j = ½ ⟨V̇_j, q qᵀ − P_gg⟩ over all blocks, P_gg = V_g⁻¹ − W_g C W_gᵀ; one block derivative
-        # at a time (never all K of them stacked).
-        G = (0.5 * (q.unsqueeze(-1) * q.unsqueeze(-2) - V_inv + W @ solved.vcov @ W.mT)).flatten()
-        score = torch.stack([pieces[name].flatten() @ G for name in names]) if names else V.new_zeros(0)
-        u = (
-            torch.stack([(pieces[name] @ q.unsqueeze(-1)).squeeze(-1) for name in names])
-            if names
-            else V.new_zeros(0, *q.shape)
-        )  # (K, m, a): V̇_j q blockwise
-        a = torch.einsum("gap,kga->kp", W, u)
-        inner = torch.einsum("jga,gab,kgb->jk", u, V_inv, u) - a @ solved.vcov @ a.mT
+        K, p = len(names), solved.beta.shape[-1]
+        dtype, device = solved.beta.dtype, solved.beta.device
+        score = torch.zeros(K, dtype=dtype, device=device)
+        a = torch.zeros(K, p, dtype=dtype, device=device)
+        inner = torch.zeros(K, K, dtype=dtype, device=device)
+        for L, wX, residual, bucket_pieces in zip(solved.L, solved.whitened_X, solved.whitened_residual, pieces):
+            q = self._Py(L, residual)
+            V_inv = inverse_from_cholesky(L)
+            W = torch.linalg.solve_triangular(L.mT, wX, upper=True)  # V_g⁻¹ X_g
+            # s_j = ½ ⟨V̇_j, q qᵀ − P_gg⟩, P_gg = V_g⁻¹ − W_g C W_gᵀ; one block derivative at a time.
+            G = (0.5 * (q.unsqueeze(-1) * q.unsqueeze(-2) - V_inv + W @ solved.vcov @ W.mT)).flatten()
+            if not K:
+                continue
+            score = score + torch.stack([bucket_pieces[name].flatten() @ G for name in names])
+            u = torch.stack([(bucket_pieces[name] @ q.unsqueeze(-1)).squeeze(-1) for name in names])  # V̇_j q
+            a = a + torch.einsum("gap,kga->kp", W, u)
+            inner = inner + torch.einsum("jga,gab,kgb->jk", u, V_inv, u)
+        inner = inner - a @ solved.vcov @ a.mT
         ai = 0.25 * (inner + inner.mT)
         return AITerms(
             solved.loglik,
@@ -265,21 +275,21 @@ class BlocksEngine:
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) (k,) from the blocks' diagonals."""
         model = _model(s)
-        leaf = model.residual.codes
-        n = leaf.shape[0]
+        n = model.residual.codes.shape[0]
         dtype = model.residual.locations.dtype
-        dummy_y, dummy_X = torch.zeros(n, dtype=dtype), torch.zeros(n, 0, dtype=dtype)
-        blocks = blocks_of(model, dummy_y, dummy_X)
-        _, pieces = _matrix_and_derivatives(model, params, blocks, True, jacobian)
-        return torch.stack([torch.diagonal(pieces[name], dim1=-2, dim2=-1).sum() for name in param_names(s)])
+        buckets = blocks_of(model, torch.zeros(n, dtype=dtype), torch.zeros(n, 0, dtype=dtype))
+        names = param_names(s)
+        total = torch.zeros(len(names), dtype=dtype)
+        for blocks in buckets:
+            _, pieces = _matrix_and_derivatives(model, params, blocks, True, jacobian)
+            total = total + torch.stack([torch.diagonal(pieces[name], dim1=-2, dim2=-1).sum() for name in names])
+        return total
 
     def _full_Py(self, s, params, y, X) -> tuple[_Model, Tensor]:
-        model, blocks = self._blocks(s, y, X, None)
-        V, _ = _matrix_and_derivatives(model, params, blocks, False, "closed")
-        q = self._Py(_solve(V, blocks, y.shape[-1]))
-        Py = torch.zeros(y.shape[-1] + 1, dtype=y.dtype, device=y.device).index_put(
-            (blocks.rows.flatten(),), q.flatten()
-        )[:-1]
+        model, buckets, solved, _ = self._factor(s, params, y, X, None, False)
+        Py = torch.zeros(y.shape[-1], dtype=y.dtype, device=y.device)
+        for blocks, L, residual in zip(buckets, solved.L, solved.whitened_residual):
+            Py = Py.index_put((blocks.rows.flatten(),), self._Py(L, residual).flatten())
         return model, Py
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
