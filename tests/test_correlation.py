@@ -301,3 +301,10 @@ def test_blocks_engine_is_not_chosen_for_crossed_terms_and_batches_equal_single_
         single = rf.fit(model.structure, Y[b], model.X)
         assert float(batched.loglik[b]) == pytest.approx(float(single.loglik), abs=1e-8)
         assert single.engine == "blocks"
+
+
+def test_cor_symm_by_the_values_of_a_time_column_equals_by_position_on_complete_visits():
+    # Orthodont has every visit (ages 8, 10, 12, 14) for every child: the index by age is the position.
+    data = frame("Orthodont", None)
+    by_age = rf.gls("distance ~ age", data, correlation=rf.cor_symm(group="Subject", time="age"))
+    assert by_age.loglik == pytest.approx(REFERENCES["orthodont_symm"]["logLik"], abs=1e-6)

@@ -12,7 +12,7 @@ reml_fn                                          nlme
                                                  that, ``rf.cor_car1(group="g", time="t")``
 ``rf.cor_car1(group="g", time="t")``             ``corCAR1(form = ~ t | g)``
 ``rf.cor_cs(group="g")``                         ``corCompSymm(form = ~ 1 | g)``
-``rf.cor_symm(group="g")``, ``index="t"``        ``corSymm(form = ~ 1 | g)`` (row order), ``~ t | g``
+``rf.cor_symm(group="g")``, ``time="t"``         ``corSymm(form = ~ 1 | g)`` (row order), ``~ t | g``
 ``rf.cor_exp(group="g", time="t")``,             ``corExp(form = ~ t | g)``,
 ``coords=("x", "y")``, ``nugget=True``           ``corExp(form = ~ x + y | g, nugget = TRUE)``
 ``rf.cor_gaus(...)``                             ``corGaus(...)``
@@ -112,11 +112,11 @@ def cor_car1(group: str, time: str) -> Correlation:
     return Correlation("car1", _name(group, "group"), _name(time, "time"))
 
 
-def cor_symm(group: str, index: str | None = None) -> Correlation:
+def cor_symm(group: str, time: str | None = None) -> Correlation:
     """An unstructured correlation C[k_i, k_j] over the within-group index k: the distinct values of
-    ``index`` in order (0, 1, … for visits 8, 10, 12, 14), or the row's position in its group when
-    ``index`` is None (nlme's ``corSymm(form = ~ 1 | g)``)."""
-    return Correlation("symm", _name(group, "group"), None if index is None else _name(index, "index"))
+    ``time`` in order (0, 1, … for visits 8, 10, 12, 14; nlme's ``corSymm(form = ~ t | g)`` with
+    t = 1, 2, …), or the row's position in its group when ``time`` is None (``corSymm(form = ~ 1 | g)``)."""
+    return Correlation("symm", _name(group, "group"), None if time is None else _name(time, "time"))
 
 
 def cor_cs(group: str) -> Correlation:
