@@ -77,15 +77,6 @@ _FRONTEND = (
     "cor_symm",
     "var_ident",
     "var_power",
-    "gls",
-    "cor_ar1",
-    "cor_car1",
-    "cor_cs",
-    "cor_exp",
-    "cor_gaus",
-    "cor_symm",
-    "var_ident",
-    "var_power",
 )
 
 
@@ -159,14 +150,6 @@ __all__ = [
     "fit",
     "fit_batched",
     "mixed_model",
-    "lmer",
-    "lmer_model",
-    "LmerModel",
-    "LmerResult",
-    "anova",
-    "bootstrap",
-    "coef_table",
-    "confint",
-    "contest",
     "FitResult",
+    *_FRONTEND,
 ]

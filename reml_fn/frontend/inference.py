@@ -34,7 +34,7 @@ from reml_fn.frontend.result import LmerResult
 from reml_fn.inference.kenward_roger import kenward_roger, kenward_roger_df
 from reml_fn.inference.profile import profile_limits
 from reml_fn.inference.satterthwaite import contrast_df, joint_df, variance_derivatives
-from reml_fn.params import flatten_params, unconstrain
+from reml_fn.params import flatten_params, get_path, unconstrain
 from reml_fn.reml.engines import select_engine
 from reml_fn.reml.ml import ml_fit_at
 
@@ -208,17 +208,8 @@ def _kenward_roger(result: LmerResult):
         raise ValueError("Kenward–Roger df are defined for REML fits (pbkrtest refuses ML fits too)")
     model = result.model
     names = list(result.fit.names)
-    natural = dict(_leaves(result.fit.natural))
-    vector = torch.stack([natural[name] for name in names])
+    vector = torch.stack([get_path(result.fit.natural, name) for name in names])
     return kenward_roger(model.structure, names, vector, model.y, model.X, engine=result.fit.engine)
-
-
-def _leaves(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}/")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def coef_table(result: LmerResult, ddf: str = "satterthwaite") -> pd.DataFrame:
