@@ -308,3 +308,40 @@ def test_cor_symm_by_the_values_of_a_time_column_equals_by_position_on_complete_
     data = frame("Orthodont", None)
     by_age = rf.gls("distance ~ age", data, correlation=rf.cor_symm(group="Subject", time="age"))
     assert by_age.loglik == pytest.approx(REFERENCES["orthodont_symm"]["logLik"], abs=1e-6)
+
+
+def test_simulate_draws_the_correlated_residual_block_by_block():
+    data = frame("Orthodont", None)
+    m = rf.lmer(
+        "distance ~ age + (1 | Subject)", data, correlation=rf.cor_ar1(group="Subject"), weights=rf.var_ident(by="Sex")
+    )
+    draws = m.simulate(20000, seed=5).to_numpy()
+    V = m.model.structure.build(m.fit.params).numpy()  # closed form, dense
+    first = np.arange(4)  # one subject's four visits
+    np.testing.assert_allclose(np.cov(draws[first]), V[np.ix_(first, first)], rtol=0.06, atol=0.06 * V.max())
+    np.testing.assert_allclose(draws.mean(1)[first], (m.model.X @ m.fit.beta).numpy()[first], atol=0.1)
+    # A bootstrap of a correlated-residual fit runs on the same draws.
+    boot = rf.bootstrap(m, 5, seed=1)
+    assert boot.replicates.shape[0] == 5 and (boot.status == 0).all()
+
+
+SYMM_SUBSETS = json.loads((Path(__file__).parent / "data" / "correlation" / "nlme_symm_subset.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "key, correlation",
+    [
+        ("orthodont_symm_subset", rf.cor_symm(group="Subject")),  # nlme: the row's position in its group
+        ("orthodont_symm_age_subset", rf.cor_symm(group="Subject", time="age")),  # the visit, from the age
+    ],
+)
+def test_cor_symm_on_an_unbalanced_subset_equals_nlme(key, correlation):
+    reference = SYMM_SUBSETS[key]
+    m = rf.gls("distance ~ age", frame("Orthodont", reference["rows"]), correlation=correlation)
+    assert m.loglik == pytest.approx(reference["logLik"], abs=1e-6)
+    np.testing.assert_allclose(m.fixef().to_numpy(), list(reference["fixef"].values()), rtol=1e-5)
+    ours = m.residual_parameters()
+    theirs = reference["correlations"]
+    values = list(theirs.values()) if isinstance(theirs, dict) else theirs
+    pairs = [f"cor{pair}" for pair in reference["correlation_pairs"]]
+    np.testing.assert_allclose([ours[pair] for pair in pairs], values, rtol=2e-4, atol=1e-5)

@@ -27,6 +27,7 @@ from torch import Tensor
 from reml_fn.fit.result import FitResult
 from reml_fn.frontend.model import CONTEXT, LmerModel, as_frame, level_label
 from reml_fn.reml import blup
+from reml_fn.reml.blocks import residual_draws
 from reml_fn.structures.within_group import row_weights, symm_correlation
 
 __all__ = ["LmerResult"]
@@ -271,7 +272,8 @@ class LmerResult:
 
     def simulate(self, nsim: int = 1, seed: int | None = None) -> pd.DataFrame:
         """``nsim`` responses drawn from the fitted model (columns ``sim_1`` … ``sim_nsim``, rows as
-        fitted): Xβ̂ + Σ_t Z_t u_t + e, u_t ~ N(0, I_m ⊗ Σ̂_t), e ~ N(0, σ̂² I)."""
+        fitted): Xβ̂ + Σ_t Z_t u_t + e, u_t ~ N(0, I_m ⊗ Σ̂_t), e ~ N(0, σ̂² I) — or e ~ N(0, R̂) for a
+        correlated residual, drawn group block by group block."""
         if isinstance(nsim, bool) or not isinstance(nsim, int) or nsim < 1:
             raise ValueError(f"nsim must be a positive int, got {nsim!r}")
         model = self.model
@@ -279,13 +281,12 @@ class LmerResult:
         generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         dtype, n = model.y.dtype, model.nobs
         mean = model.X @ self.fit.beta
-        noise = torch.randn(n, nsim, generator=generator, dtype=dtype)
         if model.correlation is None and model.weights is None:
-            draws = mean.unsqueeze(-1) + self.sigma * noise
-        else:  # e ~ N(0, R): R's factor (dense; the residual's n × n matrix)
+            draws = mean.unsqueeze(-1) + self.sigma * torch.randn(n, nsim, generator=generator, dtype=dtype)
+        else:  # e ~ N(0, R), group block by group block
             residual = model.structure if not model.residual_path else model.structure["residual"]
-            R = residual.build(model.residual_subtree(self.fit.params)).to(dtype)
-            draws = mean.unsqueeze(-1) + _psd_factor(R) @ noise
+            natural = model.residual_subtree(self.fit.natural)
+            draws = mean.unsqueeze(-1) + residual_draws(residual, natural, nsim, generator, dtype)
         covariances = self._covariances()
         for name, child in _grouped(model):
             sigma = torch.as_tensor(covariances[name], dtype=dtype)
