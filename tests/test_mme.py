@@ -184,7 +184,7 @@ def test_mme_equals_dense_on_reference_models(name):
 
 @st.composite
 def mixed_models(draw):
-    n = draw(st.integers(20, 30))  # the dense part (≤ 6·2 + 3 columns) stays within n/2: MME supports it
+    n = draw(st.integers(30, 40))  # the dense part (≤ 6·2 + 3 = 15 columns) stays within n/2: MME supports it
     generator, X = simulate(draw(st.integers(0, 2**31 - 1)), n, p=draw(st.integers(1, 3)))
     terms, values = {}, []
     correlation = st.floats(-0.9, 0.9)
