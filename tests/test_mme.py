@@ -479,3 +479,46 @@ def test_memory_stays_linear_in_n():
     assert result.returncode == 0, result.stderr
     growth_mb = float(result.stdout.strip().splitlines()[-1])
     assert growth_mb < 500, f"peak RSS grew by {growth_mb:.0f} MB (a dense V would need 320 GB)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Propagate terms of grouped shape take the Grouped paths (reml_fn.reml.grouped_form)
+
+
+def test_propagate_spelling_equals_grouped_spelling_and_takes_the_grouped_path():
+    from reml_fn.datasets.models import model
+    from reml_fn.reml import one_factor
+    from reml_fn.reml.grouped_form import grouped_form
+
+    propagate = model("sleepstudy_2")  # Propagate(Z, Kronecker(groups=I_18, cov=Unstructured(2)))
+    grouped, converted = grouped_form(propagate.structure)
+    assert converted == {"Subject": ("G", "cov")} and one_factor.layout(grouped) is not None
+    formula = rf.lmer_model("Reaction ~ Days + (Days | Subject)", rf.datasets.load_frame("sleepstudy"))
+    theta = torch.tensor([3.2, 9.6, 1.7, 3.2], dtype=torch.float64)
+    a = rf.ai_terms(propagate.structure, theta, propagate.y, propagate.X, engine="mme")
+    b = rf.ai_terms(formula.structure, theta, formula.y, formula.X, engine="mme")
+    c = rf.ai_terms(propagate.structure, theta, propagate.y, propagate.X, engine="dense")
+    for got, expected in (
+        (a.loglik, b.loglik),
+        (a.score, b.score),
+        (a.ai, b.ai),
+        (a.loglik, c.loglik),
+        (a.score, c.score),
+    ):
+        close(got, expected, 1e-9)
+    effects = rf.blup(propagate.structure, theta, propagate.y, propagate.X, engine="mme")["Subject"]
+    close(effects, rf.blup(propagate.structure, theta, propagate.y, propagate.X, engine="dense")["Subject"], 1e-9)
+    assert effects.shape == (36,)  # the Propagate term's (q,) layout, as the dense engine gives it
+
+
+def test_propagate_terms_not_of_grouped_shape_stay_as_they_are():
+    from reml_fn.reml.grouped_form import grouped_form
+
+    n = 6
+    overlapping = torch.ones(n, 4, dtype=torch.float64)  # every row in both blocks of 2 columns
+    s = rf.Sum(u=rf.Propagate(Z=overlapping, G=rf.Kronecker(a=rf.Identity(2), b=rf.Unstructured(2))), e=rf.Scalar(n))
+    assert grouped_form(s)[1] == {}
+    swapped = rf.Sum(
+        u=rf.Propagate(Z=overlapping, G=rf.Kronecker(a=rf.Unstructured(2), b=rf.Identity(2))), e=rf.Scalar(n)
+    )
+    assert grouped_form(swapped)[1] == {}

@@ -109,6 +109,7 @@ from reml_fn.reml.covariance_blocks import (
 )
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
+from reml_fn.reml.grouped_form import grouped_form, grouped_params, propagate_effects
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf
 
@@ -742,6 +743,12 @@ def _one_factor_inputs(s, y, X, prepared):
     return model, prepared if prepared is not None else one_factor.statistics(model, y, X)
 
 
+def _grouped(s, params):
+    """``s`` and ``params`` with grouped-shaped Propagate terms as Grouped (:mod:`grouped_form`)."""
+    grouped, converted = grouped_form(s)
+    return grouped, grouped_params(params, converted)
+
+
 class MMEEngine:
     """Henderson's mixed-model equations in lme4's spherical form (see the module docstring).
 
@@ -753,6 +760,7 @@ class MMEEngine:
     name = "mme"
 
     def supports(self, s) -> bool:
+        s, _ = grouped_form(s)
         layout = _layout(s)
         if layout is None:
             return False
@@ -779,10 +787,11 @@ class MMEEngine:
             ...                                == ENGINES["mme"].loglik(s, s.init_params(), y, X))
             ('Statistics', True)
         """
-        model = one_factor.layout(s)
+        model = one_factor.layout(grouped_form(s)[0])
         return None if model is None else one_factor.statistics(model, y, X)
 
     def loglik(self, s, params, y, X, prepared=None) -> Tensor:
+        s, params = _grouped(s, params)
         model, stats = _one_factor_inputs(s, y, X, prepared)
         if model is not None:
             return one_factor.loglik(model, params, y, X, stats)
@@ -794,6 +803,7 @@ class MMEEngine:
         """Exact traces always (``trace="hutchpp"`` is accepted and computed exactly: they are cheap here)."""
         if trace not in ("exact", "hutchpp"):
             raise ValueError(f"unknown trace method {trace!r}; expected 'exact' or 'hutchpp'")
+        s, params = _grouped(s, params)
         model, stats = _one_factor_inputs(s, y, X, prepared)
         if model is not None:
             return one_factor.ai_terms(model, params, y, X, stats, jacobian)
@@ -807,6 +817,7 @@ class MMEEngine:
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) (k,) in O(n·k²): tr(Σ̇ Σ_i x_i x_iᵀ) for a Grouped term, tr(Ġ ZᵀZ) for a
         Propagate term, Σ_i ṙ_i for the residual."""
+        s, params = _grouped(s, params)
         model = one_factor.layout(s)
         if model is not None:
             return one_factor.jacobian_traces(model, params, jacobian)
@@ -830,6 +841,7 @@ class MMEEngine:
 
     def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
         """β̂ and (XᵀV⁻¹X)⁻¹ from the last p×p block of the factor."""
+        s, params = _grouped(s, params)
         model, stats = _one_factor_inputs(s, y, X, prepared)
         if model is not None:
             return one_factor.gls(model, params, y, X, stats)
@@ -841,10 +853,13 @@ class MMEEngine:
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
         """û = Λũ per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
-        return _effects(_solve(_factor(s, params, X), y))
+        grouped, converted = grouped_form(s)
+        effects = _effects(_solve(_factor(grouped, grouped_params(params, converted), X), y))
+        return propagate_effects(effects, converted)
 
     def fitted_random(self, s, params, y, X) -> Tensor:
         """Σ_t Z_t û_t (n,)."""
+        s, params = _grouped(s, params)
         fac = _solve(_factor(s, params, X), y)
         effects = _effects(fac)
         total = torch.zeros_like(y)
