@@ -345,3 +345,15 @@ def test_cor_symm_on_an_unbalanced_subset_equals_nlme(key, correlation):
     values = list(theirs.values()) if isinstance(theirs, dict) else theirs
     pairs = [f"cor{pair}" for pair in reference["correlation_pairs"]]
     np.testing.assert_allclose([ours[pair] for pair in pairs], values, rtol=2e-4, atol=1e-5)
+
+
+def test_variance_functions_alone_run_block_by_block():
+    # Without a correlation the residual is diagonal: its blocks are the random term's groups (lmer)
+    # or single rows (gls), never one n × n block.
+    data = frame("Orthodont", None)
+    m = rf.lmer("distance ~ age + (1 | Subject)", data, weights=rf.var_ident(by="Sex"))
+    g = rf.gls("distance ~ age", data, weights=rf.var_power(covariate="age"))
+    assert m.fit.engine == "blocks" and g.fit.engine == "blocks"
+    assert int(torch.bincount(g.model.structure.codes).max()) == 1
+    dense = rf.fit(m.model.structure, m.model.y, m.model.X, engine="dense")
+    assert m.loglik == pytest.approx(float(dense.loglik), abs=1e-8)

@@ -470,7 +470,10 @@ def _model(formula, data, na_action, contrasts, correlation, weights, dtype, ran
         children[name] = Grouped(codes, cov, covariates=Z, num_groups=len(levels))
         terms.append(TermInfo(name, term.group, term.factors, tuple(names), tuple(levels), spec, term.text, expression))
     custom = correlation is not None or weights is not None
-    residual = residual_structure(frame, correlation, weights, dtype) if custom else Scalar(n)
+    # A variance function alone has no groups of its own: take the random term with the most levels'
+    # (the blocks engine then factorises by its groups), or every row alone (gls).
+    blocks = next(iter(children.values())).codes if children else torch.arange(n)
+    residual = residual_structure(frame, correlation, weights, dtype, blocks) if custom else Scalar(n)
     structure = Sum(**children, residual=residual) if children else residual
     return LmerModel(
         formula=formula,

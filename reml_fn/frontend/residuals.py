@@ -190,9 +190,11 @@ def _codes(column: pd.Series) -> tuple[np.ndarray, list]:
 
 
 def residual_structure(
-    frame: pd.DataFrame, correlation: Correlation | None, weights, dtype: torch.dtype
+    frame: pd.DataFrame, correlation: Correlation | None, weights, dtype: torch.dtype, blocks: torch.Tensor | None = None
 ) -> WithinGroup:
-    """The :class:`WithinGroup` residual of ``correlation`` and ``weights`` on the rows of ``frame``."""
+    """The :class:`WithinGroup` residual of ``correlation`` and ``weights`` on the rows of ``frame``.
+    Without a correlation the residual is diagonal and its groups only organise the computation:
+    ``blocks`` (n,) codes (default: every row alone)."""
     n = len(frame)
     strata, names, covariate = None, None, None
     ident, power = variance_functions(weights) if weights is not None else (None, None)
@@ -208,9 +210,8 @@ def residual_structure(
         # A level's name becomes part of the parameter name ratio_<level>: no '/' there.
         strata, names = torch.as_tensor(codes), [str(level).replace("/", "_") for level in levels]
     if correlation is None:
-        return WithinGroup(
-            torch.zeros(n, dtype=torch.long), "none", strata=strata, strata_names=names, power_covariate=covariate
-        )
+        codes = torch.arange(n) if blocks is None else blocks
+        return WithinGroup(codes, "none", strata=strata, strata_names=names, power_covariate=covariate)
     groups = torch.as_tensor(_codes(frame[correlation.group])[0])
     locations = None
     if correlation.kind == "ar1" and correlation.time is not None:
