@@ -357,3 +357,10 @@ def test_variance_functions_alone_run_block_by_block():
     assert int(torch.bincount(g.model.structure.codes).max()) == 1
     dense = rf.fit(m.model.structure, m.model.y, m.model.X, engine="dense")
     assert m.loglik == pytest.approx(float(dense.loglik), abs=1e-8)
+
+
+def test_a_large_model_only_the_dense_engine_can_fit_is_announced():
+    n = 6000
+    data = pd.DataFrame({"y": np.random.default_rng(1).normal(size=n), "a": np.arange(n) % 50, "b": np.arange(n) % 37})
+    with pytest.warns(UserWarning, match="not nested in the groups of the residual's correlation"):
+        rf.lmer_model("y ~ 1 + (1 | b)", data, correlation=rf.cor_ar1(group="a"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from torch import Tensor
 from reml_fn.combinators import Grouped, Sum
 from reml_fn.frontend.formula import ParsedFormula, formula_terms, parse_formula, plain_message
 from reml_fn.frontend.residuals import Correlation, VarIdent, residual_structure, variance_functions
+from reml_fn.reml.engines import select_engine
 from reml_fn.structures import Scalar, Unstructured
 
 __all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "gls", "as_frame", "level_label", "CONTEXT"]
@@ -54,6 +56,9 @@ CONTEXT = {
     "sqrt": np.sqrt,
     "abs": np.abs,
 }
+
+# Above this many rows a model that only the dense engine can fit gets a warning (n × n matrices).
+DENSE_WARNING_ROWS = 5000
 
 _CONTRASTS = {"treatment": "contr.treatment", "sum": "contr.sum", "helmert": "contr.helmert", "poly": "contr.poly"}
 _NA_ACTIONS = ("omit", "raise")
@@ -475,6 +480,12 @@ def _model(formula, data, na_action, contrasts, correlation, weights, dtype, ran
     blocks = next(iter(children.values())).codes if children else torch.arange(n)
     residual = residual_structure(frame, correlation, weights, dtype, blocks) if custom else Scalar(n)
     structure = Sum(**children, residual=residual) if children else residual
+    if custom and n > DENSE_WARNING_ROWS and select_engine(structure).name == "dense":
+        warnings.warn(
+            f"the random terms of {formula!r} are not nested in the groups of the residual's correlation, so "
+            f"this model runs on the dense engine: n × n matrices for n = {n} (about {8 * n * n / 1e9:.1f} GB each)",
+            stacklevel=3,
+        )
     return LmerModel(
         formula=formula,
         structure=structure,

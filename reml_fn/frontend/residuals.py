@@ -190,7 +190,11 @@ def _codes(column: pd.Series) -> tuple[np.ndarray, list]:
 
 
 def residual_structure(
-    frame: pd.DataFrame, correlation: Correlation | None, weights, dtype: torch.dtype, blocks: torch.Tensor | None = None
+    frame: pd.DataFrame,
+    correlation: Correlation | None,
+    weights,
+    dtype: torch.dtype,
+    blocks: torch.Tensor | None = None,
 ) -> WithinGroup:
     """The :class:`WithinGroup` residual of ``correlation`` and ``weights`` on the rows of ``frame``.
     Without a correlation the residual is diagonal and its groups only organise the computation:
