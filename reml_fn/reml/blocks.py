@@ -39,6 +39,7 @@ from reml_fn.structures.within_group import (
     RowPairs,
     WithinGroup,
     pairwise_distance,
+    positions_within_groups,
     row_pairs,
     within_group_matrix,
     within_group_matrix_and_derivatives,
@@ -79,12 +80,11 @@ def _nested(term: Grouped, residual: WithinGroup) -> bool:
 
 class Blocks(NamedTuple):
     """The θ-independent blocks of the m groups of one size a (``BlocksEngine.prepare`` makes one per
-    group size): row index (m, a), valid (m, a), y (m, a), X (m, a, p), the residual's row pairs,
+    group size): row index (m, a), y (m, a), X (m, a, p), the residual's row pairs,
     and per random term the basis B_ab = S ∘ (x_a x_bᵀ) (k, k, m, a, a), so that its block is
     Σ_ab Σ_ab B_ab."""
 
     rows: Tensor
-    valid: Tensor
     y: Tensor
     X: Tensor
     pairs: RowPairs
@@ -98,20 +98,15 @@ def blocks_of(model: _Model, y: Tensor, X: Tensor) -> tuple[Blocks, ...]:
     codes = residual.codes
     n = codes.shape[0]
     counts = torch.bincount(codes)
-    order = torch.argsort(codes, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(n, device=codes.device) - starts[codes[order]]
     dtype = y.dtype
     # table[g, i]: the i-th row of group g (−1 beyond its size).
     table = torch.full((counts.shape[0], int(counts.max())), -1, dtype=torch.long, device=codes.device)
-    table[codes[order], position] = order
+    table[codes, positions_within_groups(codes)] = torch.arange(n, device=codes.device)
     buckets = []
     for size in torch.unique(counts[counts > 0]).tolist():
         rows = table[torch.nonzero(counts == size).flatten(), :size]  # the groups of this size
-        valid = torch.ones(rows.shape, dtype=torch.bool, device=codes.device)
-        pair_valid = torch.ones(*rows.shape, size, dtype=dtype, device=codes.device)
         pairs = row_pairs(
-            pair_valid,
+            torch.ones(*rows.shape, size, dtype=dtype, device=codes.device),
             torch.eye(size, dtype=dtype, device=codes.device).expand(rows.shape[0], size, size),
             pairwise_distance(residual.locations.to(dtype)[rows]),
             residual.strata[rows],
@@ -124,7 +119,7 @@ def blocks_of(model: _Model, y: Tensor, X: Tensor) -> tuple[Blocks, ...]:
             term_codes = term.codes[rows]
             same = (term_codes.unsqueeze(-1) == term_codes.unsqueeze(-2)).to(dtype)
             bases.append(same * torch.einsum("gia,gjb->abgij", x, x))
-        buckets.append(Blocks(rows, valid, y[..., rows], X[rows], pairs, tuple(bases)))
+        buckets.append(Blocks(rows, y[..., rows], X[rows], pairs, tuple(bases)))
     return tuple(buckets)
 
 
@@ -133,8 +128,7 @@ def _subtree(params: Mapping, name: str | None) -> Mapping:
 
 
 def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, derivatives: bool, jacobian: str):
-    """V blocks (m, a, a) (padding rows: identity) and, with ``derivatives``, ∂V/∂θ (K, m, a, a) in
-    the order of the structure's free parameters."""
+    """V blocks (m, a, a) of one bucket and, with ``derivatives``, ∂V/∂θ (K, m, a, a) by parameter name."""
     dtype = blocks.y.dtype
     residual = model.residual
     raw = _subtree(params, model.residual_path)

@@ -56,6 +56,7 @@ __all__ = [
     "WithinGroup",
     "KINDS",
     "RowPairs",
+    "positions_within_groups",
     "row_pairs",
     "pairwise_distance",
     "row_weights",
@@ -70,8 +71,13 @@ __all__ = [
 KINDS = ("ar1", "car1", "cs", "exp", "gaus", "symm", "none")
 
 
-def _positions(codes: Tensor) -> Tensor:
-    """Each row's position within its group, in row order (0, 1, 2, … per group)."""
+def positions_within_groups(codes: Tensor) -> Tensor:
+    """Each row's position within its group, in row order (0, 1, 2, … per group).
+
+    Example:
+        >>> positions_within_groups(torch.tensor([1, 0, 1, 1, 0])).tolist()
+        [0, 0, 1, 2, 1]
+    """
     n = codes.shape[0]
     order = torch.argsort(codes, stable=True)
     sorted_codes = codes[order]
@@ -129,7 +135,7 @@ class WithinGroup(Parametric):
         if locations is None:
             if kind in ("car1", "exp", "gaus"):
                 raise ValueError(f"WithinGroup: kind {kind!r} needs locations (times or coordinates)")
-            locations = _positions(codes).to(torch.get_default_dtype())
+            locations = positions_within_groups(codes).to(torch.get_default_dtype())
         locations = torch.as_tensor(locations)
         if not locations.is_floating_point():
             locations = locations.to(torch.get_default_dtype())
@@ -276,22 +282,32 @@ def _decay(s: WithinGroup, natural: dict, distance: Tensor) -> Tensor:
     return torch.exp(-scaled) if s.kind == "exp" else torch.exp(-scaled * scaled)
 
 
-def within_group_correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
-    """C ∘ M on the pairs: c_ii = 1 on valid rows, c_ij within a group, 0 elsewhere."""
+def _correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> tuple[Tensor, Tensor | None]:
+    """C ∘ M on the pairs, and what its derivatives reuse: value^{L−1} for ar1/car1 (off the
+    diagonal ρ^L = ρ·ρ^{L−1}, and ∂ρ^L/∂ρ = L ρ^{L−1}), the decay for exp/gaus, else None."""
     eye, off = pairs.eye, pairs.off
     if s.kind == "none":
-        return eye
+        return eye, None
     if s.kind == "cs":
-        return eye + natural["rho"] * off
+        return eye + natural["rho"] * off, None
     if s.kind == "symm":
         C = symm_correlation(s, natural)
-        return eye + off * C[pairs.position.unsqueeze(-1), pairs.position.unsqueeze(-2)]
-    if s.kind == "ar1":
-        return eye + off * torch.pow(natural["rho"], pairs.distance)
-    if s.kind == "car1":
-        return eye + off * torch.pow(natural["phi"], pairs.distance)
+        return eye + off * C[pairs.position.unsqueeze(-1), pairs.position.unsqueeze(-2)], None
+    if s.kind in ("ar1", "car1"):
+        value = natural["rho" if s.kind == "ar1" else "phi"]
+        # Exact at ρ = 0 for the integer lags of ar1 (L ≥ 1 off the diagonal); φ > 0 for car1.
+        lower = torch.pow(value, pairs.exponent if s.kind == "ar1" else pairs.distance - 1.0)
+        if s.kind == "car1":  # a tie (L = 0) within a group: c = φ⁰ = 1
+            return eye + off * torch.where(pairs.distance > 0, value * lower, 1.0), lower
+        return torch.addcmul(eye, off * value, lower), lower
+    decay = _decay(s, natural, pairs.distance)
     level = 1.0 - natural["nugget"] if s.nugget else 1.0
-    return eye + off * level * _decay(s, natural, pairs.distance)
+    return eye + off * level * decay, decay
+
+
+def within_group_correlation(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
+    """C ∘ M on the pairs: c_ii = 1 on valid rows, c_ij within a group, 0 elsewhere."""
+    return _correlation(s, natural, pairs)[0]
 
 
 def within_group_matrix(s: WithinGroup, natural: dict, pairs: RowPairs) -> Tensor:
@@ -327,23 +343,13 @@ def within_group_matrix_and_derivatives(
     off = pairs.off
     distance = pairs.distance
     out = {}
+    correlation, reused = _correlation(s, natural, pairs)
     if s.kind in ("ar1", "car1"):
         name = "rho" if s.kind == "ar1" else "phi"
-        value = natural[name]
-        # value^{L−1} once: off the diagonal ρ^L = ρ·ρ^{L−1} and ∂ρ^L/∂ρ = L ρ^{L−1} (exact at ρ = 0
-        # for the integer lags of ar1, L ≥ 1 there; 0 where L = 0, ties; φ > 0 for car1).
-        exponent = pairs.exponent if s.kind == "ar1" else distance - 1.0
-        lower = torch.pow(value, exponent)
-        lag = pairs.lag
-        if s.kind == "car1":  # a tie (L = 0) within a group: c = φ⁰ = 1
-            correlation = pairs.eye + off * torch.where(distance > 0, value * lower, 1.0)
-        else:
-            correlation = torch.addcmul(pairs.eye, off * value, lower)
-        if name in names:
+        if name in names:  # L value^{L−1} (0 where L = 0: the diagonal, ties)
             factor = sigma2 * scale(name)
-            out[name] = lag * (lower * factor) if weights.dim() == 0 else (weights * factor) * lag * lower
-    else:
-        correlation = within_group_correlation(s, natural, pairs)
+            lag = pairs.lag
+            out[name] = lag * (reused * factor) if weights.dim() == 0 else (weights * factor) * lag * reused
     matrix = sigma2 * weights * correlation
     if "sigma^2" in names:
         out["sigma^2"] = (weights * scale("sigma^2")) * correlation
@@ -358,7 +364,7 @@ def within_group_matrix_and_derivatives(
                 out[name] = (sigma2 * scale(name) * weights) * off * derivatives[name][rows, cols]
     if s.kind in ("exp", "gaus"):
         r = natural["range"]
-        decay = _decay(s, natural, distance)
+        decay = reused
         level = 1.0 - natural["nugget"] if s.nugget else 1.0
         if "range" in names:
             factor = distance / (r * r) if s.kind == "exp" else 2.0 * distance * distance / (r * r * r)
