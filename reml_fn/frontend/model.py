@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -37,12 +36,13 @@ from formulaic.errors import FormulaicError
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
+from reml_fn.frontend.data import as_frame, factor_codes, level_label
 from reml_fn.frontend.formula import ParsedFormula, formula_terms, parse_formula, plain_message
 from reml_fn.frontend.residuals import Correlation, VarIdent, residual_structure, variance_functions
 from reml_fn.reml.engines import select_engine
 from reml_fn.structures import Scalar, Unstructured
 
-__all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "gls", "as_frame", "level_label", "CONTEXT"]
+__all__ = ["LmerModel", "TermInfo", "lmer_model", "lmer", "gls", "CONTEXT"]
 
 # Names a formula may call besides the columns: numpy as np, and R's spellings of common transforms.
 CONTEXT = {
@@ -142,44 +142,10 @@ class LmerModel:
         return LmerResult(self, result)
 
 
-def as_frame(data: Any) -> pd.DataFrame:
-    """``data`` as a pandas DataFrame: a DataFrame as it is, a polars (or other) frame through its
-    ``to_pandas()``, a dict of columns through ``pd.DataFrame``."""
-    if isinstance(data, pd.DataFrame):
-        return data
-    if callable(getattr(data, "to_pandas", None)):
-        return data.to_pandas()
-    if isinstance(data, Mapping):
-        return pd.DataFrame({key: np.asarray(value) for key, value in data.items()})
-    raise TypeError(
-        f"data must be a pandas DataFrame (or a polars frame, or a dict of columns), got {type(data).__name__}"
-    )
-
-
-def level_label(value: Any) -> str:
-    """A level's label as R prints it: whole floats without ``.0`` (``308.0`` → ``"308"``)."""
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _factor_codes(column: pd.Series) -> tuple[np.ndarray, list]:
-    """Codes (n,) and levels of one grouping column: a categorical's categories that occur, in
-    their order; else the sorted distinct values (numbers as numbers, so 2 < 10)."""
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        present = column.cat.remove_unused_categories()
-        return present.cat.codes.to_numpy(dtype=np.int64), list(present.cat.categories)
-    try:
-        codes, uniques = pd.factorize(column, sort=True)
-    except TypeError:  # labels of mixed types: ordered by their text
-        codes, uniques = pd.factorize(column.map(str), sort=True)
-    return codes.astype(np.int64), list(uniques)
-
-
 def _group_codes(frame: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
     """Codes (n,) and labels of the interaction of ``factors``: levels ordered with the first factor
     slowest, each factor in its own level order (lme4's ``g1:g2``); only combinations that occur."""
-    per_factor = [_factor_codes(frame[factor]) for factor in factors]
+    per_factor = [factor_codes(frame[factor]) for factor in factors]
     if len(factors) == 1:
         codes, levels = per_factor[0]
         return codes, [level_label(level) for level in levels]

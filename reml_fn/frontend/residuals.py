@@ -32,10 +32,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
+from reml_fn.frontend.data import factor_codes
 from reml_fn.structures.within_group import WithinGroup
 
 __all__ = [
@@ -181,14 +181,6 @@ def var_ident(by: str) -> VarIdent:
     return VarIdent(_name(by, "by"))
 
 
-def _codes(column: pd.Series) -> tuple[np.ndarray, list]:
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        present = column.cat.remove_unused_categories()
-        return present.cat.codes.to_numpy(dtype=np.int64), list(present.cat.categories)
-    codes, levels = pd.factorize(column, sort=True)
-    return codes.astype(np.int64), list(levels)
-
-
 def residual_structure(
     frame: pd.DataFrame,
     correlation: Correlation | None,
@@ -210,13 +202,13 @@ def residual_structure(
             )
         covariate = torch.tensor(values, dtype=dtype)
     if ident is not None:
-        codes, levels = _codes(frame[ident.by])
+        codes, levels = factor_codes(frame[ident.by])
         # A level's name becomes part of the parameter name ratio_<level>: no '/' there.
         strata, names = torch.as_tensor(codes), [str(level).replace("/", "_") for level in levels]
     if correlation is None:
         codes = torch.arange(n) if blocks is None else blocks
         return WithinGroup(codes, "none", strata=strata, strata_names=names, power_covariate=covariate)
-    groups = torch.as_tensor(_codes(frame[correlation.group])[0])
+    groups = torch.as_tensor(factor_codes(frame[correlation.group])[0])
     locations = None
     if correlation.kind == "ar1" and correlation.time is not None:
         # Positions: the rank of the time within the group (ties in row order).
@@ -224,7 +216,7 @@ def residual_structure(
         locations = torch.tensor(ranks.to_numpy(dtype=float) - 1.0, dtype=dtype)
     elif correlation.kind == "symm" and correlation.time is not None:
         # The index: the distinct values of the column in order, 0, 1, … (visits 8, 10, 12, 14 → 0 … 3).
-        locations = torch.tensor(_codes(frame[correlation.time])[0], dtype=dtype)
+        locations = torch.tensor(factor_codes(frame[correlation.time])[0], dtype=dtype)
     elif correlation.kind in ("car1", "exp", "gaus"):
         columns = [correlation.time] if correlation.time else list(correlation.coords)
         locations = torch.tensor(frame[columns].to_numpy(dtype=float), dtype=dtype)

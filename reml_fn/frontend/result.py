@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from reml_fn.fit.result import FitResult
-from reml_fn.frontend.model import CONTEXT, LmerModel, as_frame, level_label
+from reml_fn.frontend.data import as_frame, level_label
+from reml_fn.frontend.model import CONTEXT, LmerModel
 from reml_fn.reml import blup
 from reml_fn.reml.blocks import residual_draws
 from reml_fn.structures.within_group import row_weights, symm_correlation
