@@ -84,21 +84,11 @@ def _sdcor_from_covariances(covariances: list[Tensor], residual_variance: Tensor
     return torch.stack(values, -1)
 
 
-def _covariances(result_model, params: dict, batched: bool) -> list[Tensor]:
-    out = []
-    for term in result_model.terms:
-        cov = result_model.structure[term.name].children[0]
-        subtree = params[term.name]["cov"]
-        build = torch.func.vmap(cov.build) if batched else cov.build
-        out.append(build(subtree).reshape(*(() if not batched else (-1,)), term.k, term.k))
-    return out
-
-
 def sdcor(result: LmerResult) -> pd.Series:
     """The covariance parameters as standard deviations and correlations, named as lme4's
     ``.sig01 …`` and ``.sigma`` (:func:`parameter_names`)."""
     values = _sdcor_from_covariances(
-        _covariances(result.model, result.fit.params, batched=False),
+        list(result.model.covariances(result.fit.params).values()),
         result.model.residual_subtree(result.fit.natural)["sigma^2"],
     )
     return pd.Series(values.detach().cpu().numpy(), index=parameter_names(result).index)
@@ -365,7 +355,7 @@ def bootstrap(
     Y = torch.tensor(simulated.to_numpy().T, dtype=model.y.dtype)
     refits = fit_batched(model.structure, Y, model.X, REML=result.fit.reml, engine=result.fit.engine, **fit_options)
     values = _sdcor_from_covariances(
-        _covariances(model, refits.params, batched=True), model.residual_subtree(refits.natural)["sigma^2"]
+        list(model.covariances(refits.params, batched=True).values()), model.residual_subtree(refits.natural)["sigma^2"]
     )
     names = list(parameter_names(result).index) + list(model.x_names)
     table = pd.DataFrame(
@@ -430,7 +420,7 @@ def _sdcor_coordinates(result: LmerResult) -> tuple[Tensor, Callable[[Tensor], d
     """φ̂ (log standard deviations, atanh correlations, log σ; :func:`parameter_names` order) of
     ``result`` (an ML fit), the map φ → raw parameter tree, and each coordinate's bounds."""
     model = result.model
-    covariances = _covariances(model, result.fit.params, batched=False)
+    covariances = list(model.covariances(result.fit.params).values())
     phi, bounds = [], []
     for sigma in covariances:
         sd = torch.diagonal(sigma).clamp(min=1e-300).sqrt()

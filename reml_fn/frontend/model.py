@@ -130,6 +130,16 @@ class LmerModel:
             out.setdefault(term.group, len(term.levels))
         return out
 
+    def covariances(self, params: Mapping, batched: bool = False) -> dict[str, Tensor]:
+        """Σ_t (k × k) of every random term at the raw parameters ``params``, by term name; with
+        ``batched``, params of a batch of fits and Σ_t (B, k, k)."""
+        out = {}
+        for term in self.terms:
+            cov = self.structure[term.name].children[0]
+            build = torch.func.vmap(cov.build) if batched else cov.build
+            out[term.name] = build(params[term.name]["cov"]).reshape(*((-1,) if batched else ()), term.k, term.k)
+        return out
+
     def fit(self, REML: bool = True, **fit_options):  # noqa: N803  (lme4's argument name)
         """Fit by REML (or ML with ``REML=False``) with :func:`reml_fn.fit` (``fit_options``:
         ``init``, ``max_iter``, ``tol``, ``engine``, …) and return an

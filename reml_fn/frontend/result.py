@@ -15,6 +15,7 @@ Quantities at the REML estimates θ̂ (Σ_t per term, σ²), β̂ = (XᵀV⁻¹X
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -146,21 +147,16 @@ class LmerResult:
     # -- covariance parameters -----------------------------------------------------------------------
     def _covariances(self) -> dict[str, np.ndarray]:
         """Σ_t (k×k) of every term at θ̂, by term name."""
-        params = self.fit.params
-        out = {}
-        for term in self.model.terms:
-            grouped = self.model.structure[term.name]
-            cov = grouped.children[0]
-            out[term.name] = cov.build(params[term.name]["cov"]).detach().cpu().numpy().reshape(term.k, term.k)
-        return out
+        return {name: sigma.detach().cpu().numpy() for name, sigma in self.model.covariances(self.fit.params).items()}
 
     def varcorr(self) -> pd.DataFrame:
         """lme4's ``as.data.frame(VarCorr(m))``: per term its variances (``var1`` = the column,
         ``var2`` empty, ``vcov`` the variance, ``sdcor`` its square root), then its covariances in
         lme4's order ((1,2), (1,3), …, (2,3), …; ``sdcor`` the correlation); ``Residual`` last."""
         rows = []
+        covariances = self._covariances()
         for term in self.model.terms:
-            sigma = self._covariances()[term.name]
+            sigma = covariances[term.name]
             for a in range(term.k):
                 rows.append((term.name, term.columns[a], None, sigma[a, a], math.sqrt(max(sigma[a, a], 0.0))))
             for a in range(term.k):
@@ -172,14 +168,16 @@ class LmerResult:
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     # -- random effects ------------------------------------------------------------------------------
+    @functools.cached_property
     def _blups(self) -> dict[str, Tensor]:
+        """û per term path, computed once per result (ranef, coef, fitted, predict use them)."""
         model = self.model
         return blup(model.structure, self.fit.params, model.y, model.X)
 
     def ranef(self) -> dict[str, pd.DataFrame]:
         """û per grouping factor: a DataFrame indexed by level labels with one column per
         covariate; terms of the same factor (``(1 | g) + (0 + x | g)``) share one frame."""
-        effects = self._blups()
+        effects = self._blups
         out: dict[str, pd.DataFrame] = {}
         for term in self.model.terms:
             values = effects[term.name].detach().cpu().numpy().reshape(len(term.levels), term.k)
@@ -208,7 +206,7 @@ class LmerResult:
     def _random_part(self, codes: dict[str, Tensor], covariates: dict[str, Tensor]) -> Tensor | float:
         if not self.model.terms:  # gls: no random effects
             return 0.0
-        effects = self._blups()
+        effects = self._blups
         total = None
         for term in self.model.terms:
             index = codes[term.name]
