@@ -216,23 +216,15 @@ def coef_table(result: LmerResult, ddf: str = "satterthwaite") -> pd.DataFrame:
     """
     key = _check_ddf(ddf)
     estimates = result.fixef()
-    se = np.sqrt(np.diag(result.vcov().to_numpy()))
-    table = pd.DataFrame({"Estimate": estimates.to_numpy(), "Std. Error": se}, index=estimates.index)
     if key == "none":
+        se = np.sqrt(np.diag(result.vcov().to_numpy()))
+        table = pd.DataFrame({"Estimate": estimates.to_numpy(), "Std. Error": se}, index=estimates.index)
         table["t value"] = table["Estimate"] / table["Std. Error"]
         return table
-    p = len(estimates)
-    eye = torch.eye(p, dtype=result.model.X.dtype)
-    if key == "kenward-roger":  # lmerTest: SE from the adjusted Φ_A, df from pbkrtest's Lb_ddf
-        parts = _kenward_roger(result)
-        table["Std. Error"] = torch.diagonal(parts.vcov_adjusted).sqrt().detach().cpu().numpy()
-        table["df"] = [kenward_roger_df(parts, eye[j : j + 1]) for j in range(p)]
-    else:
-        _, variance, nu = contrast_df(_parts(result), eye)
-        table["df"] = nu.detach().cpu().numpy()
-    table["t value"] = table["Estimate"] / table["Std. Error"]
-    table["Pr(>|t|)"] = 2.0 * stats.t.sf(np.abs(table["t value"]), table["df"])
-    return table
+    # One t test per coefficient: contest with the rows of the identity.
+    rows = contest(result, np.eye(len(estimates)), ddf, joint=False)
+    rows.index = estimates.index
+    return rows[["Estimate", "Std. Error", "df", "t value", "Pr(>|t|)"]]
 
 
 def contest(
