@@ -250,6 +250,18 @@ def get_path(tree: Mapping, path: str):
     return node
 
 
+def subtree(tree: Mapping, path: Sequence[str]) -> Mapping:
+    """The nested dict at ``path`` (a sequence of keys; ``()`` is the tree itself), ``{}`` where a key is
+    absent (a child whose parameters are all fixed has no entry in a free-parameter tree).
+
+    >>> subtree({"a": {"b": {"x": 1}}}, ("a", "b")), subtree({"a": {}}, ("a", "b"))
+    ({'x': 1}, {})
+    """
+    for key in path:
+        tree = tree.get(key, {})
+    return tree
+
+
 def _set(tree: dict, path: str, value) -> None:
     parts = path.split("/")
     node = tree

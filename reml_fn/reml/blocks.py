@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
-from reml_fn.params import param_names
+from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import derivative_stack
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine, term_effects, term_fitted
@@ -49,21 +49,21 @@ __all__ = ["BlocksEngine", "Blocks", "blocks_of", "residual_draws"]
 
 
 class _Model(NamedTuple):
-    residual_path: str | None  # the residual's name in the Sum, None when s is the residual
+    residual_path: tuple[str, ...]  # (the residual's name in the Sum,), or () when s is the residual
     residual: WithinGroup
     terms: tuple  # (name, Grouped) in Sum order
 
 
 def _model(s) -> _Model | None:
     if isinstance(s, WithinGroup):
-        return _Model(None, s, ())
+        return _Model((), s, ())
     if not isinstance(s, Sum):
         return None
     residuals = [(name, child) for name, child in s.items() if isinstance(child, WithinGroup)]
     terms = [(name, child) for name, child in s.items() if isinstance(child, Grouped)]
     if len(residuals) != 1 or len(residuals) + len(terms) != len(s.children):
         return None
-    return _Model(residuals[0][0], residuals[0][1], tuple(terms))
+    return _Model((residuals[0][0],), residuals[0][1], tuple(terms))
 
 
 def _nested(term: Grouped, residual: WithinGroup) -> bool:
@@ -123,15 +123,11 @@ def blocks_of(model: _Model, y: Tensor, X: Tensor) -> tuple[Blocks, ...]:
     return tuple(buckets)
 
 
-def _subtree(params: Mapping, name: str | None) -> Mapping:
-    return params if name is None else params.get(name, {})
-
-
 def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, derivatives: bool, jacobian: str):
     """V blocks (m, a, a) of one bucket and, with ``derivatives``, ∂V/∂θ (K, m, a, a) by parameter name."""
     dtype = blocks.y.dtype
     residual = model.residual
-    raw = _subtree(params, model.residual_path)
+    raw = subtree(params, model.residual_path)
     natural = residual._natural(raw)
     free = [spec for spec in residual.specs if not spec.fixed] if derivatives else []
     # dV/dθ = dV/dx · t'(θ): the slopes t' go in as scales (t' is None where it is exactly 1).
@@ -154,7 +150,7 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
                     pieces[path] = block
     if not derivatives:
         return V, None
-    prefix = "" if model.residual_path is None else f"{model.residual_path}/"
+    prefix = "".join(f"{name}/" for name in model.residual_path)
     for spec in free:
         pieces[prefix + spec.name] = d_raw[spec.name]
     return V, pieces

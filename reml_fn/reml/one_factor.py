@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
-from reml_fn.params import param_names
+from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import (
     PSD_CHOLESKY_MAX_SIZE,
     cast,
@@ -169,12 +169,6 @@ def _to_param_order(model: Layout, order: list[str]) -> Tensor | None:
     return torch.tensor([order.index(name) for name in param_names(model.structure)], device=model.term.codes.device)
 
 
-def _subtree(params: Mapping, path: tuple[str, ...]) -> Mapping:
-    for name in path:
-        params = params.get(name, {})
-    return params
-
-
 def design_statistics(term: Grouped, X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(C, B, A, C_total)``: the statistics that do not involve y, C_g = Σ_{i∈g} x_i x_iᵀ (m, k, k),
     B_g = Σ_{i∈g} x_i X_iᵀ (m, k, p), A = XᵀX and C_total = Σ_g C_g.
@@ -239,7 +233,7 @@ class _Point(NamedTuple):
 
 def _residual_variance(model: Layout, params: Mapping, dtype, derivatives: bool):
     """σ² (0-d) and, when ``derivatives``, the names and slopes dσ²/dθ_r (K_r,) of its parameters."""
-    parts = [("/".join(path), term, _subtree(params, path)) for path, term in model.residual]
+    parts = [("/".join(path), term, subtree(params, path)) for path, term in model.residual]
     term = model.term
     residual = residual_variance(parts, term.codes.shape[-1], dtype, term.codes.device, derivatives)
     return residual.r, residual.names, residual.slopes
@@ -343,13 +337,13 @@ def _log_diagonal_sum(L: Tensor) -> Tensor:
 
 def _covariance(model: Layout, params: Mapping, dtype) -> Tensor:
     cov = model.term.cov
-    return cast(cov._build(_subtree(params, (*model.term_path, "cov"))), dtype)
+    return cast(cov._build(subtree(params, (*model.term_path, "cov"))), dtype)
 
 
 def _point_at(model: Layout, params: Mapping, y: Tensor, X: Tensor, stats: Statistics, evaluate: bool) -> _Point:
     """:func:`_point` at a parameter tree (no derivatives)."""
     cov = model.term.cov
-    sigma = cast(cov._build(_subtree(params, (*model.term_path, "cov"))), y.dtype)
+    sigma = cast(cov._build(subtree(params, (*model.term_path, "cov"))), y.dtype)
     variance = _residual_variance(model, params, y.dtype, derivatives=False)[0]
     return _point(model, sigma, variance, stats, y, X, evaluate=evaluate)[0]
 
@@ -406,7 +400,7 @@ def jacobian_traces(model: Layout, params: Mapping, jacobian: str = "closed") ->
     cov_path = (*model.term_path, "cov")
     leaf = first_leaf(params)
     dtype = leaf.dtype if leaf is not None else torch.get_default_dtype()
-    names, D = derivative_stack(term.cov, _subtree(params, cov_path), "/".join(cov_path), jacobian, dtype)
+    names, D = derivative_stack(term.cov, subtree(params, cov_path), "/".join(cov_path), jacobian, dtype)
     residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)[1:]
     pieces = []
     if D is not None:
@@ -454,7 +448,7 @@ def ai_terms(
     n, p = y.shape[-1], X.shape[-1]
     cov = model.term.cov
     cov_path = (*model.term_path, "cov")
-    cov_params = _subtree(params, cov_path)
+    cov_params = subtree(params, cov_path)
     sigma = cast(cov._build(cov_params), dtype)
     variance, residual_names, slopes = _residual_variance(model, params, dtype, derivatives=True)
     point, ze, squares = _point(model, sigma, variance, stats, y, X, products=True)
