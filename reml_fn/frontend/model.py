@@ -119,6 +119,15 @@ class LmerModel:
         return tree
 
     @property
+    def residual(self):
+        """The residual's structure: the ``residual`` child of the Sum, or the whole structure for a
+        model without random terms (gls)."""
+        structure = self.structure
+        for key in self.residual_path:
+            structure = structure[key]
+        return structure
+
+    @property
     def nobs(self) -> int:
         return int(self.y.shape[0])
 

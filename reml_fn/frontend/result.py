@@ -111,7 +111,7 @@ class LmerResult:
         model = self.model
         if model.weights is None:
             return self.sigma
-        residual = model.structure if not model.residual_path else model.structure["residual"]
+        residual = model.residual
         natural = model.residual_subtree(self.fit.natural)
         w = row_weights(residual, natural, residual.strata, residual.covariate.to(model.y.dtype))
         return self.sigma * w.detach().cpu().numpy()
@@ -126,7 +126,7 @@ class LmerResult:
         }
         correlation = self.model.correlation
         if correlation is not None and correlation.kind == "symm":  # nlme's cor(i,j), i < j, from C
-            residual = self.model.structure if not self.model.residual_path else self.model.structure["residual"]
+            residual = self.model.residual
             C = symm_correlation(residual, dict(natural))
             pairs = {
                 f"cor({i + 1},{j + 1})": float(C[i, j]) for i in range(C.shape[0]) for j in range(i + 1, C.shape[0])
@@ -283,7 +283,7 @@ class LmerResult:
         if model.correlation is None and model.weights is None:
             draws = mean.unsqueeze(-1) + self.sigma * torch.randn(n, nsim, generator=generator, dtype=dtype)
         else:  # e ~ N(0, R), group block by group block
-            residual = model.structure if not model.residual_path else model.structure["residual"]
+            residual = model.residual
             natural = model.residual_subtree(self.fit.natural)
             draws = mean.unsqueeze(-1) + residual_draws(residual, natural, nsim, generator, dtype)
         covariances = self._covariances()
