@@ -77,6 +77,21 @@ def spread(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def compare(report: dict, label: str, key: str, ours: list[float], lme4: list[float] | str) -> None:
+    """Records our times and lme4's (or why lme4 was skipped) under ``key`` with the ratio of the
+    medians, and prints one line."""
+    report[f"{key}_reml_fn"] = spread(ours)
+    line = f"{label}: reml_fn {statistics.median(ours):.3f} s ({min(ours):.3f}–{max(ours):.3f}), lme4 "
+    if isinstance(lme4, str):
+        report[f"{key}_lme4"] = {"skipped": lme4}
+        print(line + lme4)
+        return
+    report[f"{key}_lme4"] = spread(lme4)
+    ratio = statistics.median(ours) / statistics.median(lme4)
+    report[f"{key}_ratio"] = ratio
+    print(line + f"{statistics.median(lme4):.3f} s ({min(lme4):.3f}–{max(lme4):.3f}), ratio {ratio:.3g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nsim", type=int, default=1000)
@@ -88,38 +103,14 @@ def main() -> None:
 
     m = rf.lmer("Reaction ~ Days + (Days | Subject)", rf.datasets.load_frame("sleepstudy"))
     ours = time_it(lambda: rf.bootstrap(m, args.nsim, seed=1), args.repeats)
-    boot = rf.bootstrap(m, args.nsim, seed=1)
-    report["bootstrap_reml_fn"] = spread(ours) | {"converged": int((boot.status == 0).sum())}
     lme4 = time_lme4(R_TIMED.format(call=R_BOOT.format(nsim=args.nsim), repeats=args.repeats))
-    if isinstance(lme4, str):
-        print(lme4)
-        report["bootstrap_lme4"] = {"skipped": lme4}
-    else:
-        report["bootstrap_lme4"] = spread(lme4)
-        report["bootstrap_ratio"] = report["bootstrap_reml_fn"]["median_s"] / report["bootstrap_lme4"]["median_s"]
-    print(
-        f"bootstrap {args.nsim}: reml_fn {report['bootstrap_reml_fn']['median_s']:.3f} s "
-        f"({min(ours):.3f}–{max(ours):.3f}), lme4 bootMer "
-        + (
-            f"{statistics.median(lme4):.2f} s, ratio 1/{1 / report['bootstrap_ratio']:.0f}"
-            if not isinstance(lme4, str)
-            else "skipped"
-        )
-    )
+    compare(report, f"bootstrap {args.nsim}", "bootstrap", ours, lme4)
+    boot = rf.bootstrap(m, args.nsim, seed=1)
+    report["bootstrap_reml_fn"]["converged"] = int((boot.status == 0).sum())
 
     ours = time_it(lambda: m.confint(method="profile"), args.repeats)
-    report["profile_reml_fn"] = spread(ours)
     lme4 = time_lme4(R_TIMED.format(call=R_PROFILE, repeats=args.repeats))
-    if isinstance(lme4, str):
-        report["profile_lme4"] = {"skipped": lme4}
-        print(lme4)
-    else:
-        report["profile_lme4"] = spread(lme4)
-        report["profile_ratio"] = report["profile_reml_fn"]["median_s"] / report["profile_lme4"]["median_s"]
-        print(
-            f"profile confint: reml_fn {statistics.median(ours):.3f} s ({min(ours):.3f}–{max(ours):.3f}), "
-            f"lme4 {statistics.median(lme4):.3f} s, ratio {report['profile_ratio']:.2f}"
-        )
+    compare(report, "profile confint", "profile", ours, lme4)
 
     data = make_case("L1").data.copy()
     rng = np.random.default_rng(7)
