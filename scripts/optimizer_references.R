@@ -186,6 +186,66 @@ ex$closed_form_logLik_at_nlme_estimates <- if (is.null(ex$nlme$error))
 res$extreme_ratio <- ex
 timing$extreme_ratio <- tick() - t0
 
+## ---------------------------------------------------------------- helpers for 6 and 7
+## REML logLik (lme4 convention) of y = mu + AR(1) + noise: V = var_ar * rho^|i-j| + var_noise * I,
+## X = 1; returns function(var_ar, var_noise, rho) with the estimate of mu as attr(, "beta").
+ar1_noise_reml_for <- function(y) {
+  n <- length(y)
+  X <- matrix(1, n, 1)
+  D <- abs(outer(1:n, 1:n, "-"))
+  function(s2ar, s2n, r) {
+    V <- s2ar * r^D + diag(s2n, n)
+    L <- chol(V)                              # V = t(L) %*% L
+    Xs <- backsolve(L, X, transpose = TRUE)
+    ys <- backsolve(L, y, transpose = TRUE)
+    XtViX <- crossprod(Xs)
+    beta <- solve(XtViX, crossprod(Xs, ys))
+    rs <- ys - Xs %*% beta
+    p <- ncol(X)
+    ll <- -0.5 * ((n - p) * log(2 * pi) + 2 * sum(log(diag(L))) +
+                  as.numeric(determinant(XtViX, logarithm = TRUE)$modulus) + sum(rs^2))
+    attr(ll, "beta") <- as.numeric(beta)
+    ll
+  }
+}
+
+## Direct optimisation of an AR1 + noise REML logLik from each start on (log var_ar, log var_noise,
+## atanh rho): Nelder-Mead then BFGS, both reltol 1e-14. Returns the runs and the best one.
+ar1_noise_optim <- function(reml, starts) {
+  negll <- function(th) {
+    v <- tryCatch(-as.numeric(reml(exp(th[1]), exp(th[2]), tanh(th[3]))), error = function(e) Inf)
+    if (!is.finite(v)) 1e10 else v
+  }
+  runs <- lapply(starts, function(s) {
+    o1 <- optim(s, negll, method = "Nelder-Mead", control = list(reltol = 1e-14, maxit = 20000))
+    o2 <- optim(o1$par, negll, method = "BFGS", control = list(reltol = 1e-14, maxit = 10000))
+    list(start = s, nm_value = -o1$value, par = o2$par, logLik = -o2$value, conv = c(o1$convergence, o2$convergence))
+  })
+  list(runs = runs, best = runs[[which.max(sapply(runs, `[[`, "logLik"))]])
+}
+
+## Per-start results of ar1_noise_optim on the natural scale, for the JSON.
+all_starts <- function(runs) list(
+  all_starts_logLik = sapply(runs, `[[`, "logLik"),
+  all_starts_var_ar = sapply(runs, function(r) exp(r$par[1])),
+  all_starts_var_noise = sapply(runs, function(r) exp(r$par[2])),
+  all_starts_rho = sapply(runs, function(r) tanh(r$par[3])),
+  all_starts_convergence_codes = lapply(runs, `[[`, "conv"))
+
+## An ARMA(1,1) gls fit read as AR1 + noise: acf(k) = c * phi^(k-1) for k >= 1, with lag-1
+## autocorrelation (1+phi*theta)(phi+theta)/(1+2 phi theta + theta^2); implied var_noise < 0 when the
+## ARMA optimum lies outside the AR1 + noise region. our_logLik is reml at the implied parameters.
+arma11_as_ar1_noise <- function(gf, reml) {
+  cf <- coef(gf$modelStruct$corStruct, unconstrained = FALSE)
+  phi <- unname(cf[1]); theta <- unname(cf[2]); s2 <- gf$sigma^2
+  r1 <- (1 + phi * theta) * (phi + theta) / (1 + 2 * phi * theta + theta^2)
+  var_ar <- s2 * r1 / phi
+  var_noise <- s2 - var_ar
+  list(phi = phi, theta = theta, s2 = s2, var_ar = var_ar, var_noise = var_noise,
+       logLik = as.numeric(logLik(gf)),
+       our_logLik = if (var_noise > 0 && var_ar > 0) as.numeric(reml(var_ar, var_noise, phi)) else NA)
+}
+
 ## ---------------------------------------------------------------- 6 ar1_noise
 t0 <- tick()
 set.seed(20261207)
@@ -197,26 +257,7 @@ writeLines(c("y", sprintf("%.17g", yy)), ar_path)
 ard <- read.csv(ar_path)
 stopifnot(identical(ard$y, yy))
 yv <- ard$y
-X <- matrix(1, n, 1)
-D <- abs(outer(1:n, 1:n, "-"))
-reml_ar1 <- function(s2ar, s2n, r, y = yv) {
-  V <- s2ar * r^D + diag(s2n, n)
-  L <- chol(V)                              # V = t(L) %*% L
-  Xs <- backsolve(L, X, transpose = TRUE)
-  ys <- backsolve(L, y, transpose = TRUE)
-  XtViX <- crossprod(Xs)
-  beta <- solve(XtViX, crossprod(Xs, ys))
-  rs <- ys - Xs %*% beta
-  p <- ncol(X)
-  ll <- -0.5 * ((n - p) * log(2 * pi) + 2 * sum(log(diag(L))) +
-                as.numeric(determinant(XtViX, logarithm = TRUE)$modulus) + sum(rs^2))
-  attr(ll, "beta") <- as.numeric(beta)
-  ll
-}
-negll <- function(th) {
-  v <- tryCatch(-as.numeric(reml_ar1(exp(th[1]), exp(th[2]), tanh(th[3]))), error = function(e) Inf)
-  if (!is.finite(v)) 1e10 else v
-}
+reml_ar1 <- ar1_noise_reml_for(yv)
 vy <- var(yv)
 starts <- list(c(log(vy / 2), log(vy / 2), atanh(0.5)),
                c(log(vy * 0.9), log(vy * 0.1), atanh(0.9)),
@@ -225,26 +266,17 @@ starts <- list(c(log(vy / 2), log(vy / 2), atanh(0.5)),
                c(log(vy), log(vy / 10), atanh(-0.5)),
                c(log(vy / 10), log(vy), atanh(0.95)),
                c(0, 0, 0))
-runs <- lapply(starts, function(s) {
-  o1 <- optim(s, negll, method = "Nelder-Mead", control = list(reltol = 1e-14, maxit = 20000))
-  o2 <- optim(o1$par, negll, method = "BFGS", control = list(reltol = 1e-14, maxit = 10000))
-  list(start = s, nm_value = -o1$value, par = o2$par, logLik = -o2$value, conv = c(o1$convergence, o2$convergence))
-})
-best <- runs[[which.max(sapply(runs, `[[`, "logLik"))]]
-bp <- best$par
+fitted <- ar1_noise_optim(reml_ar1, starts)
+bp <- fitted$best$par
 llb <- reml_ar1(exp(bp[1]), exp(bp[2]), tanh(bp[3]))
 arn <- list(data_csv = ar_path,
             generation = "set.seed(20261207); n=100; rho=0.7; a = as.numeric(arima.sim(list(ar=rho), n=n, sd=sqrt(2*(1-rho^2)))); y = 10 + a + rnorm(n, sd=1)",
             model = "V = var_ar * rho^|i-j| + var_noise * I, X = 1; REML logLik lme4 convention -0.5*[(n-p)log2pi + log|V| + log|X'V^-1X| + r'V^-1r]",
-            direct_optim = list(
+            direct_optim = c(list(
               method = "optim Nelder-Mead (reltol 1e-14) then BFGS (reltol 1e-14) on (log var_ar, log var_noise, atanh rho), 7 starts",
               logLik = as.numeric(llb), var_ar = exp(bp[1]), var_noise = exp(bp[2]), rho = tanh(bp[3]),
-              mu_hat = attr(llb, "beta"),
-              all_starts_logLik = sapply(runs, `[[`, "logLik"),
-              all_starts_var_ar = sapply(runs, function(r) exp(r$par[1])),
-              all_starts_var_noise = sapply(runs, function(r) exp(r$par[2])),
-              all_starts_rho = sapply(runs, function(r) tanh(r$par[3])),
-              all_starts_convergence_codes = lapply(runs, `[[`, "conv")))
+              mu_hat = attr(llb, "beta")),
+              all_starts(fitted$runs)))
 ## the optimum is on the boundary var_noise = 0 for this seed: fit the boundary model exactly
 negll0 <- function(th) { v <- tryCatch(-as.numeric(reml_ar1(exp(th[1]), 0, tanh(th[2]))), error = function(e) Inf); if (!is.finite(v)) 1e10 else v }
 o0 <- optim(c(bp[1], bp[3]), negll0, method = "Nelder-Mead", control = list(reltol = 1e-14, maxit = 20000))
@@ -259,20 +291,11 @@ arn$boundary_fit_var_noise_0 <- list(logLik = as.numeric(ll0), var_ar = exp(o0$p
 gc <- run_capture("gls(y ~ 1, data = ard, correlation = corARMA(p = 1, q = 1), method = 'REML')")
 if (is.null(gc$error)) {
   gf <- gc$value
-  cf <- coef(gf$modelStruct$corStruct, unconstrained = FALSE)
-  phi <- unname(cf[1]); theta <- unname(cf[2]); s2 <- gf$sigma^2
-  ## map ARMA(1,1) to AR1 + noise when possible: acf(k) = c*phi^(k-1) for k>=1
-  ## ARMA(1,1) autocorrelation at lag 1: (1+phi*theta)(phi+theta)/(1+2 phi theta + theta^2)
-  r1 <- (1 + phi * theta) * (phi + theta) / (1 + 2 * phi * theta + theta^2)
-  var_ar_implied <- s2 * r1 / phi
-  var_noise_implied <- s2 - var_ar_implied
-  ll_gls <- as.numeric(logLik(gf))
-  ll_ours_at_gls <- if (var_noise_implied > 0 && var_ar_implied > 0)
-    as.numeric(reml_ar1(var_ar_implied, var_noise_implied, phi)) else NA
+  a <- arma11_as_ar1_noise(gf, reml_ar1)
   arn$nlme_gls_arma11 <- list(call = "gls(y ~ 1, data = ard, correlation = corARMA(p = 1, q = 1), method = 'REML')",
-    logLik = ll_gls, sigma2 = s2, phi = phi, theta_ma = theta, mu_hat = unname(coef(gf)),
-    implied_var_ar = var_ar_implied, implied_var_noise = var_noise_implied, implied_rho = phi,
-    our_logLik_at_implied_params = ll_ours_at_gls,
+    logLik = a$logLik, sigma2 = a$s2, phi = a$phi, theta_ma = a$theta, mu_hat = unname(coef(gf)),
+    implied_var_ar = a$var_ar, implied_var_noise = a$var_noise, implied_rho = a$phi,
+    our_logLik_at_implied_params = a$our_logLik,
     note = "implied_var_noise < 0 means the ARMA(1,1) optimum lies outside the AR1+noise region (theta_ma has the same sign as phi); gls corAR1 logLik equals our boundary fit, so nlme's gls REML uses the same constant convention",
     warnings = I(gc$warnings))
   ## pure AR1 (no noise) for reference
@@ -298,26 +321,7 @@ ai_path <- file.path(out_dir, "ar1_noise_interior.csv")
 writeLines(c("y", sprintf("%.17g", ai_y)), ai_path)
 aid <- read.csv(ai_path)
 stopifnot(identical(aid$y, ai_y))
-ai_X <- matrix(1, ai_n, 1)
-ai_D <- abs(outer(1:ai_n, 1:ai_n, "-"))
-reml_ar1_i <- function(s2ar, s2n, r, y = aid$y) {
-  V <- s2ar * r^ai_D + diag(s2n, ai_n)
-  L <- chol(V)                              # V = t(L) %*% L
-  Xs <- backsolve(L, ai_X, transpose = TRUE)
-  ys <- backsolve(L, y, transpose = TRUE)
-  XtViX <- crossprod(Xs)
-  beta <- solve(XtViX, crossprod(Xs, ys))
-  rs <- ys - Xs %*% beta
-  p <- ncol(ai_X)
-  ll <- -0.5 * ((ai_n - p) * log(2 * pi) + 2 * sum(log(diag(L))) +
-                as.numeric(determinant(XtViX, logarithm = TRUE)$modulus) + sum(rs^2))
-  attr(ll, "beta") <- as.numeric(beta)
-  ll
-}
-negll_i <- function(th) {
-  v <- tryCatch(-as.numeric(reml_ar1_i(exp(th[1]), exp(th[2]), tanh(th[3]))), error = function(e) Inf)
-  if (!is.finite(v)) 1e10 else v
-}
+reml_ar1_i <- ar1_noise_reml_for(aid$y)
 vyi <- var(aid$y)
 starts_i <- list(c(log(vyi / 2), log(vyi / 2), atanh(0.5)),
                  c(log(vyi * 0.9), log(vyi * 0.1), atanh(0.9)),
@@ -326,13 +330,8 @@ starts_i <- list(c(log(vyi / 2), log(vyi / 2), atanh(0.5)),
                  c(log(vyi), log(vyi / 10), atanh(-0.5)),
                  c(log(vyi / 10), log(vyi), atanh(0.95)),
                  c(0, 0, 0))
-runs_i <- lapply(starts_i, function(s) {
-  o1 <- optim(s, negll_i, method = "Nelder-Mead", control = list(reltol = 1e-14, maxit = 20000))
-  o2 <- optim(o1$par, negll_i, method = "BFGS", control = list(reltol = 1e-14, maxit = 10000))
-  list(start = s, nm_value = -o1$value, par = o2$par, logLik = -o2$value, conv = c(o1$convergence, o2$convergence))
-})
-best_i <- runs_i[[which.max(sapply(runs_i, `[[`, "logLik"))]]
-bpi <- best_i$par
+fitted_i <- ar1_noise_optim(reml_ar1_i, starts_i)
+bpi <- fitted_i$best$par
 llbi <- reml_ar1_i(exp(bpi[1]), exp(bpi[2]), tanh(bpi[3]))
 est_i <- c(var_ar = exp(bpi[1]), var_noise = exp(bpi[2]), rho = tanh(bpi[3]))
 stopifnot(est_i[["var_noise"]] >= 0.3 * ai_var_noise, est_i[["rho"]] > 0.2, est_i[["rho"]] < 0.95)
@@ -352,38 +351,27 @@ ari <- list(data_csv = ai_path,
             generation = sprintf("set.seed(%d); n=200; rho=0.8; a = as.numeric(arima.sim(list(ar=rho), n=n, sd=sqrt(4*(1-rho^2)))); y = 10 + a + rnorm(n, sd=1)", ai_seed),
             generating_values = list(n = ai_n, mu = 10, var_ar = ai_var_ar, var_noise = ai_var_noise, rho = ai_rho),
             model = "V = var_ar * rho^|i-j| + var_noise * I, X = 1; REML logLik lme4 convention -0.5*[(n-p)log2pi + log|V| + log|X'V^-1X| + r'V^-1r]",
-            direct_optim = list(
+            direct_optim = c(list(
               method = "optim Nelder-Mead (reltol 1e-14) then BFGS (reltol 1e-14) on (log var_ar, log var_noise, atanh rho), 7 starts",
               logLik = as.numeric(llbi), var_ar = est_i[["var_ar"]], var_noise = est_i[["var_noise"]], rho = est_i[["rho"]],
               mu_hat = attr(llbi, "beta"),
               gradient_natural_scale = grad_i,
               hessian_natural_scale_eigenvalues = eigen(hess_i, symmetric = TRUE, only.values = TRUE)$values,
-              natural_scale_order = I(c("var_ar", "var_noise", "rho")),
-              all_starts_logLik = sapply(runs_i, `[[`, "logLik"),
-              all_starts_var_ar = sapply(runs_i, function(r) exp(r$par[1])),
-              all_starts_var_noise = sapply(runs_i, function(r) exp(r$par[2])),
-              all_starts_rho = sapply(runs_i, function(r) tanh(r$par[3])),
-              all_starts_convergence_codes = lapply(runs_i, `[[`, "conv"),
-              note = "interior optimum: gradient ~ 0 and all Hessian eigenvalues < 0"))
+              natural_scale_order = I(c("var_ar", "var_noise", "rho"))),
+              all_starts(fitted_i$runs),
+              list(note = "interior optimum: gradient ~ 0 and all Hessian eigenvalues < 0")))
 ## nlme cross-check: ARMA(1,1) contains AR(1)+noise; at an interior optimum with -phi < theta_ma < 0
 ## the ARMA(1,1) REML optimum is the AR1+noise optimum, so the logLiks must agree
 gci <- run_capture("gls(y ~ 1, data = aid, correlation = corARMA(p = 1, q = 1), method = 'REML')")
 if (is.null(gci$error)) {
   gfi <- gci$value
-  cfi <- coef(gfi$modelStruct$corStruct, unconstrained = FALSE)
-  phi <- unname(cfi[1]); theta <- unname(cfi[2]); s2 <- gfi$sigma^2
-  r1 <- (1 + phi * theta) * (phi + theta) / (1 + 2 * phi * theta + theta^2)
-  var_ar_implied <- s2 * r1 / phi
-  var_noise_implied <- s2 - var_ar_implied
-  ll_gls <- as.numeric(logLik(gfi))
-  ll_ours_at_gls <- if (var_noise_implied > 0 && var_ar_implied > 0)
-    as.numeric(reml_ar1_i(var_ar_implied, var_noise_implied, phi)) else NA
+  a <- arma11_as_ar1_noise(gfi, reml_ar1_i)
   ari$nlme_gls_arma11 <- list(call = "gls(y ~ 1, data = aid, correlation = corARMA(p = 1, q = 1), method = 'REML')",
-    logLik = ll_gls, sigma2 = s2, phi = phi, theta_ma = theta, mu_hat = unname(coef(gfi)),
-    theta_ma_sign_as_AR1_plus_noise_implies = (theta < 0 && theta > -phi),
-    implied_var_ar = var_ar_implied, implied_var_noise = var_noise_implied, implied_rho = phi,
-    our_logLik_at_implied_params = ll_ours_at_gls,
-    logLik_gls_minus_direct_optim = ll_gls - as.numeric(llbi),
+    logLik = a$logLik, sigma2 = a$s2, phi = a$phi, theta_ma = a$theta, mu_hat = unname(coef(gfi)),
+    theta_ma_sign_as_AR1_plus_noise_implies = (a$theta < 0 && a$theta > -a$phi),
+    implied_var_ar = a$var_ar, implied_var_noise = a$var_noise, implied_rho = a$phi,
+    our_logLik_at_implied_params = a$our_logLik,
+    logLik_gls_minus_direct_optim = a$logLik - as.numeric(llbi),
     note = "implied_var_ar = sigma2*acf(1)/phi, acf(1) = (1+phi*theta)(phi+theta)/(1+2*phi*theta+theta^2); implied_var_noise = sigma2 - implied_var_ar; implied_rho = phi",
     warnings = I(gci$warnings))
 } else ari$nlme_gls_arma11 <- list(error = gci$error, warnings = I(gci$warnings))
