@@ -141,7 +141,15 @@ class LmerModel:
 
     def covariances(self, params: Mapping, batched: bool = False) -> dict[str, Tensor]:
         """Σ_t (k × k) of every random term at the raw parameters ``params``, by term name; with
-        ``batched``, params of a batch of fits and Σ_t (B, k, k)."""
+        ``batched``, params of a batch of fits and Σ_t (B, k, k).
+
+        Example:
+            >>> import reml_fn as rf
+            >>> m = rf.lmer_model("Reaction ~ Days + (Days | Subject)", rf.datasets.load_frame("sleepstudy"))
+            >>> Sigma = m.covariances(rf.init_params(m.structure))["Subject"]
+            >>> tuple(Sigma.shape), bool(torch.allclose(Sigma, Sigma.mT))
+            ((2, 2), True)
+        """
         out = {}
         for term in self.terms:
             cov = self.structure[term.name].children[0]
