@@ -81,11 +81,11 @@ def positions_within_groups(codes: Tensor) -> Tensor:
     n = codes.shape[0]
     order = torch.argsort(codes, stable=True)
     sorted_codes = codes[order]
-    starts = torch.ones(n, dtype=torch.bool)
+    starts = torch.ones(n, dtype=torch.bool, device=codes.device)
     starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
-    index = torch.arange(n)
+    index = torch.arange(n, device=codes.device)
     first = torch.cummax(torch.where(starts, index, 0), 0).values
-    positions = torch.empty(n, dtype=torch.long)
+    positions = torch.empty(n, dtype=torch.long, device=codes.device)
     positions[order] = index - first
     return positions
 
