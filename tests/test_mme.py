@@ -487,12 +487,14 @@ def test_memory_stays_linear_in_n():
 
 def test_propagate_spelling_equals_grouped_spelling_and_takes_the_grouped_path():
     from reml_fn.datasets.models import model
-    from reml_fn.reml import one_factor
     from reml_fn.reml.grouped_form import grouped_form
+    from reml_fn.reml.mme import layout
 
     propagate = model("sleepstudy_2")  # Propagate(Z, Kronecker(groups=I_18, cov=Unstructured(2)))
     grouped, converted = grouped_form(propagate.structure)
-    assert converted == {"Subject": ("G", "cov")} and one_factor.layout(grouped) is not None
+    assert converted == {"Subject": ("G", "cov")}
+    model = layout(propagate.structure)  # the Grouped term, blocked, with no dense random part
+    assert model.blocked[0] == "Subject" and isinstance(model.blocked[1], rf.Grouped) and not model.rest
     formula = rf.lmer_model("Reaction ~ Days + (Days | Subject)", rf.datasets.load_frame("sleepstudy"))
     theta = torch.tensor([3.2, 9.6, 1.7, 3.2], dtype=torch.float64)
     a = rf.ai_terms(propagate.structure, theta, propagate.y, propagate.X, engine="mme")

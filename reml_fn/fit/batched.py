@@ -17,13 +17,12 @@ exact linear function of X, e.g. constant (6), a rank-deficient per-dataset X (7
 
 * dense engine: C·(k + 7)·n² floats — V, its factor, L⁻¹, the projector and P, and the k
   derivative matrices dV/dθ (k·n² once, not C·k·n², when the structure is shared);
-* MME engine, one grouping factor + Scalar residual (the fast path, :mod:`reml_fn.reml.one_factor`):
-  per dataset its sufficient statistics, C·(m·k·(k + p + 1) + p² + …) floats, and the k×k blocks of
-  one call; nothing of size n — sleepstudy (n = 180, m = 18, k = 2, p = 2) measured ≈ 20 KB per
-  dataset with results and history;
-* MME engine, other models (Grouped/Propagate terms + Scalar/Diagonal residual):
-  C·(c₁·n·(K + d) + m·k·d + d²) floats with K = k + 1 work vectors, d = q_rest + p dense columns,
-  m groups of k effects of the blocked term (c₁ ≈ 6); nothing of size n².
+* MME engine (Grouped/Propagate terms + Scalar/Diagonal residual): per dataset its statistics,
+  C·(n + m·k·(k + d + 1) + d² + d) floats with d = q_rest + p dense columns and m groups of k
+  effects of the blocked term, and the blocks of one call, O(C·(m·k·d + d²)); nothing of size n²
+  (a Diagonal residual also forms C·c₁·n·(K + d) work floats per call, K = k + 1, c₁ ≈ 6) —
+  sleepstudy (n = 180, m = 18, k = 2, p = 2) measured ≈ 20 KB per dataset with results and
+  history;
 
 The engine's preparation (``engine.prepare``: the statistics) runs once per dataset and travels
 with the batch.

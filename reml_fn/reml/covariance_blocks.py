@@ -2,7 +2,7 @@ r"""Covariance blocks for the mixed-model-equation engines: a semidefinite Chole
 stacked derivatives of a block's structure, the residual variances, and the small block helpers
 both MME paths use.
 
-Both MME paths (:mod:`reml_fn.reml.mme` and :mod:`reml_fn.reml.one_factor`) work with the lower
+The MME engines (:mod:`reml_fn.reml.mme`, :mod:`reml_fn.reml.blocks`) work with the lower
 factor Λ of each random term's covariance (G = ΛΛᵀ, lme4's form, so a variance at 0 is allowed)
 and with ∂Σ/∂θ_j stacked into one (K, k, k) tensor.
 """
@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from reml_fn.structures import Diagonal, Identity
@@ -65,26 +64,32 @@ def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
         positive = A > 0
         return torch.sqrt(torch.where(positive, A, 1.0)) * positive, (A >= 0).reshape(A.shape[:-2])
     largest = A.abs().amax((-1, -2))
-    tolerance = 10.0 * k * torch.finfo(A.dtype).eps * largest
-    columns: list[Tensor] = []  # column j holds rows j … k−1 of L
-    kept: list[Tensor] = []
+    tolerance = largest * (10.0 * k * torch.finfo(A.dtype).eps)
+    loose = torch.sqrt(tolerance * largest)
+    # Entry by entry, as :func:`unrolled_cholesky` (one operation per entry, few operations per
+    # call). LLᵀ misses A exactly in the Schur-complement entries of dropped pivots (the pivot
+    # itself and the column below it), and by round-off elsewhere, so those entries are the check.
+    entries = A.flatten(-2).unbind(-1)
+    L: list[list[Tensor | None]] = [[None] * k for _ in range(k)]
+    ok = None
     for j in range(k):
-        v = A[..., j:, j]
-        for i, column in enumerate(columns):
-            v = v - column[..., j - i :] * column[..., j - i : j - i + 1]  # − L[j:, i] L[j, i]
-        pivot = v[..., 0]
+        pivot = entries[j * k + j]
+        for m in range(j):
+            pivot = pivot - L[j][m] * L[j][m]
         positive = pivot > tolerance
-        kept.append(positive)
         scale = torch.rsqrt(torch.where(positive, pivot, 1.0)) * positive  # 1/√pivot, or 0
-        columns.append(v * scale.unsqueeze(-1))
-    L = torch.stack([F.pad(column, (j, 0)) if j else column for j, column in enumerate(columns)], dim=-1)
-    dropped = ~torch.stack(kept, dim=-1)  # (…, k)
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=A.device)
-    loose = (dropped.unsqueeze(-1) | dropped.unsqueeze(-2)) & off_diagonal
-    allowed = torch.where(
-        loose, torch.sqrt(tolerance * largest).unsqueeze(-1).unsqueeze(-1), tolerance[..., None, None]
-    )
-    return L, ((L @ L.mT - A).abs() <= allowed).all(-1).all(-1)
+        L[j][j] = pivot * scale
+        good = pivot >= -tolerance
+        for i in range(j + 1, k):
+            value = entries[i * k + j]
+            for m in range(j):
+                value = value - L[i][m] * L[j][m]
+            L[i][j] = value * scale
+            good = good & (positive | (value.abs() <= loose))
+        ok = good if ok is None else ok & good
+    zero = torch.zeros_like(entries[0])
+    rows = [L[i][j] if j <= i else zero for i in range(k) for j in range(k)]
+    return torch.stack(rows, dim=-1).reshape(A.shape), ok
 
 
 def _flatten_tree(tree: Mapping, prefix: str) -> Iterator[tuple[str, Tensor]]:
@@ -186,7 +191,7 @@ def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Small pieces shared by the general MME path and the one-factor fast path
+# Small pieces shared by the MME engines
 
 
 def cast(tensor: Tensor, dtype) -> Tensor:

@@ -4,7 +4,7 @@
 nonzeros within one block of k columns, blocks in group order — is V = Z (I_m ⊗ Σ) Zᵀ =
 ``Grouped(codes, Σ, covariates=x)`` with codes[i] the row's block and x_i its k values there (the
 seed's spelling of lme4's ``(x | g)``). :func:`grouped_form` rewrites such terms so that the MME
-engine runs its Grouped paths (the one-factor statistics among them) on them; the free parameters
+engine runs its Grouped paths (the blocked term's k×k blocks among them) on them; the free parameters
 keep their order, so scores and AI matrices need no permutation.
 
 Example:

@@ -3,7 +3,10 @@ r"""The mixed-model-equation (MME) engine: REML for V = Σ_t Z_t G_t Z_tᵀ + R 
 Model: y = Xβ + Σ_t Z_t u_t + ε, u_t ~ N(0, G_t), ε ~ N(0, R), R = diag(r) (``Scalar``,
 ``Identity`` or ``Diagonal`` children of the Sum; several add up). Random terms are
 :class:`~reml_fn.combinators.Grouped` (Z_t implicit, G_t = I_m ⊗ Σ_t) or
-:class:`~reml_fn.combinators.Propagate` with a ``Fixed`` Z of modest width q_t.
+:class:`~reml_fn.combinators.Propagate` with a ``Fixed`` Z of modest width q_t; a Propagate term
+of grouped shape (a block-indicator Z with ``Kronecker(Identity(m), Σ)``) is run as the Grouped
+term it is (:mod:`reml_fn.reml.grouped_form`). One algebra serves every such model, lme4's
+``(1 | g)`` as well as crossed and nested factors, as in MixedModels.jl (``createAL``/``updateL!``).
 
 **Formulation (lme4's, Bates et al. 2015).** With Λ = blockdiag(Λ_t), G = ΛΛᵀ (Λ_t a lower
 Cholesky factor of Σ_t or G_t; for k×k blocks with k ≤ 8 a *semidefinite* Cholesky that gives a
@@ -18,19 +21,41 @@ which is PD even when G is singular (no G⁻¹ anywhere). Its Cholesky factor L 
 
     log|V| = log|R| + log|I + ΛᵀZᵀR⁻¹ZΛ|           (determinant lemma: the first q pivots of L)
     log|XᵀV⁻¹X| = the last p pivots of L            (they factor the Schur complement XᵀV⁻¹X)
-        (so log|V| + log|XᵀV⁻¹X| = log|R| + 2 Σ log L_ii over all pivots)
-    yᵀPy = ‖R^{-½}(y − Xβ̂ − ZΛũ)‖² + ‖ũ‖²          (penalised residual sum of squares)
+    yᵀPy = yᵀR⁻¹y − ‖L⁻¹WᵀR⁻¹y‖² = ‖R^{-½}(y − Xβ̂ − ZΛũ)‖² + ‖ũ‖²
     P y = e = R⁻¹(y − Xβ̂ − Zû),  û = Λũ             (the BLUPs)
     P = R⁻¹ − R⁻¹ W Ω⁻¹ Wᵀ R⁻¹.
 
+**Statistics prepared once.** Everything an evaluation needs comes from the cross products of
+T = [Z_b, Z_rest, X] (the unscaled design) and of the response centred by its least-squares fit,
+y_c = y − Xβ₀ (P X = 0, so y_c has y's likelihood; β̂ = β₀ + the estimate for y_c; centring
+keeps the cross products small, so that the differences formed from them keep their digits):
+
+    C = TᵀT (C_bb, C_bs, C_ss below),   c = Tᵀy_c,   ‖y_c‖².
+
+For R = σ²I they do not depend on θ: :func:`statistics` computes them once per dataset
+(:meth:`MMEEngine.prepare`; the fit loops pass them back as ``prepared=``) and an evaluation
+scales them by w = 1/σ². For a Diagonal R the same function forms TᵀR⁻¹T at each evaluation (one
+pass over the data). After that no evaluation touches an n-vector, but for the diagonal of P and
+the residual working variates of a Diagonal R.
+
 **Block structure.** The Grouped term with the most groups is the *blocked* term b: its part of
-Ω is block diagonal (m blocks of k×k, M_g = ``I + Λ_bᵀ (Σ_{i∈g} x_i x_iᵀ/r_i) Λ_b``), factorised
-by a batched k×k Cholesky M_g = L_g L_gᵀ whose inverses L_g⁻¹ are then applied by matmuls (M_g ⪰ I,
-so ‖L_g⁻¹‖ ≤ 1 and the explicit inverse is as accurate as a triangular solve). The other random
-terms and X form a dense block s of size d = q_rest + p, factorised after the Schur complement
-S = Ω_ss − Σ_g F_gᵀF_g, F_g = L_g⁻¹ Ω_{g,s}. All cross products are segment sums (``index_add``)
-over observations: O(n·(k + d)²) to form, O(m·k³ + d³) to factor; memory
-O(n·(k + d) + m·k·d + d²).
+Ω is block diagonal (m blocks of k×k, M_g = I + w Λ_bᵀ C_g Λ_b), factorised for all groups at
+once (unrolled recurrences for k ≤ 4, :func:`~reml_fn.reml.covariance_blocks.unrolled_cholesky`;
+LAPACK above), whose inverses L_g⁻¹ are then applied by matmuls (M_g ⪰ I, so ‖L_g⁻¹‖ ≤ 1 and the
+explicit inverse is as accurate as a triangular solve). The other random terms and X form a
+dense block s of size d = q_rest + p, factorised after the Schur complement
+S = Ω_ss − Σ_g F_gᵀF_g, F_g = L_g⁻¹ Ω_{g,s}. The model with one grouping factor is the case
+d = p. Per evaluation: O(m·k³ + m·k·d² + d³) arithmetic and no pass over the data.
+
+**Solution and likelihood.** With G_g = L_g⁻¹Λ_bᵀ, z_g = w G_g c_g and
+z_s = L_ss⁻¹(w Λ_sᵀc_s − Σ_g F_gᵀz_g) (Λ_s = blockdiag(Λ_rest, I_p)),
+
+    [ũ_rest; β̂ − β₀] = L_ssᵀ⁻¹ z_s,   ũ_g = L_g⁻ᵀ(z_g − F_g [ũ_rest; β̂ − β₀]),
+    yᵀPy = w‖y_c‖² − ‖z‖² − ‖z_s‖²,
+    ℓ = −½ (log|R| + yᵀPy) − Σ log diag L − ½ (n − p) log 2π,
+
+and from the cross products, with b̂ = [û_b; û_rest; β̂ − β₀]: Zᵀe = w (Zᵀy_c − ZᵀT b̂) and
+e·e = w (yᵀPy − ‖ũ‖²) (R = σ²I).
 
 **Score and AI** (raw parameters θ_j; V̇_j = Z_t (I ⊗ Σ̇_t) Z_tᵀ, Z_t Ġ_t Z_tᵀ or diag(ṙ)):
 
@@ -47,21 +72,14 @@ O(n·(k + d) + m·k·d + d²).
         XᵀPy = 0) SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², where SᵀR⁻¹S and WᵀR⁻¹S come from the cross
         products (AᵀZᵀR⁻¹ZA, AᵀZᵀR⁻¹e = w·Aᵀ(Zᵀe), eᵀR⁻¹e) plus, for a Diagonal R, one pass over V_r.
 
-The cost per ``ai_terms`` call is one pass over the data for the cross products and the
-residuals (O(n·(k + d)²)) and q-space algebra for everything else (O(m·k²·K + d²·(m·k + K))).
 Subtractions such as ZᵀR⁻¹Z − UᵀΩ⁻¹U lose about log₁₀(n_g·σ_b²/σ²) digits when group sizes
 n_g and variance ratios are extreme; the dense engine's P loses as much (the two still agree to
 1e-8 at n_g·σ_b²/σ² = 5·10⁸).
 
 At small n a call costs the number of tensor operations it makes (a few µs each), not flops, so
-the code avoids einsum on tiny tensors, computes each cross product once per call and skips the
+the code avoids einsum on tiny tensors, scales each cross product once per call and skips the
 parts a model does not have (no rest, no residual parameters) instead of forming empty tensors.
-
-**Fast path.** lme4's most common model — one Grouped term and a Scalar (or Identity) residual —
-goes to :mod:`reml_fn.reml.one_factor`, which works from sufficient statistics computed once per
-dataset (:meth:`MMEEngine.prepare`; the fit loops pass them back as ``prepared=``) and needs about
-a third of this path's operations per call. Everything else (crossed or nested factors, Propagate
-terms, Diagonal residuals) runs the general code below.
+Which parts a model has is read from the structure (:func:`layout`), never from the tensors.
 
 Everything is pure and vmappable (``cholesky_ex``, ``index_add``, ``torch.where``; no value
 checks): V not positive definite (a residual variance ≤ 0, an indefinite Σ_t or G_t, a
@@ -95,7 +113,6 @@ from torch import Tensor
 from reml_fn.combinators import Grouped, Propagate, Sum
 from reml_fn.combinators.products import kron
 from reml_fn.params import param_names
-from reml_fn.reml import one_factor
 from reml_fn.reml.covariance_blocks import (
     PSD_CHOLESKY_MAX_SIZE,
     Residual,
@@ -106,6 +123,7 @@ from reml_fn.reml.covariance_blocks import (
     plus,
     psd_cholesky,
     residual_variance,
+    unrolled_cholesky,
 )
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
@@ -113,13 +131,19 @@ from reml_fn.reml.grouped_form import grouped_form, grouped_params, propagate_ef
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf
 
-__all__ = ["MMEEngine", "psd_cholesky", "PSD_CHOLESKY_MAX_SIZE"]
+__all__ = ["MMEEngine", "Layout", "Statistics", "layout", "statistics", "psd_cholesky", "PSD_CHOLESKY_MAX_SIZE"]
+
+UNROLLED_CHOLESKY_MAX_SIZE = 4
+"""The blocked term's k×k blocks M_g are factorised by unrolled recurrences up to this k (O(k³)
+vectorised operations over all groups, and datasets under vmap) and by LAPACK above (one call,
+which loops over the blocks)."""
 
 # ------------------------------------------------------------------------------------------------
 # Small pieces
 
 
 def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
+    """Λ with ΛΛᵀ = Σ_t (or G_t) and an ok flag: semidefinite for small blocks."""
     if block.shape[-1] <= PSD_CHOLESKY_MAX_SIZE:
         return psd_cholesky(block)
     L, info = torch.linalg.cholesky_ex(block)
@@ -127,16 +151,28 @@ def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(ok, L, torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)), ok
 
 
-def _weigh(w: Tensor, values: Tensor) -> Tensor:
-    """diag(w) · values for per-observation weights w (n,); for a scalar w (R = σ²I) the values
-    are returned unweighted and :func:`_rescale` multiplies the (small) result instead."""
-    if w.dim() == 0:
+def _factor_groups(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L, L⁻¹, ok)`` for the blocked term's blocks M_g = L_g L_gᵀ (m, k, k), M_g ⪰ I."""
+    k = M.shape[-1]
+    if k <= UNROLLED_CHOLESKY_MAX_SIZE:
+        L, L_inv, ok = unrolled_cholesky(M)
+        return L, L_inv, ok.all()
+    L, info = torch.linalg.cholesky_ex(M)
+    eye = torch.eye(k, dtype=M.dtype, device=M.device)
+    return L, torch.linalg.solve_triangular(L, eye, upper=False), (info == 0).all()
+
+
+def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
+    """blocks_g @ matrix for every group, (m, r, c) @ (c, d) → (m, r, d), as one (m·r, c) @ (c, d)
+    product (under vmap one per dataset instead of one per group and dataset)."""
+    return (blocks.flatten(-3, -2) @ matrix).unflatten(-2, blocks.shape[-3:-1])
+
+
+def _weigh(w: Tensor | None, values: Tensor) -> Tensor:
+    """diag(w) · values for per-observation weights w (n,); None stands for w = 1."""
+    if w is None:
         return values
     return values * w.reshape(*w.shape, *([1] * (values.dim() - 1)))
-
-
-def _rescale(w: Tensor, result: Tensor) -> Tensor:
-    return result * w if w.dim() == 0 else result
 
 
 def _segment_sum(codes: Tensor, values: Tensor, size: int) -> Tensor:
@@ -162,6 +198,11 @@ def _embed_blocks(blocks: Tensor) -> Tensor:
     return (blocks.unsqueeze(-2) * eye[:, None, :, None]).reshape(m * k, m * k)
 
 
+def _log_diagonal_sum(L: Tensor) -> Tensor:
+    """Σ log L_ii over all (batched) blocks of a triangular factor."""
+    return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
+
+
 # ------------------------------------------------------------------------------------------------
 # What the structure looks like (static)
 
@@ -185,19 +226,54 @@ def _kind(term) -> str | None:
     return None
 
 
-def _layout(s) -> tuple[list, list] | None:
-    """``(random, residual)`` lists of ``(path, term)``, or None when the MME cannot handle ``s``."""
-    if not isinstance(s, Sum):
+class Layout(NamedTuple):
+    """Where the pieces of a supported Sum are, read from the structure alone.
+
+    ``structure`` is the Sum with grouped-shaped Propagate terms as Grouped terms (``converted``:
+    :func:`~reml_fn.reml.grouped_form.grouped_form`); ``blocked`` the ``(path, Grouped term)`` with
+    the most groups (None without a Grouped term); ``rest`` the other random terms in order;
+    ``residual`` the residual terms; ``scalar_residual``: R = σ²I (no Diagonal term), so that the
+    cross products do not depend on θ."""
+
+    structure: Sum
+    converted: dict
+    blocked: tuple[str, Grouped] | None
+    rest: tuple[tuple[str, object], ...]
+    residual: tuple[tuple[str, object], ...]
+    scalar_residual: bool
+
+
+def layout(s) -> Layout | None:
+    """The :class:`Layout` of ``s``, or None when the MME cannot handle it (not a Sum of Grouped
+    terms, Propagate terms with a Fixed Z and Scalar/Identity/Diagonal residual terms, with at least
+    one random and one residual term).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.mme import layout
+        >>> g, h = torch.arange(12) % 3, torch.arange(12) % 4
+        >>> model = layout(rf.Sum(a=rf.Grouped(g), b=rf.Grouped(h), residual=rf.Scalar(12)))
+        >>> model.blocked[0], [path for path, _ in model.rest], model.scalar_residual
+        ('b', ['a'], True)
+        >>> layout(rf.Sum(a=rf.AR1(12), residual=rf.Scalar(12))) is None
+        True
+    """
+    structure, converted = grouped_form(s)
+    if not isinstance(structure, Sum):
         return None
     random, residual = [], []
-    for path, term, _ in _leaves(s, {}):
+    for path, term, _ in _leaves(structure, {}):
         kind = _kind(term)
         if kind is None:
             return None
         (residual if kind == "residual" else random).append((path, term))
     if not random or not residual:
         return None
-    return random, residual
+    grouped = [pair for pair in random if isinstance(pair[1], Grouped)]
+    blocked = max(grouped, key=lambda pair: pair[1].num_groups) if grouped else None
+    rest = tuple(pair for pair in random if pair is not blocked)
+    scalar = not any(isinstance(term, Diagonal) for _, term in residual)
+    return Layout(structure, converted, blocked, rest, tuple(residual), scalar)
 
 
 class _Columns(NamedTuple):
@@ -211,46 +287,37 @@ class _Columns(NamedTuple):
     dense: Tensor | None = None  # dense: (n, size)
 
 
-def _grouped_columns(term, dtype) -> _Columns:
-    return _Columns(term.q, term.codes, cast(term.covariates, dtype), term.num_groups, term.k)
+def _columns(term, dtype) -> _Columns:
+    if isinstance(term, Grouped):
+        return _Columns(term.q, term.codes, cast(term.covariates, dtype), term.num_groups, term.k)
+    design = cast(term.children[0].matrix, dtype)
+    return _Columns(design.shape[-1], dense=design)
 
 
-def _cross_grouped(a: _Columns, w: Tensor, values: Tensor) -> Tensor:
+def _cross_grouped(a: _Columns, w: Tensor | None, values: Tensor) -> Tensor:
     """Z_aᵀ diag(w) Y for Y (n, c) as (m_a, k_a, c)."""
-    return _rescale(w, _segment_sum(a.codes, a.x.unsqueeze(-1) * _weigh(w, values).unsqueeze(-2), a.m))
+    return _segment_sum(a.codes, a.x.unsqueeze(-1) * _weigh(w, values).unsqueeze(-2), a.m)
 
 
-def _cross_two_grouped(a: _Columns, b: _Columns, w: Tensor) -> Tensor:
+def _cross_two_grouped(a: _Columns, b: _Columns, w: Tensor | None) -> Tensor:
     """Z_aᵀ diag(w) Z_b for two different Grouped terms, (m_a, k_a, m_b·k_b)."""
     outer = a.x.unsqueeze(-1) * _weigh(w, b.x).unsqueeze(-2)  # (n, k_a, k_b)
-    sums = _rescale(w, _segment_sum(a.codes * b.m + b.codes, outer, a.m * b.m)).reshape(a.m, b.m, a.k, b.k)
+    sums = _segment_sum(a.codes * b.m + b.codes, outer, a.m * b.m).reshape(a.m, b.m, a.k, b.k)
     return sums.permute(0, 2, 1, 3).reshape(a.m, a.k, b.size)
 
 
-def _cross(a: _Columns, b: _Columns, w: Tensor, same: bool) -> Tensor:
+def _cross(a: _Columns, b: _Columns, w: Tensor | None, same: bool) -> Tensor:
     """Z_aᵀ diag(w) Z_b, dense (size_a, size_b)."""
     if a.dense is not None and b.dense is not None:
-        return _rescale(w, a.dense.transpose(-1, -2) @ _weigh(w, b.dense))
+        return a.dense.transpose(-1, -2) @ _weigh(w, b.dense)
     if a.dense is None and b.dense is not None:
         return _cross_grouped(a, w, b.dense).reshape(a.size, b.size)
     if a.dense is not None:
         return _cross(b, a, w, same).transpose(-1, -2)
     if same:
-        return _embed_blocks(_group_cross_products(a, w))
+        outer = a.x.unsqueeze(-1) * _weigh(w, a.x).unsqueeze(-2)
+        return _embed_blocks(_segment_sum(a.codes, outer, a.m))
     return _cross_two_grouped(a, b, w).reshape(a.size, b.size)
-
-
-def _group_cross_products(a: _Columns, w: Tensor) -> Tensor:
-    """Σ_{i∈g} w_i x_i x_iᵀ for every group (m, k, k)."""
-    outer = a.x.unsqueeze(-1) * _weigh(w, a.x).unsqueeze(-2)
-    return _rescale(w, _segment_sum(a.codes, outer, a.m))
-
-
-def _cross_blocked(b: _Columns, other: _Columns, w: Tensor) -> Tensor:
-    """Z_bᵀ diag(w) Z_other for the blocked (Grouped) term b, (m_b, k_b, size_other)."""
-    if other.dense is not None:
-        return _cross_grouped(b, w, other.dense)
-    return _cross_two_grouped(b, other, w)
 
 
 def _dense_design(c: _Columns) -> Tensor:
@@ -264,11 +331,7 @@ def _times(c: _Columns, values: Tensor) -> Tensor:
     """Z_c v for v (size,) or (size, K) → (n,) or (n, K)."""
     if c.dense is not None:
         return c.dense @ values
-    return _expand(c, values.reshape(c.m, c.k, *values.shape[1:]))
-
-
-def _expand(c: _Columns, effects: Tensor) -> Tensor:
-    """Z_c u for a Grouped term's effects u (m, k) or (m, k, K): row i gets x_iᵀ u_{g_i}."""
+    effects = values.reshape(c.m, c.k, *values.shape[1:])
     rows = effects.index_select(0, c.codes)
     if rows.dim() == 2:
         return torch.linalg.vecdot(c.x, rows)
@@ -282,6 +345,78 @@ def _transpose_times(c: _Columns, values: Tensor) -> Tensor:
     if values.dim() == 1:
         return _segment_sum(c.codes, c.x * values.unsqueeze(-1), c.m).reshape(c.size)
     return _segment_sum(c.codes, c.x.unsqueeze(-1) * values.unsqueeze(-2), c.m).reshape(c.size, -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The statistics: cross products of T = [Z_b, Z_rest, X] and the centred response
+
+
+class Statistics(NamedTuple):
+    """The cross products of one dataset (module docstring), for W = I (R = σ²I: computed once
+    per dataset by :func:`statistics`) or W = R⁻¹ (a Diagonal R: formed per evaluation).
+
+    A part the model does not have (no blocked term; a Diagonal R's prepared statistics, which are
+    only β₀ and y_c) is an empty tensor, so that the tuple maps and vmaps like any other."""
+
+    offset: Tensor  # (p,)      β₀, least squares: β̂ = β₀ + the GLS estimate for y_c
+    centred: Tensor  # (n,)     y_c = y − Xβ₀
+    C_bb: Tensor  # (m, k, k)   Z_bᵀWZ_b blocks
+    C_bs: Tensor  # (m, k, d)   Z_bᵀW[Z_rest, X]
+    C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀW[Z_rest, X]
+    c_b: Tensor  # (m, k)       Z_bᵀW y_c
+    c_s: Tensor  # (d,)         [Z_rest, X]ᵀW y_c
+    yy: Tensor  # ()            y_cᵀW y_c
+
+
+def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | None, offset: Tensor) -> Statistics:
+    """:class:`Statistics` with the weights w (n,) (None: unweighted)."""
+    p, dtype = X.shape[-1], X.dtype
+    rest = [_columns(term, dtype) for _, term in model.rest]
+    dense = rest + [_Columns(p, dense=X)]
+    C_ss = concat(
+        [concat([_cross(a, b, w, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
+    )
+    wy = _weigh(w, centred)
+    c_s = concat([_transpose_times(c, wy) for c in rest] + [X.mT @ wy], dim=-1)
+    empty = X.new_zeros(0)
+    C_bb = C_bs = c_b = empty
+    if model.blocked is not None:
+        b = _columns(model.blocked[1], dtype)
+        # X, y_c and the blocked term's covariates side by side: one pass gives Z_bᵀW[X, Z_b, y_c].
+        both = _cross_grouped(b, w, torch.cat([X, b.x, centred.unsqueeze(-1)], dim=-1))  # (m, k, p + k + 1)
+        pieces = []
+        for c in rest:
+            pieces.append(_cross_grouped(b, w, c.dense) if c.dense is not None else _cross_two_grouped(b, c, w))
+        C_bs = concat(pieces + [both[..., :p]], dim=-1)
+        C_bb, c_b = both[..., p : p + b.k], both[..., -1]
+    return Statistics(offset, centred, C_bb, C_bs, C_ss, c_b, c_s, centred @ wy)
+
+
+def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
+    """What does not change with θ, for one dataset (pure; vmappable over y, X and the terms' data):
+    β₀ = (XᵀX)⁻¹Xᵀy, y_c = y − Xβ₀ and, for R = σ²I, the cross products of T = [Z_b, Z_rest, X]
+    and y_c. Below: β₀ is the mean 2.5, c_b the group sums of y − 2.5, ‖y_c‖² = 7.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.mme import layout, statistics
+        >>> s = rf.Sum(group=rf.Grouped(torch.arange(6) % 2), residual=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5]), torch.ones(6, 1)
+        >>> stats = statistics(layout(s), y, X)
+        >>> [round(v, 10) for v in (*stats.offset.tolist(), *stats.c_b.flatten().tolist(), float(stats.yy))]
+        [2.5, -3.0, 3.0, 7.0]
+        >>> stats.C_bb.flatten().tolist()                # group sizes
+        [3.0, 3.0]
+    """
+    # β₀ from the normal equations: any β₀ gives the same likelihood, it only makes y_c small.
+    factor, info = torch.linalg.cholesky_ex(X.mT @ X)
+    offset = torch.cholesky_solve((X.mT @ y).unsqueeze(-1), factor).squeeze(-1)
+    offset = torch.where(info == 0, offset, 0.0)  # X rank deficient: the fit fails later, finitely
+    centred = y - X @ offset
+    if not model.scalar_residual:
+        empty = X.new_zeros(0)
+        return Statistics(offset, centred, empty, empty, empty, empty, empty, empty)
+    return _cross_statistics(model, centred, X, None, offset)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,56 +436,66 @@ class _Term(NamedTuple):
     derivatives: Tensor | None  # Σ̇ (K, k, k) or Ġ (K, q, q); None without free parameters
 
 
-def _terms(s, params: Mapping, dtype, device, method: str | None = None) -> tuple[list[_Term], Residual]:
-    """The random terms and the residual at ``params``; the derivatives of Σ_t / G_t only when a
-    Jacobian ``method`` is given."""
-    random, residual_parts = [], []
-    for path, term, term_params in _leaves(s, params):
-        kind = _kind(term)
-        if kind == "residual":
-            residual_parts.append((path, term, term_params))
-            continue
-        if kind == "grouped":
-            child, child_params, prefix = term.cov, term_params.get("cov", {}), f"{path}/cov"
-            columns = _grouped_columns(term, dtype)
-        else:
-            (z_name, g_name), (z, child) = term.names, term.children
-            child_params, prefix = term_params.get(g_name, {}), f"{path}/{g_name}"
-            design = cast(z._build(term_params.get(z_name, {})), dtype)
-            columns = _Columns(design.shape[-1], dense=design)
-        block = cast(child._build(child_params), dtype)
-        lam, ok = _factor_block(block)
-        names, derivatives = derivative_stack(child, child_params, prefix, method, dtype)
-        random.append(_Term(path, kind == "grouped", columns, block, lam, ok, names, derivatives))
-    return random, residual_variance(residual_parts, s.shape[0], dtype, device, method is not None)
+def _term(path: str, term, params: Mapping, dtype, method: str | None) -> _Term:
+    term_params = params
+    for part in path.split("/"):
+        term_params = term_params.get(part, {})
+    if isinstance(term, Grouped):
+        child, child_params, prefix = term.cov, term_params.get("cov", {}), f"{path}/cov"
+    else:
+        g_name, child = term.names[1], term.children[1]
+        child_params, prefix = term_params.get(g_name, {}), f"{path}/{g_name}"
+    block = cast(child._build(child_params), dtype)
+    lam, ok = _factor_block(block)
+    names, derivatives = derivative_stack(child, child_params, prefix, method, dtype)
+    return _Term(path, isinstance(term, Grouped), _columns(term, dtype), block, lam, ok, names, derivatives)
+
+
+def _residual(model: Layout, params: Mapping, n: int, dtype, device, derivatives: bool) -> Residual:
+    parts = []
+    for path, term in model.residual:
+        term_params = params
+        for part in path.split("/"):
+            term_params = term_params.get(part, {})
+        parts.append((path, term, term_params))
+    return residual_variance(parts, n, dtype, device, derivatives)
 
 
 # ------------------------------------------------------------------------------------------------
 # Assembling and factorising Ω
 #
-# Rows and columns of Ω (and of the cross products C = TᵀR⁻¹T of the unscaled design
-# T = [Z_b, Z_rest, X], W = TΛ_full) come in two parts: the blocked term's, by group (m, k, ·),
-# and the dense part (d, ·). :class:`_Split` carries a matrix with rows split that way.
+# Rows and columns of Ω (and of the cross products C = TᵀR⁻¹T, W = TΛ_full) come in two parts:
+# the blocked term's, by group (m, k, ·), and the dense part (d, ·). :class:`_Split` carries a
+# matrix with rows split that way.
 
 
-class _Factor(NamedTuple):
+class _Point(NamedTuple):
+    """Everything at one parameter point: Ω's factor and, after :func:`_solve`, the solution."""
+
     blocked: _Term | None
     rest: list[_Term]
     residual: Residual
-    w: Tensor  # 1/r
+    w: Tensor  # 1/r: 0-d (R = σ²I) or (n,)
     X: Tensor  # (n, p)
-    lam_s: Tensor | None  # Λ_s = blockdiag(Λ_rest, I_p); None when there is no rest (Λ_s = I)
+    offset: Tensor  # (p,) β₀
+    centred: Tensor  # (n,) y_c
     C_bb: Tensor | None  # (m, k, k)   Z_bᵀR⁻¹Z_b blocks
     C_bs: Tensor | None  # (m, k, d)   Z_bᵀR⁻¹[Z_rest, X]
     C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀR⁻¹[Z_rest, X]
+    c_b: Tensor | None  # (m, k)  Z_bᵀR⁻¹y_c
+    c_s: Tensor  # (d,)    [Z_rest, X]ᵀR⁻¹y_c
+    yy: Tensor  # ()       y_cᵀR⁻¹y_c
+    lam_s: Tensor | None  # Λ_s = blockdiag(Λ_rest, I_p); None when there is no rest (Λ_s = I)
     L_bb_inv: Tensor | None  # (m, k, k) L_g⁻¹ for the blocks L_g of the blocked term's factor
-    F: Tensor | None  # (m, k, d)   L_bb⁻¹ Ω_bs
+    G: Tensor | None  # (m, k, k) L_g⁻¹Λ_bᵀ
+    F: Tensor | None  # (m, k, d) L_g⁻¹ Ω_{g,s}
     L_ss: Tensor  # (d, d)
-    u_b: Tensor | None  # (m, k) spherical effects ũ_b
-    u_s: Tensor  # (d,) [ũ_rest, β̂]
-    e: Tensor  # P y
-    loglik: Tensor
+    log_det: Tensor  # Σ log diag L over all pivots
     ok: Tensor
+    u_b: Tensor | None = None  # (m, k) spherical effects ũ_b
+    u_s: Tensor | None = None  # (d,) [ũ_rest, β̂ − β₀]
+    penalised: Tensor | None = None  # yᵀPy
+    loglik: Tensor | None = None
 
 
 class _Split(NamedTuple):
@@ -378,7 +523,140 @@ def _times_lam_s(a: Tensor, lam_s: Tensor | None) -> Tensor:
     return a if lam_s is None else a @ lam_s
 
 
-def _lam_transpose_times(fac: _Factor, a: _Split) -> _Split:
+def _weighted(model: Layout, stats: Statistics, X: Tensor, w: Tensor) -> tuple:
+    """The cross products with R⁻¹: the prepared ones times w = 1/σ² (R = σ²I), or formed now with
+    the weights w (n,) (a Diagonal R)."""
+    if not model.scalar_residual:
+        stats = _cross_statistics(model, stats.centred, X, w, stats.offset)
+        w = None
+    scale = (lambda t: t) if w is None else (lambda t: t * w)
+    blocked = model.blocked is not None
+    C_bb, C_bs, c_b = (scale(stats.C_bb), scale(stats.C_bs), scale(stats.c_b)) if blocked else (None, None, None)
+    return C_bb, C_bs, scale(stats.C_ss), c_b, scale(stats.c_s), scale(stats.yy)
+
+
+def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None) -> _Point:
+    """Ω's factor at ``params`` (and the derivatives of the random terms' covariances when a
+    Jacobian method is given)."""
+    p, dtype, device = X.shape[-1], X.dtype, X.device
+    blocked = _term(*model.blocked, params, dtype, jacobian) if model.blocked is not None else None
+    rest = [_term(path, term, params, dtype, jacobian) for path, term in model.rest]
+    residual = _residual(model, params, X.shape[-2], dtype, device, jacobian is not None)
+    positive = residual.r > 0
+    ok = positive if positive.dim() == 0 else positive.all()
+    for t in [blocked] + rest if blocked is not None else rest:
+        ok = ok & t.ok
+    w = torch.where(positive, residual.r, 1.0).reciprocal()
+    C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
+    lam_s, omega_ss = None, C_ss
+    if rest:
+        q_rest = _rest_sizes(rest)
+        lam_s = _block_diag([_lam_full(t) for t in rest] + [torch.eye(p, dtype=dtype, device=device)])
+        unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))  # D = blockdiag(I_q, 0_p)
+        omega_ss = lam_s.mT @ C_ss @ lam_s + unit
+    L_bb_inv = G = F_ = None
+    schur, log_det = omega_ss, None
+    if blocked is not None:
+        lam = blocked.lam
+        eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
+        # I + ΛᵀC_gΛ is positive definite whenever Λ and C are finite: a failure is flagged, not repaired.
+        L_bb, L_bb_inv, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
+        ok = ok & factored
+        G = _blocks_times(L_bb_inv, lam.mT)
+        F_ = G @ _times_lam_s(C_bs, lam_s)
+        schur = omega_ss - group_inner(F_, F_)
+        log_det = _log_diagonal_sum(L_bb)
+    L_ss, info_s = torch.linalg.cholesky_ex(schur)
+    ok_s = info_s == 0
+    # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
+    L_ss = torch.where(ok_s, L_ss, torch.eye(schur.shape[-1], dtype=dtype, device=device))
+    log_det = plus(log_det, _log_diagonal_sum(L_ss))
+    return _Point(
+        blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
+        lam_s, L_bb_inv, G, F_, L_ss, log_det, ok & ok_s,
+    )  # fmt: skip
+
+
+def _solve(pt: _Point) -> _Point:
+    """The spherical effects ũ, β̂ − β₀ (Ω [ũ; β̂ − β₀] = WᵀR⁻¹y_c), yᵀPy and ℓ."""
+    rhs = pt.c_s if pt.lam_s is None else pt.c_s @ pt.lam_s  # Λ_sᵀ c_s
+    z_b = None
+    if pt.blocked is not None:
+        z_b = (pt.G @ pt.c_b.unsqueeze(-1)).squeeze(-1)  # (m, k)
+        rhs = rhs - z_b.flatten(-2) @ pt.F.flatten(-3, -2)  # − Σ_g F_gᵀ z_g
+    z_s = torch.linalg.solve_triangular(pt.L_ss, rhs.unsqueeze(-1), upper=False)
+    u_s = torch.linalg.solve_triangular(pt.L_ss.mT, z_s, upper=True).squeeze(-1)
+    penalised = pt.yy - (z_s * z_s).sum()
+    u_b = None
+    if pt.blocked is not None:
+        u_b = (pt.L_bb_inv.mT @ (z_b - pt.F @ u_s).unsqueeze(-1)).squeeze(-1)
+        penalised = penalised - (z_b * z_b).sum()
+    n, p = pt.centred.shape[-1], pt.X.shape[-1]
+    r = pt.residual.r
+    log_det_r = n * torch.log(1.0 / pt.w) if r.dim() == 0 else torch.log(1.0 / pt.w).sum()
+    value = -0.5 * (log_det_r + penalised) - pt.log_det - 0.5 * (n - p) * math.log(2.0 * math.pi)
+    loglik = torch.where(pt.ok, value, -math.inf)
+    return pt._replace(u_b=u_b, u_s=u_s, penalised=penalised, loglik=loglik)
+
+
+def _evaluate(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None) -> _Point:
+    return _solve(_factor(model, params, stats, X, jacobian))
+
+
+def _beta(pt: _Point) -> Tensor:
+    return pt.offset + pt.u_s[..., _rest_sizes(pt.rest) :]
+
+
+def _effects(pt: _Point) -> dict[str, Tensor]:
+    """û per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
+    out = {}
+    if pt.blocked is not None:
+        out[pt.blocked.path] = pt.u_b @ pt.blocked.lam.mT
+    offset = 0
+    for t in pt.rest:
+        size = t.columns.size
+        spherical = pt.u_s[..., offset : offset + size]
+        if t.grouped:
+            out[t.path] = spherical.reshape(t.columns.m, t.columns.k) @ t.lam.mT
+        else:
+            out[t.path] = t.lam @ spherical
+        offset += size
+    return out
+
+
+def _coefficients(pt: _Point) -> tuple[Tensor | None, Tensor]:
+    """b̂ = [û_b; û_rest; β̂ − β₀] in T's columns: (m, k) for the blocked term and (d,)."""
+    u_b = pt.u_b @ pt.blocked.lam.mT if pt.blocked is not None else None
+    return u_b, (pt.u_s if pt.lam_s is None else pt.lam_s @ pt.u_s)
+
+
+def _z_transpose_e(pt: _Point) -> _Split:
+    """Zᵀe for e = P y from the cross products: Zᵀe = Zᵀ R⁻¹(y_c − T b̂), as a :class:`_Split`
+    without X rows (blocked (m, k), rest (q_rest,))."""
+    u_b, b_s = _coefficients(pt)
+    blocked = dense = None
+    if pt.blocked is not None:
+        blocked = pt.c_b - (pt.C_bb @ u_b.unsqueeze(-1)).squeeze(-1) - pt.C_bs @ b_s
+    if pt.rest:
+        q_rest = _rest_sizes(pt.rest)
+        dense = pt.c_s[..., :q_rest] - pt.C_ss[..., :q_rest, :] @ b_s
+        if pt.blocked is not None:
+            dense = dense - u_b.flatten(-2) @ pt.C_bs[..., :q_rest].flatten(-3, -2)
+    return _Split(blocked, dense)
+
+
+def _residual_vector(pt: _Point) -> Tensor:
+    """e = P y = R⁻¹(y_c − T b̂) (n,), by one pass over the data (a Diagonal R's score needs it)."""
+    fitted = pt.X @ pt.u_s[..., _rest_sizes(pt.rest) :]
+    for path, effects in _effects(pt).items():
+        term = pt.blocked if pt.blocked is not None and pt.blocked.path == path else None
+        if term is None:
+            term = next(t for t in pt.rest if t.path == path)
+        fitted = fitted + _times(term.columns, effects.reshape(term.columns.size))
+    return pt.w * (pt.centred - fitted)
+
+
+def _lam_transpose_times(fac: _Point, a: _Split) -> _Split:
     """Λ_fullᵀ a: from products with T to products with W = TΛ_full."""
     blocked = dense = None
     if a.blocked is not None:
@@ -388,7 +666,7 @@ def _lam_transpose_times(fac: _Factor, a: _Split) -> _Split:
     return _Split(blocked, dense)
 
 
-def _cross_times(fac: _Factor, a: _Split) -> _Split:
+def _cross_times(fac: _Point, a: _Split) -> _Split:
     """C a = TᵀR⁻¹T a from the cross products."""
     blocked = dense = None
     if a.blocked is not None:
@@ -407,14 +685,14 @@ def _inner(a: _Split, b: _Split) -> Tensor:
     return plus(blocked, dense)
 
 
-def _columns(a: _Split, b: _Split) -> _Split:
+def _columns_side_by_side(a: _Split, b: _Split) -> _Split:
     """[a, b] side by side (a has a dense part; one missing from b is zero)."""
     blocked = None if a.blocked is None else torch.cat([a.blocked, b.blocked], dim=-1)
     dense = F.pad(a.dense, (0, b.blocked.shape[-1])) if b.dense is None else torch.cat([a.dense, b.dense], dim=-1)
     return _Split(blocked, dense)
 
 
-def _forward(fac: _Factor, a: _Split) -> _Split:
+def _forward(fac: _Point, a: _Split) -> _Split:
     """L⁻¹ a with L = [[L_bb, 0], [Fᵀ, L_ss]] (a.dense may be None: zero)."""
     if fac.blocked is None or a.blocked is None:
         return _Split(None, torch.linalg.solve_triangular(fac.L_ss, a.dense, upper=False))
@@ -424,161 +702,18 @@ def _forward(fac: _Factor, a: _Split) -> _Split:
     return _Split(blocked, torch.linalg.solve_triangular(fac.L_ss, dense, upper=False))
 
 
-def _backward(fac: _Factor, a: _Split) -> _Split:
-    """L⁻ᵀ a."""
-    dense = torch.linalg.solve_triangular(fac.L_ss.mT, a.dense, upper=True)
-    if fac.blocked is None:
-        return _Split(None, dense)
-    return _Split(fac.L_bb_inv.mT @ (a.blocked - fac.F @ dense), dense)
-
-
-def _p_gram(fac: _Factor, gram: Tensor, cross: _Split) -> Tensor:
+def _p_gram(fac: _Point, gram: Tensor, cross: _Split) -> Tensor:
     """SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖² for columns S, from ``gram`` = SᵀR⁻¹S and ``cross`` = TᵀR⁻¹S."""
     solved = _forward(fac, _lam_transpose_times(fac, cross))
     return gram - _inner(solved, solved)
 
-
-def _cross_products(blocked: _Term | None, rest: list[_Term], X: Tensor, w: Tensor):
-    """C_bb (m, k, k), C_bs (m, k, d) and C_ss (d, d): the blocks of TᵀR⁻¹T."""
-    p = X.shape[-1]
-    dense = [t.columns for t in rest] + [_Columns(p, dense=X)]
-    C_ss = concat(
-        [concat([_cross(a, b, w, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
-    )
-    if blocked is None:
-        return None, None, C_ss
-    # X and the blocked term's covariates side by side: one pass gives Z_bᵀR⁻¹[X, Z_b].
-    b = blocked.columns
-    with_x = _cross_grouped(b, w, torch.cat([X, b.x], dim=-1))  # (m, k, p + k)
-    C_bs = concat([_cross_blocked(b, t.columns, w) for t in rest] + [with_x[..., :p]], dim=-1)
-    return with_x[..., p:], C_bs, C_ss
-
-
-def _log_diag_sum(L: Tensor) -> Tensor:
-    """Σ log L_ii over all (batched) blocks of a triangular factor."""
-    return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
-
-
-def _factorize(s, params: Mapping, y: Tensor, X: Tensor, jacobian: str | None = None) -> _Factor:
-    """Everything at ``params``: Ω's factor, the solution, e = P y and ℓ (and the derivatives of the
-    random terms' covariances when a Jacobian method is given)."""
-    return _loglik(_solve(_factor(s, params, X, jacobian), y), y)
-
-
-def _factor(s, params: Mapping, X: Tensor, jacobian: str | None = None) -> _Factor:
-    """Ω's factor at ``params`` (y-free: under vmap over y nothing here is batched)."""
-    random, residual = _terms(s, params, X.dtype, X.device, jacobian)
-    grouped = [i for i, t in enumerate(random) if t.grouped]
-    # The Grouped term with the most groups is factorised block by block; the rest is dense.
-    blocked_index = max(grouped, key=lambda i: random[i].columns.m) if grouped else None
-    blocked = random[blocked_index] if blocked_index is not None else None
-    rest = [t for i, t in enumerate(random) if i != blocked_index]
-    return _factor_omega(blocked, rest, residual, X)
-
-
-def _factor_omega(blocked: _Term | None, rest: list[_Term], residual: Residual, X: Tensor) -> _Factor:
-    """Cross products and the Cholesky factor of Ω."""
-    p, dtype, device = X.shape[-1], X.dtype, X.device
-    q_rest = _rest_sizes(rest)
-    positive = residual.r > 0
-    ok = positive if positive.dim() == 0 else positive.all()
-    for t in [blocked] + rest if blocked is not None else rest:
-        ok = ok & t.ok
-    w = torch.where(positive, residual.r, 1.0).reciprocal()  # 0-d when R = σ²I: products unweighted, rescaled
-    C_bb, C_bs, C_ss = _cross_products(blocked, rest, X, w)
-    lam_s, omega_ss = None, C_ss
-    if rest:
-        lam_s = _block_diag([_lam_full(t) for t in rest] + [torch.eye(p, dtype=dtype, device=device)])
-        unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))  # D = blockdiag(I_q, 0_p)
-        omega_ss = lam_s.mT @ C_ss @ lam_s + unit
-    L_bb_inv = F_ = None
-    schur = omega_ss
-    if blocked is not None:
-        lam = blocked.lam
-        eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
-        # I + ΛᵀC_gΛ is positive definite whenever Λ and C are finite: a failure is flagged, not repaired.
-        L_bb, info_b = torch.linalg.cholesky_ex(lam.mT @ C_bb @ lam + eye_k)
-        ok = ok & (info_b == 0).all()
-        # M_g ⪰ I, so ‖L_g⁻¹‖ ≤ 1: the explicit k×k inverses are as accurate as solves and cheaper to apply.
-        L_bb_inv = torch.linalg.solve_triangular(L_bb, eye_k, upper=False)
-        F_ = L_bb_inv @ (lam.mT @ _times_lam_s(C_bs, lam_s))
-        schur = omega_ss - group_inner(F_, F_)
-    L_ss, info_s = torch.linalg.cholesky_ex(schur)
-    ok_s = info_s == 0
-    # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
-    L_ss = torch.where(ok_s, L_ss, torch.eye(schur.shape[-1], dtype=dtype, device=device))
-    ok = ok & ok_s
-    return _Factor(
-        blocked, rest, residual, w, X, lam_s, C_bb, C_bs, C_ss, L_bb_inv, F_, L_ss, None, None, None, None, ok
-    )
-
-
-def _solve(fac: _Factor, y: Tensor) -> _Factor:
-    """The spherical effects ũ and β̂: Ω [ũ; β̂] = WᵀR⁻¹y."""
-    blocked, rest, X, w = fac.blocked, fac.rest, fac.X, fac.w
-    wy = _weigh(w, y)
-    c_by = None
-    if blocked is not None:
-        b = blocked.columns
-        c_by = _rescale(w, _segment_sum(b.codes, b.x * wy.unsqueeze(-1), b.m)).unsqueeze(-1)  # (m, k, 1)
-    c_sy = _rescale(w, concat([_transpose_times(t.columns, wy) for t in rest] + [X.mT @ wy], dim=-1))  # (d,)
-    solution = _backward(fac, _forward(fac, _lam_transpose_times(fac, _Split(c_by, c_sy.unsqueeze(-1)))))
-    u_b = solution.blocked.squeeze(-1) if blocked is not None else None
-    return fac._replace(u_b=u_b, u_s=solution.dense.squeeze(-1))
-
-
-def _loglik(fac: _Factor, y: Tensor) -> _Factor:
-    """e = P y and ℓ from the solution."""
-    blocked, rest, X, w, u_b, u_s = fac.blocked, fac.rest, fac.X, fac.w, fac.u_b, fac.u_s
-    n, p, q_rest = y.shape[-1], X.shape[-1], _rest_sizes(rest)
-    # Residual y − Xβ̂ − Σ Z_t Λ_t ũ_t, e = R⁻¹ residual = P y, yᵀPy = ‖R^{-½} residual‖² + ‖ũ‖².
-    fitted, penalty = X @ u_s[..., q_rest:], None
-    if rest:
-        penalty = u_s[..., :q_rest] @ u_s[..., :q_rest]
-        offset = 0
-        for t in rest:
-            size = t.columns.size
-            fitted = fitted + _times(t.columns, _lam_full(t) @ u_s[..., offset : offset + size])
-            offset += size
-    if blocked is not None:
-        fitted = fitted + _expand(blocked.columns, u_b @ blocked.lam.mT)
-        penalty = plus(penalty, (u_b * u_b).sum())
-    residual_vector = y - fitted
-    e = w * residual_vector
-    pwrss = e @ residual_vector + penalty
-
-    # log|V| + log|XᵀV⁻¹X| = log|R| + 2 Σ log diag L (all pivots of Ω's factor; log|R| = −Σ log w).
-    log_det_r = -n * torch.log(w) if w.dim() == 0 else -torch.log(w).sum()
-    log_det_l = _log_diag_sum(fac.L_ss)
-    if blocked is not None:
-        log_det_l = log_det_l - _log_diag_sum(fac.L_bb_inv)
-    value = -0.5 * (log_det_r + pwrss) - log_det_l - 0.5 * (n - p) * math.log(2.0 * math.pi)
-    loglik = torch.where(fac.ok, value, -math.inf)
-    return fac._replace(e=e, loglik=loglik)
-
-
-def _effects(fac: _Factor) -> dict[str, Tensor]:
-    """û per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
-    out = {}
-    if fac.blocked is not None:
-        out[fac.blocked.path] = fac.u_b @ fac.blocked.lam.mT
-    offset = 0
-    for t in fac.rest:
-        size = t.columns.size
-        spherical = fac.u_s[..., offset : offset + size]
-        if t.grouped:
-            out[t.path] = spherical.reshape(t.columns.m, t.columns.k) @ t.lam.mT
-        else:
-            out[t.path] = t.lam @ spherical
-        offset += size
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Traces of P V̇ and the AI matrix
 
 
-def _ztpz_blocked(fac: _Factor) -> Tensor:
+def _ztpz_blocked(fac: _Point) -> Tensor:
     """Σ_g (Z_bᵀPZ_b)_gg (k×k) for the blocked term: Σ_g C_g − Σ_g (UᵀΩ⁻¹U)_gg.
 
     The columns of U = WᵀR⁻¹Z_b for group g are Λ_bᵀC_g in the blocked rows of group g only and
@@ -594,14 +729,14 @@ def _ztpz_blocked(fac: _Factor) -> Tensor:
     return fac.C_bb.sum(-3) - group_inner(blocked, blocked) - group_inner(dense, dense)
 
 
-def _ztpz_rest(fac: _Factor) -> Tensor:
+def _ztpz_rest(fac: _Point) -> Tensor:
     """(Z_restᵀ P Z_rest) (q_rest × q_rest), dense."""
     q_rest = _rest_sizes(fac.rest)
     cross = _Split(fac.C_bs[..., :q_rest] if fac.blocked is not None else None, fac.C_ss[..., :q_rest])
     return _p_gram(fac, fac.C_ss[..., :q_rest, :q_rest], cross)
 
 
-def _diag_p(fac: _Factor, n: int) -> Tensor:
+def _diag_p(fac: _Point, n: int) -> Tensor:
     """P_ii = 1/r_i − ‖L⁻¹ w_i‖² / r_i² for every row w_i of W = [ZΛ, X] (n,)."""
     d = fac.L_ss.shape[-1]
     dense_rows = torch.cat([_dense_design(t.columns) @ _lam_full(t) for t in fac.rest] + [fac.X], dim=-1)  # (n, d)
@@ -617,46 +752,44 @@ def _diag_p(fac: _Factor, n: int) -> Tensor:
     return fac.w - fac.w**2 * quadratic
 
 
-def _random_parts(fac: _Factor, e: Tensor, need_trace_g: bool):
+def _random_parts(pt: _Point, ze: _Split, need_trace_g: bool):
     """Per random term t: its parameters' score terms and working variates.
 
     With ze_t = Z_tᵀe: 2 s_j = eᵀV̇_j e − tr(PV̇_j) = tr(Ġ_j (ze_t ze_tᵀ − Z_tᵀPZ_t)) (for a
     Grouped term Ġ_j = I ⊗ Σ̇_j and only Σ_g of the k×k diagonal blocks of both matrices is
     needed), and V̇_j e = Z_t a_j with a_j = Ġ_j ze_t.
 
-    Returns ``(names, twice_score [(K_t,)], A, ze, trace_g)``: A the coefficients of all K
-    random-term variates as a :class:`_Split` (dense rows of X are zero); ze = Zᵀe as a
-    :class:`_Split` without X rows (blocked (m, k), rest (q_rest,)); trace_g = Σ_t tr(G_t Z_tᵀPZ_t)
-    when ``need_trace_g``."""
-    blocked, rest, p = fac.blocked, fac.rest, fac.X.shape[-1]
-    rest_ztpz = _ztpz_rest(fac) if rest else None
-    names, twice_score, coefficients, ze_rest = [], [], [], []
-    trace_g = ze_blocked = own_blocked = None
+    Returns ``(names, twice_score [(K_t,)], A, trace_g)``: A the coefficients of all K
+    random-term variates as a :class:`_Split` (dense rows of X are zero); trace_g =
+    Σ_t tr(G_t Z_tᵀPZ_t) when ``need_trace_g``."""
+    blocked, rest, p = pt.blocked, pt.rest, pt.X.shape[-1]
+    rest_ztpz = _ztpz_rest(pt) if rest else None
+    names, twice_score, coefficients = [], [], []
+    trace_g = own_blocked = None
     offset = 0
     for t in ([blocked] if blocked is not None else []) + rest:
         c = t.columns
         if t is blocked:
-            ztpz = _ztpz_blocked(fac)
-            ze = ze_blocked = _segment_sum(c.codes, c.x * e.unsqueeze(-1), c.m)  # (m, k)
+            ztpz, z = _ztpz_blocked(pt), ze.blocked
         else:
             ztpz = rest_ztpz[..., offset : offset + c.size, offset : offset + c.size]
+            z = ze.dense[..., offset : offset + c.size]
             if t.grouped:  # Σ over groups of the k×k diagonal blocks
                 ztpz = torch.diagonal(ztpz.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
-            ze_rest.append(_transpose_times(c, e))  # (q_t,)
-            ze = ze_rest[-1].reshape(c.m, c.k) if t.grouped else ze_rest[-1]
+                z = z.reshape(c.m, c.k)
             offset += c.size
         if need_trace_g:  # ztpz and G_t are symmetric: tr(G ZᵀPZ) = Σ G ⊙ ZᵀPZ
             trace_g = plus(trace_g, (t.block * ztpz).sum((-1, -2)))
         D = t.derivatives
         if D is None:
             if t is not blocked:
-                coefficients.append(e.new_zeros(c.size, 0))
+                coefficients.append(z.new_zeros(c.size, 0))
             continue
         names += t.names
-        outer = ze.mT @ ze if t.grouped else ze.unsqueeze(-1) * ze  # Σ_g ze_g ze_gᵀ, or ze zeᵀ
+        outer = z.mT @ z if t.grouped else z.unsqueeze(-1) * z  # Σ_g ze_g ze_gᵀ, or ze zeᵀ
         twice_score.append((D * (outer - ztpz)).sum((-1, -2)))
         # Row g of a_j for a Grouped term: Σ̇_j ze_g, so a = ze Σ̇_jᵀ (K, m, k); Ġ_j ze otherwise (K, q).
-        a = ze @ D.mT if t.grouped else D @ ze
+        a = z @ D.mT if t.grouped else D @ z
         if t is blocked:
             own_blocked = a.movedim(0, -1)  # (m, k, K_b)
         else:
@@ -667,21 +800,26 @@ def _random_parts(fac: _Factor, e: Tensor, need_trace_g: bool):
         A_dense = F.pad(_block_diag(coefficients), (count_blocked, 0, 0, p))
     if blocked is not None:
         if own_blocked is None:
-            A_blocked = e.new_zeros(blocked.columns.m, blocked.columns.k, len(names))
+            A_blocked = pt.c_b.new_zeros(blocked.columns.m, blocked.columns.k, len(names))
         else:
             A_blocked = F.pad(own_blocked, (0, len(names) - count_blocked)) if rest else own_blocked
-    ze = _Split(ze_blocked, concat(ze_rest, dim=-1) if rest else None)
-    return names, twice_score, _Split(A_blocked, A_dense), ze, trace_g
+    return names, twice_score, _Split(A_blocked, A_dense), trace_g
 
 
-def _residual_parts(fac: _Factor, e: Tensor, ze: _Split, trace_g: Tensor | None):
+def _residual_parts(pt: _Point, ze: _Split, trace_g: Tensor | None):
     """The residual parameters' score terms 2 s_j = Σ_i ṙ_ji (e_i² − P_ii) and working variates
     V_r = [ṙ_j ∘ e]: ``(twice_score (K_r,), TᵀR⁻¹V_r as a _Split, V_rᵀR⁻¹V_r)``."""
-    residual, w, n, p = fac.residual, fac.w, e.shape[-1], fac.X.shape[-1]
+    residual, w, p = pt.residual, pt.w, pt.X.shape[-1]
+    n = pt.centred.shape[-1]
     slopes = residual.slopes
     if residual.r.dim() == 0:
-        # R = σ²I: V_r = e ṙᵀ; tr(P) from tr(PV) = n − p; XᵀR⁻¹V_r = 0 since XᵀPy = 0.
-        squares = e @ e
+        # R = σ²I: V_r = e ṙᵀ; tr(P) from tr(PV) = n − p; XᵀR⁻¹V_r = 0 since XᵀPy = 0;
+        # e·e = w (yᵀPy − ‖ũ‖²) since yᵀPy = e·r + ‖ũ‖² and e = w r.
+        spherical = pt.u_s[..., : _rest_sizes(pt.rest)]
+        u_squares = (spherical * spherical).sum()
+        if pt.blocked is not None:
+            u_squares = u_squares + (pt.u_b * pt.u_b).sum()
+        squares = w * (pt.penalised - u_squares)
         twice_score = slopes * (squares - (n - p - trace_g) * w)
         weighted_slopes = w * slopes
         cross = _Split(
@@ -689,43 +827,44 @@ def _residual_parts(fac: _Factor, e: Tensor, ze: _Split, trace_g: Tensor | None)
             F.pad(ze.dense.unsqueeze(-1) * weighted_slopes, (0, 0, 0, p)) if ze.dense is not None else None,
         )
         return twice_score, cross, squares * (weighted_slopes.unsqueeze(-1) * slopes)
-    twice_score = (slopes * (e * e - _diag_p(fac, n))).sum(-1)
+    e = _residual_vector(pt)
+    twice_score = (slopes * (e * e - _diag_p(pt, n))).sum(-1)
     vectors = (slopes * e).mT  # (n, K_r)
     weighted = w.unsqueeze(-1) * vectors
     blocked = None
-    if fac.blocked is not None:
-        b = fac.blocked.columns
+    if pt.blocked is not None:
+        b = pt.blocked.columns
         blocked = _segment_sum(b.codes, b.x.unsqueeze(-1) * weighted.unsqueeze(-2), b.m)
-    dense = concat([_transpose_times(t.columns, weighted) for t in fac.rest] + [fac.X.mT @ weighted], dim=-2)
+    dense = concat([_transpose_times(t.columns, weighted) for t in pt.rest] + [pt.X.mT @ weighted], dim=-2)
     return twice_score, _Split(blocked, dense), vectors.mT @ weighted
 
 
-def _score_and_ai(fac: _Factor, names: list[str]) -> tuple[Tensor, Tensor]:
+def _score_and_ai(pt: _Point, names: list[str]) -> tuple[Tensor, Tensor]:
     """Score and AI in the order of ``names``.
 
     With the working variates S = [Z A, V_r] (random-term variates by their coefficients A, then
     the residual variates V_r): AI = ½ SᵀPS, SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², where SᵀR⁻¹S and
     TᵀR⁻¹S = [C A, TᵀR⁻¹V_r] come from the cross products (:func:`_cross_times`)."""
-    e = fac.e
     if not names:
-        return e.new_zeros(0), e.new_zeros(0, 0)
-    residual = fac.residual
+        return pt.c_s.new_zeros(0), pt.c_s.new_zeros(0, 0)
+    residual = pt.residual
     need_trace_g = residual.r.dim() == 0 and residual.slopes is not None
-    order, twice_score, A, ze, trace_g = _random_parts(fac, e, need_trace_g)
-    cross = _cross_times(fac, A)
+    ze = _z_transpose_e(pt)
+    order, twice_score, A, trace_g = _random_parts(pt, ze, need_trace_g)
+    cross = _cross_times(pt, A)
     if residual.slopes is None:
         gram = _inner(A, cross)
     else:
-        twice_score_r, cross_r, gram_rr = _residual_parts(fac, e, ze, trace_g)
-        cross = _columns(cross, cross_r)
+        twice_score_r, cross_r, gram_rr = _residual_parts(pt, ze, trace_g)
+        cross = _columns_side_by_side(cross, cross_r)
         top = _inner(A, cross)  # [AᵀCA, AᵀTᵀR⁻¹V_r]
         gram = torch.cat([top, torch.cat([top[..., len(order) :].mT, gram_rr], dim=-1)], dim=-2)
         order, twice_score = order + residual.names, twice_score + [twice_score_r]
     score = 0.5 * concat(twice_score, dim=-1)
-    inner = _p_gram(fac, gram, cross)
+    inner = _p_gram(pt, gram, cross)
     ai = 0.25 * (inner + inner.mT)  # ½ SᵀPS, symmetrised
     if order != names:
-        index = torch.tensor([order.index(name) for name in names], device=e.device)
+        index = torch.tensor([order.index(name) for name in names], device=score.device)
         score, ai = score[..., index], ai[..., index, :][..., index]
     return score, ai
 
@@ -734,19 +873,11 @@ def _score_and_ai(fac: _Factor, names: list[str]) -> tuple[Tensor, Tensor]:
 # The engine
 
 
-def _one_factor_inputs(s, y, X, prepared):
-    """``(layout, statistics)`` of the one-factor fast path for ``s`` (the statistics ``prepared``
-    or computed now), or ``(None, None)`` when ``s`` takes the general path."""
-    model = one_factor.layout(s)
-    if model is None:
-        return None, None
-    return model, prepared if prepared is not None else one_factor.statistics(model, y, X)
-
-
-def _grouped(s, params):
-    """``s`` and ``params`` with grouped-shaped Propagate terms as Grouped (:mod:`grouped_form`)."""
-    grouped, converted = grouped_form(s)
-    return grouped, grouped_params(params, converted)
+def _inputs(s, params, y: Tensor, X: Tensor, prepared: Statistics | None):
+    """``(layout, params in its structure's form, statistics)`` for an engine call."""
+    model = layout(s)
+    stats = prepared if prepared is not None else statistics(model, y, X)
+    return model, grouped_params(params, model.converted), stats
 
 
 class MMEEngine:
@@ -760,22 +891,18 @@ class MMEEngine:
     name = "mme"
 
     def supports(self, s) -> bool:
-        s, _ = grouped_form(s)
-        layout = _layout(s)
-        if layout is None:
+        model = layout(s)
+        if model is None:
             return False
-        random = [term for _, term in layout[0]]
-        grouped = [term for term in random if _kind(term) == "grouped"]
-        total = sum(term.q if _kind(term) == "grouped" else term.children[0].shape[1] for term in random)
-        blocked = max(grouped, key=lambda term: term.num_groups).q if grouped else 0
-        return total - blocked <= s.shape[0] // 2
+        random = ([model.blocked] if model.blocked is not None else []) + list(model.rest)
+        total = sum(term.q if isinstance(term, Grouped) else term.children[0].shape[1] for _, term in random)
+        blocked = model.blocked[1].q if model.blocked is not None else 0
+        return total - blocked <= model.structure.shape[0] // 2
 
-    def prepare(self, s, y, X) -> one_factor.Statistics | None:
-        """What does not change between iterations, computed once per dataset: the sufficient
-        statistics of :mod:`reml_fn.reml.one_factor` when ``s`` is one Grouped term plus a
-        Scalar residual (lme4's ``(x | g)`` models), else None. Pure and vmappable; pass the
-        result as ``prepared=`` to :meth:`loglik`, :meth:`ai_terms` and :meth:`gls` with the
-        same ``s``, y and X.
+    def prepare(self, s, y, X) -> Statistics:
+        """What does not change between iterations, computed once per dataset (:func:`statistics`).
+        Pure and vmappable; pass the result as ``prepared=`` to :meth:`loglik`, :meth:`ai_terms`
+        and :meth:`gls` with the same ``s``, y and X.
 
         Example:
             >>> import torch, reml_fn as rf
@@ -787,15 +914,11 @@ class MMEEngine:
             ...                                == ENGINES["mme"].loglik(s, s.init_params(), y, X))
             ('Statistics', True)
         """
-        model = one_factor.layout(grouped_form(s)[0])
-        return None if model is None else one_factor.statistics(model, y, X)
+        return statistics(layout(s), y, X)
 
     def loglik(self, s, params, y, X, prepared=None) -> Tensor:
-        s, params = _grouped(s, params)
-        model, stats = _one_factor_inputs(s, y, X, prepared)
-        if model is not None:
-            return one_factor.loglik(model, params, y, X, stats)
-        return _factorize(s, params, y, X).loglik
+        model, params, stats = _inputs(s, params, y, X, prepared)
+        return _evaluate(model, params, stats, X).loglik
 
     def ai_terms(
         self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None
@@ -803,68 +926,60 @@ class MMEEngine:
         """Exact traces always (``trace="hutchpp"`` is accepted and computed exactly: they are cheap here)."""
         if trace not in ("exact", "hutchpp"):
             raise ValueError(f"unknown trace method {trace!r}; expected 'exact' or 'hutchpp'")
-        s, params = _grouped(s, params)
-        model, stats = _one_factor_inputs(s, y, X, prepared)
-        if model is not None:
-            return one_factor.ai_terms(model, params, y, X, stats, jacobian)
-        fac = _factorize(s, params, y, X, jacobian)
-        score, ai = _score_and_ai(fac, param_names(s))
-        score = torch.where(fac.ok, score, math.nan)
-        ai = torch.where(fac.ok, ai, math.nan)
-        beta = torch.where(fac.ok, fac.u_s[..., _rest_sizes(fac.rest) :], math.nan)
-        return AITerms(fac.loglik, score, ai, beta)
+        model, params, stats = _inputs(s, params, y, X, prepared)
+        pt = _evaluate(model, params, stats, X, jacobian)
+        score, ai = _score_and_ai(pt, param_names(model.structure))
+        score = torch.where(pt.ok, score, math.nan)
+        ai = torch.where(pt.ok, ai, math.nan)
+        return AITerms(pt.loglik, score, ai, torch.where(pt.ok, _beta(pt), math.nan))
 
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) (k,) in O(n·k²): tr(Σ̇ Σ_i x_i x_iᵀ) for a Grouped term, tr(Ġ ZᵀZ) for a
         Propagate term, Σ_i ṙ_i for the residual."""
-        s, params = _grouped(s, params)
-        model = one_factor.layout(s)
-        if model is not None:
-            return one_factor.jacobian_traces(model, params, jacobian)
+        model = layout(s)
+        params = grouped_params(params, model.converted)
         leaf = first_leaf(params)
         dtype = leaf.dtype if leaf is not None else torch.get_default_dtype()
-        random, residual = _terms(s, params, dtype, leaf.device if leaf is not None else None, jacobian)
+        device = leaf.device if leaf is not None else None
+        random = ([model.blocked] if model.blocked is not None else []) + list(model.rest)
         traces = {}
-        for t in random:
+        for path, term in random:
+            t = _term(path, term, params, dtype, jacobian)
             if t.derivatives is None:
                 continue
             c = t.columns
             gram = c.x.mT @ c.x if t.grouped else c.dense.mT @ c.dense
             traces.update(zip(t.names, (t.derivatives * gram.mT).sum((-1, -2))))
+        n = model.structure.shape[0]
+        residual = _residual(model, params, n, dtype, device, True)
         if residual.slopes is not None:
-            n = s.shape[0]
             traces.update(
                 zip(residual.names, n * residual.slopes if residual.r.dim() == 0 else residual.slopes.sum(-1))
             )
-        names = param_names(s)
+        names = param_names(model.structure)
         return torch.stack([traces[k] for k in names]) if names else torch.zeros(0, dtype=dtype)
 
     def gls(self, s, params, y, X, prepared=None) -> tuple[Tensor, Tensor]:
         """β̂ and (XᵀV⁻¹X)⁻¹ from the last p×p block of the factor."""
-        s, params = _grouped(s, params)
-        model, stats = _one_factor_inputs(s, y, X, prepared)
-        if model is not None:
-            return one_factor.gls(model, params, y, X, stats)
-        fac = _solve(_factor(s, params, X), y)
-        q_rest = _rest_sizes(fac.rest)
-        beta = torch.where(fac.ok, fac.u_s[..., q_rest:], math.nan)
-        vcov = torch.where(fac.ok, inverse_from_cholesky(fac.L_ss[..., q_rest:, q_rest:]), math.nan)
+        model, params, stats = _inputs(s, params, y, X, prepared)
+        pt = _evaluate(model, params, stats, X)
+        q_rest = _rest_sizes(pt.rest)
+        beta = torch.where(pt.ok, _beta(pt), math.nan)
+        vcov = torch.where(pt.ok, inverse_from_cholesky(pt.L_ss[..., q_rest:, q_rest:]), math.nan)
         return beta, vcov
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
         """û = Λũ per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
-        grouped, converted = grouped_form(s)
-        effects = _effects(_solve(_factor(grouped, grouped_params(params, converted), X), y))
-        return propagate_effects(effects, converted)
+        model, params, stats = _inputs(s, params, y, X, None)
+        return propagate_effects(_effects(_evaluate(model, params, stats, X)), model.converted)
 
     def fitted_random(self, s, params, y, X) -> Tensor:
         """Σ_t Z_t û_t (n,)."""
-        s, params = _grouped(s, params)
-        fac = _solve(_factor(s, params, X), y)
-        effects = _effects(fac)
+        model, params, stats = _inputs(s, params, y, X, None)
+        pt = _evaluate(model, params, stats, X)
         total = torch.zeros_like(y)
-        for t in ([fac.blocked] if fac.blocked is not None else []) + list(fac.rest):
-            total = total + _times(t.columns, effects[t.path].reshape(t.columns.size))
+        for t in ([pt.blocked] if pt.blocked is not None else []) + list(pt.rest):
+            total = total + _times(t.columns, _effects(pt)[t.path].reshape(t.columns.size))
         return total
 
 

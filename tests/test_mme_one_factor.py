@@ -1,7 +1,7 @@
-"""The MME fast path for one grouping factor + Scalar residual (reml_fn.reml.one_factor): equal to
-the general MME path and to the dense engine on drawn models, equal under vmap (unrolled k×k
-factors, dense-Z products) to a loop, preparation optional, and the fit loop's inference mode
-invisible to users."""
+"""The MME engine on lme4's most common model, one grouping factor + Scalar residual (the one
+algebra's case with no dense random part): equal to the dense engine on drawn models, prepared
+statistics equal to statistics formed in the call, vmap (unrolled k×k factors) equal to a loop,
+singular and invalid points handled."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reml_fn as rf
-from reml_fn.reml import ENGINES, one_factor
-from reml_fn.reml import mme as general
+from reml_fn.reml import ENGINES, mme
 from reml_fn.reml.covariance_blocks import unrolled_cholesky
 from reml_fn.reml.engines import register_engine
 
@@ -29,13 +28,6 @@ def close(actual, expected, rel=1e-9):
     scale = 1.0 + expected.abs().max()
     error = (actual - expected).abs().max()
     assert bool(error <= rel * scale), f"max error {float(error):.3e} (scale {float(scale):.3e})"
-
-
-def general_path(s, params, y, X):
-    """The general MME path (cross products in every call), bypassing the fast path."""
-    factor = general._factorize(s, params, y, X, "closed")
-    score, ai = general._score_and_ai(factor, rf.param_names(s))
-    return factor.loglik, score, ai, factor.u_s[general._rest_sizes(factor.rest) :]
 
 
 @st.composite
@@ -87,14 +79,12 @@ def _damp_covariances(s, theta):
 
 
 @given(one_factor_models())
-def test_fast_path_equals_general_path_and_dense(case):
+def test_one_factor_equals_dense(case):
     s, params, y, X = case
-    assert one_factor.layout(s) is not None
+    model = mme.layout(s)
+    assert model.blocked is not None and not model.rest and model.scalar_residual
     fast = rf.ai_terms(s, params, y, X, engine="mme")
     dense = rf.ai_terms(s, params, y, X, engine="dense")
-    loglik, score, ai, beta = general_path(s, params, y, X)
-    for actual, expected in ((fast.loglik, loglik), (fast.score, score), (fast.ai, ai), (fast.beta, beta)):
-        close(actual, expected)
     close(fast.loglik, dense.loglik, 1e-8)
     close(fast.score, dense.score, 1e-8)
     close(fast.ai, dense.ai, 1e-8)
@@ -119,9 +109,9 @@ def sleepstudy_like(B=5, seed=3):
     return s, Y, X
 
 
-def test_vmapped_fast_path_equals_a_loop():
-    """Under vmap the fast path uses unrolled k×k factors and dense-Z products; it must agree with
-    the unbatched computation (LAPACK factors, gathers) dataset by dataset."""
+def test_vmapped_engine_equals_a_loop():
+    """Under vmap the same code runs on batched statistics; it must agree with the unbatched
+    computation dataset by dataset."""
     s, Y, X = sleepstudy_like()
     theta = torch.tensor([[1.5, 0.2, 0.1, 2.5], [2.0, -1.0, 0.5, 2.0], [1.0, 0.0, -0.5, 3.0]]).repeat(2, 1)[
         : Y.shape[0]
@@ -137,8 +127,8 @@ def test_vmapped_fast_path_equals_a_loop():
             close(getattr(batched, field)[b], getattr(alone, field), 1e-11)
 
 
-def test_vmapped_fast_path_with_per_dataset_covariates():
-    """Batched term data take the gather path (no dense Z per dataset)."""
+def test_vmapped_engine_with_per_dataset_covariates():
+    """Batched term data: per-dataset statistics."""
     s, Y, X = sleepstudy_like(B=3)
     covariates = torch.stack([X, X * torch.tensor([1.0, 0.5]), X * torch.tensor([1.0, 2.0])])
     theta = torch.tensor([1.5, 0.2, 0.1, 2.5])
