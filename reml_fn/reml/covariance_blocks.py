@@ -9,6 +9,7 @@ and with ∂Σ/∂θ_j stacked into one (K, k, k) tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
@@ -64,8 +65,9 @@ def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
         positive = A > 0
         return torch.sqrt(torch.where(positive, A, 1.0)) * positive, (A >= 0).reshape(A.shape[:-2])
     largest = A.abs().amax((-1, -2))
-    tolerance = largest * (10.0 * k * torch.finfo(A.dtype).eps)
-    loose = torch.sqrt(tolerance * largest)
+    relative = 10.0 * k * torch.finfo(A.dtype).eps
+    tolerance = largest * relative
+    loose = largest * math.sqrt(relative)  # √(τ·max|A_ij|), without the underflow of τ·max|A_ij|
     # Entry by entry, as :func:`unrolled_cholesky` (one operation per entry, few operations per
     # call). LLᵀ misses A exactly in the Schur-complement entries of dropped pivots (the pivot
     # itself and the column below it), and by round-off elsewhere, so those entries are the check.

@@ -485,7 +485,6 @@ class _Point(NamedTuple):
     c_b: Tensor | None  # (m, k)  Z_bᵀR⁻¹y_c
     c_s: Tensor  # (d,)    [Z_rest, X]ᵀR⁻¹y_c
     yy: Tensor  # ()       y_cᵀR⁻¹y_c
-    lam_s: Tensor | None  # Λ_s = blockdiag(Λ_rest, I_p); None when there is no rest (Λ_s = I)
     L_bb_inv: Tensor | None  # (m, k, k) L_g⁻¹ for the blocks L_g of the blocked term's factor
     G: Tensor | None  # (m, k, k) L_g⁻¹Λ_bᵀ
     F: Tensor | None  # (m, k, d) L_g⁻¹ Ω_{g,s}
@@ -518,9 +517,26 @@ def _lam_full(term: _Term) -> Tensor:
     return kron(eye, term.lam)
 
 
-def _times_lam_s(a: Tensor, lam_s: Tensor | None) -> Tensor:
-    """a Λ_s (Λ_s = I when there is no rest)."""
-    return a if lam_s is None else a @ lam_s
+def _times_lam_s(a: Tensor, rest: list[_Term], transpose: bool = False) -> Tensor:
+    """a Λ_s (or a Λ_sᵀ) over a's last dimension, Λ_s = blockdiag(Λ_rest, I_p), term by term: a
+    Grouped term's I_m ⊗ Λ_Σ acts on each group's k columns, so no (d×d) product is formed."""
+    if not rest:
+        return a
+    pieces, offset = [], 0
+    for t in rest:
+        size = t.columns.size
+        part = a[..., offset : offset + size]
+        lam = t.lam.mT if transpose else t.lam
+        if not t.grouped:
+            part = part @ lam
+        elif t.columns.k == 1:
+            part = part * lam.reshape(())
+        else:
+            part = (part.unflatten(-1, (t.columns.m, t.columns.k)) @ lam).flatten(-2)
+        pieces.append(part)
+        offset += size
+    pieces.append(a[..., offset:])
+    return torch.cat(pieces, dim=-1)
 
 
 def _weighted(model: Layout, stats: Statistics, X: Tensor, w: Tensor) -> tuple:
@@ -548,12 +564,11 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         ok = ok & t.ok
     w = torch.where(positive, residual.r, 1.0).reciprocal()
     C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
-    lam_s, omega_ss = None, C_ss
+    omega_ss = C_ss
     if rest:
         q_rest = _rest_sizes(rest)
-        lam_s = _block_diag([_lam_full(t) for t in rest] + [torch.eye(p, dtype=dtype, device=device)])
         unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))  # D = blockdiag(I_q, 0_p)
-        omega_ss = lam_s.mT @ C_ss @ lam_s + unit
+        omega_ss = _times_lam_s(_times_lam_s(C_ss, rest).mT, rest) + unit  # Λ_sᵀ C_ss Λ_s + D
     L_bb_inv = G = F_ = None
     schur, log_det = omega_ss, None
     if blocked is not None:
@@ -563,7 +578,7 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         L_bb, L_bb_inv, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
         ok = ok & factored
         G = _blocks_times(L_bb_inv, lam.mT)
-        F_ = G @ _times_lam_s(C_bs, lam_s)
+        F_ = G @ _times_lam_s(C_bs, rest)
         schur = omega_ss - group_inner(F_, F_)
         log_det = _log_diagonal_sum(L_bb)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
@@ -573,13 +588,13 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     log_det = plus(log_det, _log_diagonal_sum(L_ss))
     return _Point(
         blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
-        lam_s, L_bb_inv, G, F_, L_ss, log_det, ok & ok_s,
+        L_bb_inv, G, F_, L_ss, log_det, ok & ok_s,
     )  # fmt: skip
 
 
 def _solve(pt: _Point) -> _Point:
     """The spherical effects ũ, β̂ − β₀ (Ω [ũ; β̂ − β₀] = WᵀR⁻¹y_c), yᵀPy and ℓ."""
-    rhs = pt.c_s if pt.lam_s is None else pt.c_s @ pt.lam_s  # Λ_sᵀ c_s
+    rhs = _times_lam_s(pt.c_s, pt.rest)  # Λ_sᵀ c_s
     z_b = None
     if pt.blocked is not None:
         z_b = (pt.G @ pt.c_b.unsqueeze(-1)).squeeze(-1)  # (m, k)
@@ -627,7 +642,7 @@ def _effects(pt: _Point) -> dict[str, Tensor]:
 def _coefficients(pt: _Point) -> tuple[Tensor | None, Tensor]:
     """b̂ = [û_b; û_rest; β̂ − β₀] in T's columns: (m, k) for the blocked term and (d,)."""
     u_b = pt.u_b @ pt.blocked.lam.mT if pt.blocked is not None else None
-    return u_b, (pt.u_s if pt.lam_s is None else pt.lam_s @ pt.u_s)
+    return u_b, _times_lam_s(pt.u_s, pt.rest, transpose=True)  # Λ_s u_s
 
 
 def _z_transpose_e(pt: _Point) -> _Split:
@@ -662,7 +677,7 @@ def _lam_transpose_times(fac: _Point, a: _Split) -> _Split:
     if a.blocked is not None:
         blocked = fac.blocked.lam.mT @ a.blocked
     if a.dense is not None:
-        dense = a.dense if fac.lam_s is None else fac.lam_s.mT @ a.dense
+        dense = _times_lam_s(a.dense.mT, fac.rest).mT
     return _Split(blocked, dense)
 
 
@@ -722,18 +737,36 @@ def _ztpz_blocked(fac: _Point) -> Tensor:
     b = fac.blocked
     m, k, d = b.columns.m, b.columns.k, fac.L_ss.shape[-1]
     blocked = fac.L_bb_inv @ (b.lam.mT @ fac.C_bb)  # (m, k, k)
-    dense_rows = _times_lam_s(fac.C_bs, fac.lam_s) - blocked.mT @ fac.F  # (m, k, d)
+    dense_rows = _times_lam_s(fac.C_bs, fac.rest) - blocked.mT @ fac.F  # (m, k, d)
     # One triangular solve for all groups: the transposed rows times L_ss⁻ᵀ.
     dense = torch.linalg.solve_triangular(fac.L_ss.mT, dense_rows.reshape(m * k, d), upper=True, left=False)
     dense = dense.reshape(m, k, d).mT  # (m, d, k): L_ss⁻¹ (dense rows of U_g)
     return fac.C_bb.sum(-3) - group_inner(blocked, blocked) - group_inner(dense, dense)
 
 
-def _ztpz_rest(fac: _Point) -> Tensor:
-    """(Z_restᵀ P Z_rest) (q_rest × q_rest), dense."""
+def _ztpz_rest(fac: _Point) -> list[Tensor]:
+    """Per rest term t, the part of Z_tᵀPZ_t its score needs: Σ_g of the k×k diagonal blocks for a
+    Grouped term, the whole (q_t × q_t) for a Propagate term. Z_restᵀPZ_rest = C_rr − ‖L⁻¹U_r‖²
+    (:func:`_p_gram`), of which only these blocks are formed (not the q_rest × q_rest matrix)."""
     q_rest = _rest_sizes(fac.rest)
     cross = _Split(fac.C_bs[..., :q_rest] if fac.blocked is not None else None, fac.C_ss[..., :q_rest])
-    return _p_gram(fac, fac.C_ss[..., :q_rest, :q_rest], cross)
+    solved = _forward(fac, _lam_transpose_times(fac, cross))
+    parts = [solved.dense] + ([solved.blocked.flatten(-3, -2)] if solved.blocked is not None else [])
+    blocks, offset = [], 0
+    for t in fac.rest:
+        c, columns = t.columns, slice(offset, offset + t.columns.size)
+        gram = fac.C_ss[..., columns, columns]
+        if t.grouped:  # Σ_g of the diagonal blocks: rows × (m·k) as (rows·m) × k
+            gram = torch.diagonal(gram.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
+            for part in parts:
+                rows = part[..., columns].reshape(-1, c.k)
+                gram = gram - rows.mT @ rows
+        else:
+            for part in parts:
+                gram = gram - part[..., columns].mT @ part[..., columns]
+        blocks.append(gram)
+        offset += c.size
+    return blocks
 
 
 def _diag_p(fac: _Point, n: int) -> Tensor:
@@ -763,7 +796,7 @@ def _random_parts(pt: _Point, ze: _Split, need_trace_g: bool):
     random-term variates as a :class:`_Split` (dense rows of X are zero); trace_g =
     Σ_t tr(G_t Z_tᵀPZ_t) when ``need_trace_g``."""
     blocked, rest, p = pt.blocked, pt.rest, pt.X.shape[-1]
-    rest_ztpz = _ztpz_rest(pt) if rest else None
+    rest_ztpz = iter(_ztpz_rest(pt)) if rest else None
     names, twice_score, coefficients = [], [], []
     trace_g = own_blocked = None
     offset = 0
@@ -772,10 +805,9 @@ def _random_parts(pt: _Point, ze: _Split, need_trace_g: bool):
         if t is blocked:
             ztpz, z = _ztpz_blocked(pt), ze.blocked
         else:
-            ztpz = rest_ztpz[..., offset : offset + c.size, offset : offset + c.size]
+            ztpz = next(rest_ztpz)  # Σ over groups of the k×k diagonal blocks for a Grouped term
             z = ze.dense[..., offset : offset + c.size]
-            if t.grouped:  # Σ over groups of the k×k diagonal blocks
-                ztpz = torch.diagonal(ztpz.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
+            if t.grouped:
                 z = z.reshape(c.m, c.k)
             offset += c.size
         if need_trace_g:  # ztpz and G_t are symmetric: tr(G ZᵀPZ) = Σ G ⊙ ZᵀPZ
