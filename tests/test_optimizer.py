@@ -660,3 +660,27 @@ def test_a_variance_at_its_floor_without_information_is_unidentified_not_at_the_
     # variance, 1e-60 one the data say nothing about.
     ai = torch.diag(torch.tensor([5.0 * floor**2, 1e-60, 40.0]))
     assert silent_at_floor(theta, ai, lower, rates, floor).tolist() == [False, True, False]
+
+
+def test_line_search_window_is_capped_by_memory_without_changing_the_fit(monkeypatch):
+    """A large fit evaluates few candidates per line-search round (their vmapped engine calls each
+    hold copies of the prepared data); the window changes the schedule, never the result."""
+    from reml_fn.fit import algorithm
+
+    d = rf.datasets.load("sleepstudy")
+    g, _ = rf.design.indicator_codes(d["Subject"])
+    X = rf.design.design_matrix(d["Days"], intercept=True)
+    s = rf.Sum(Subject=rf.Grouped(g, covariates=X, cov=rf.Unstructured(2)), residual=rf.Scalar(180))
+    init = torch.tensor([15.0, 0.0, 15.0, 15.0], dtype=torch.float64)  # far off: damped rounds
+    wide = rf.fit(s, d["Reaction"], X, init=init)
+    monkeypatch.setattr(algorithm, "LINE_SEARCH_MEMORY", 1)  # every round: one candidate
+    seen = []
+    original = algorithm._lookahead_within_memory
+    monkeypatch.setattr(
+        algorithm, "_lookahead_within_memory", lambda o, b: seen.append(original(o, b).lookahead) or original(o, b)
+    )
+    narrow = rf.fit(s, d["Reaction"], X, init=init)
+    assert seen == [1]
+    assert int(narrow.status) == int(wide.status) == 0 and int(narrow.n_iter) == int(wide.n_iter)
+    assert torch.equal(narrow.loglik, wide.loglik) and torch.equal(narrow.score, wide.score)
+    assert abs(float(narrow.loglik) + 871.8141) < 1e-3  # lme4's optimum

@@ -30,6 +30,7 @@ not positive definite gives ℓ = −∞ and a rejected candidate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import NamedTuple
@@ -83,6 +84,12 @@ SLOTS_PER_LEVEL = len(STEP_FRACTIONS) + 2
 
 # Variances whose remaining gain is below SNAP_MARGIN × the round-off of ℓ go to their floor.
 SNAP_MARGIN = 10.0
+
+# Memory the candidates of one line-search round may take together. They run as one vmapped engine
+# call, each holding a few copies of its dataset's prepared data (the MME's cross products), so a
+# large single fit (crossed factors, 10⁵ rows) evaluates a few candidates per round, not hundreds.
+LINE_SEARCH_MEMORY = 1 << 30
+PREPARED_COPIES_PER_CANDIDATE = 8
 
 
 class _Iteration(NamedTuple):
@@ -401,6 +408,19 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
     return _Iteration(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched, understated)
 
 
+def _lookahead_within_memory(options: Options, batch: Batch) -> Options:
+    """``options`` with ``lookahead`` lowered so that one line-search round's candidates fit in
+    :data:`LINE_SEARCH_MEMORY`, judged by the size of the prepared data per dataset (the schedule
+    changes, never the decisions)."""
+    if batch.prepared is None:
+        return options
+    sizes: list[int] = []
+    map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.prepared)
+    per_candidate = PREPARED_COPIES_PER_CANDIDATE * sum(sizes) / max(1, batch.size)
+    cap = max(1, int(LINE_SEARCH_MEMORY // max(per_candidate, 1.0)))
+    return options if cap >= options.lookahead else dataclasses.replace(options, lookahead=cap)
+
+
 def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineCalls, options: Options, verbose: int):
     """Fit every dataset of ``batch``: screen, start, iterate until each has a status, then the
     final quantities. Returns a dict of per-dataset fields (leading dimension C = batch size)."""
@@ -417,6 +437,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
     good = torch.nonzero(status == RUNNING).flatten()
     if good.numel():
         batch = batch.prepare(engine)
+        options = _lookahead_within_memory(options, batch)
         sub = batch.take(good)
         # The default start is on the data's scale: it sets the variance floors whatever init is.
         reference = sub.map(engine.start, residual_variance[good])
