@@ -22,6 +22,7 @@ __all__ = [
     "PSD_CHOLESKY_MAX_SIZE",
     "psd_cholesky",
     "unrolled_cholesky",
+    "unrolled_inverse_factor",
     "derivative_stack",
     "Residual",
     "residual_variance",
@@ -136,6 +137,47 @@ def derivative_stack(child, child_params: Mapping, prefix: str, method: str | No
     return [name for name, _ in pairs], stacked if stacked.dtype == dtype else stacked.to(dtype)
 
 
+def _unrolled_factor(M: Tensor):
+    """The recurrences of :func:`unrolled_cholesky` entry by entry: ``(L, L⁻¹, roots, ok)`` with L
+    and L⁻¹ as lists of rows of entries (None above the diagonal) and roots the L_jj."""
+    k = M.shape[-1]
+    entries = M.flatten(-2).unbind(-1)
+    L: list[list[Tensor | None]] = [[None] * k for _ in range(k)]
+    roots: list[Tensor] = []
+    reciprocal: list[Tensor] = []
+    ok = None
+    for j in range(k):
+        pivot = entries[j * k + j]
+        for m in range(j):
+            pivot = pivot - L[j][m] * L[j][m]
+        positive = pivot > 0
+        ok = positive if ok is None else ok & positive
+        root = torch.sqrt(torch.where(positive, pivot, 1.0))
+        L[j][j] = root
+        roots.append(root)
+        reciprocal.append(1.0 / root)
+        for i in range(j + 1, k):
+            value = entries[i * k + j]
+            for m in range(j):
+                value = value - L[i][m] * L[j][m]
+            L[i][j] = value * reciprocal[j]
+    inverse: list[list[Tensor | None]] = [[None] * k for _ in range(k)]
+    for j in range(k):
+        inverse[j][j] = reciprocal[j]
+        for i in range(j + 1, k):
+            total = L[i][j] * inverse[j][j]
+            for m in range(j + 1, i):
+                total = total + L[i][m] * inverse[m][j]
+            inverse[i][j] = -total * reciprocal[i]
+    return L, inverse, roots, ok
+
+
+def _assemble(rows: list[list[Tensor | None]], shape) -> Tensor:
+    k = len(rows)
+    zero = torch.zeros_like(rows[0][0])
+    return torch.stack([rows[i][j] if j <= i else zero for i in range(k) for j in range(k)], dim=-1).reshape(shape)
+
+
 def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(L, L⁻¹, ok)`` for symmetric positive-definite k×k blocks M (…, k, k), M = L Lᵀ, by the
     textbook recurrences written out entry by entry (pure, vmappable):
@@ -156,40 +198,23 @@ def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         >>> L.tolist(), (L @ L_inv).tolist(), bool(ok)
         ([[2.0, 0.0], [1.0, 2.0]], [[1.0, 0.0], [0.0, 1.0]], True)
     """
-    k = M.shape[-1]
-    entries = M.flatten(-2).unbind(-1)
-    L: list[list[Tensor | None]] = [[None] * k for _ in range(k)]
-    reciprocal: list[Tensor] = []
-    ok = None
-    for j in range(k):
-        pivot = entries[j * k + j]
-        for m in range(j):
-            pivot = pivot - L[j][m] * L[j][m]
-        positive = pivot > 0
-        ok = positive if ok is None else ok & positive
-        root = torch.sqrt(torch.where(positive, pivot, 1.0))
-        L[j][j] = root
-        reciprocal.append(1.0 / root)
-        for i in range(j + 1, k):
-            value = entries[i * k + j]
-            for m in range(j):
-                value = value - L[i][m] * L[j][m]
-            L[i][j] = value * reciprocal[j]
-    inverse: list[list[Tensor | None]] = [[None] * k for _ in range(k)]
-    for j in range(k):
-        inverse[j][j] = reciprocal[j]
-        for i in range(j + 1, k):
-            total = L[i][j] * inverse[j][j]
-            for m in range(j + 1, i):
-                total = total + L[i][m] * inverse[m][j]
-            inverse[i][j] = -total * reciprocal[i]
-    zero = torch.zeros_like(entries[0])
-    shape = (*M.shape[:-2], k, k)
+    L, inverse, _, ok = _unrolled_factor(M)
+    return _assemble(L, M.shape), _assemble(inverse, M.shape), ok
 
-    def assemble(rows: list[list[Tensor | None]]) -> Tensor:
-        return torch.stack([rows[i][j] if j <= i else zero for i in range(k) for j in range(k)], dim=-1).reshape(shape)
 
-    return assemble(L), assemble(inverse), ok
+def unrolled_inverse_factor(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L⁻¹, Σ log L_jj over all blocks, ok)``: what the MME needs of the factors of many k×k
+    blocks (:func:`unrolled_cholesky`'s recurrences, without assembling L).
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.reml.covariance_blocks import unrolled_inverse_factor
+        >>> L_inv, log_det, ok = unrolled_inverse_factor(torch.tensor([[4.0, 2.0], [2.0, 5.0]]))
+        >>> L_inv.tolist(), round(float(log_det), 6), bool(ok)          # log 2 + log 2
+        ([[0.5, 0.0], [-0.25, 0.5]], 1.386294, True)
+    """
+    _, inverse, roots, ok = _unrolled_factor(M)
+    return _assemble(inverse, M.shape), torch.log(torch.stack(roots, dim=-1)).sum(), ok
 
 
 # ------------------------------------------------------------------------------------------------

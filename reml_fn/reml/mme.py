@@ -123,7 +123,7 @@ from reml_fn.reml.covariance_blocks import (
     plus,
     psd_cholesky,
     residual_variance,
-    unrolled_cholesky,
+    unrolled_inverse_factor,
 )
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
@@ -152,14 +152,14 @@ def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _factor_groups(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(L, L⁻¹, ok)`` for the blocked term's blocks M_g = L_g L_gᵀ (m, k, k), M_g ⪰ I."""
+    """``(L⁻¹, Σ log diag L, ok)`` for the blocked term's blocks M_g = L_g L_gᵀ (m, k, k), M_g ⪰ I."""
     k = M.shape[-1]
     if k <= UNROLLED_CHOLESKY_MAX_SIZE:
-        L, L_inv, ok = unrolled_cholesky(M)
-        return L, L_inv, ok.all()
+        L_inv, log_det, ok = unrolled_inverse_factor(M)
+        return L_inv, log_det, ok.all()
     L, info = torch.linalg.cholesky_ex(M)
     eye = torch.eye(k, dtype=M.dtype, device=M.device)
-    return L, torch.linalg.solve_triangular(L, eye, upper=False), (info == 0).all()
+    return torch.linalg.solve_triangular(L, eye, upper=False), _log_diagonal_sum(L), (info == 0).all()
 
 
 def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
@@ -490,6 +490,7 @@ class _Point(NamedTuple):
     F: Tensor | None  # (m, k, d) L_g⁻¹ Ω_{g,s}
     L_ss: Tensor  # (d, d)
     log_det: Tensor  # Σ log diag L over all pivots
+    log_det_r: Tensor  # log|R|
     ok: Tensor
     u_b: Tensor | None = None  # (m, k) spherical effects ũ_b
     u_s: Tensor | None = None  # (d,) [ũ_rest, β̂ − β₀]
@@ -562,7 +563,9 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     ok = positive if positive.dim() == 0 else positive.all()
     for t in [blocked] + rest if blocked is not None else rest:
         ok = ok & t.ok
-    w = torch.where(positive, residual.r, 1.0).reciprocal()
+    r = torch.where(positive, residual.r, 1.0)
+    w = r.reciprocal()
+    log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
     C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
     omega_ss = C_ss
     if rest:
@@ -575,12 +578,11 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         lam = blocked.lam
         eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
         # I + ΛᵀC_gΛ is positive definite whenever Λ and C are finite: a failure is flagged, not repaired.
-        L_bb, L_bb_inv, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
+        L_bb_inv, log_det, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
         ok = ok & factored
         G = _blocks_times(L_bb_inv, lam.mT)
         F_ = G @ _times_lam_s(C_bs, rest)
         schur = omega_ss - group_inner(F_, F_)
-        log_det = _log_diagonal_sum(L_bb)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
@@ -588,34 +590,37 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     log_det = plus(log_det, _log_diagonal_sum(L_ss))
     return _Point(
         blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
-        L_bb_inv, G, F_, L_ss, log_det, ok & ok_s,
+        L_bb_inv, G, F_, L_ss, log_det, log_det_r, ok & ok_s,
     )  # fmt: skip
 
 
-def _solve(pt: _Point) -> _Point:
-    """The spherical effects ũ, β̂ − β₀ (Ω [ũ; β̂ − β₀] = WᵀR⁻¹y_c), yᵀPy and ℓ."""
+def _solve(pt: _Point, effects: bool = True) -> _Point:
+    """The spherical effects ũ, β̂ − β₀ (Ω [ũ; β̂ − β₀] = WᵀR⁻¹y_c), yᵀPy and ℓ; without
+    ``effects`` only yᵀPy and ℓ (the forward half of the solve)."""
     rhs = _times_lam_s(pt.c_s, pt.rest)  # Λ_sᵀ c_s
     z_b = None
     if pt.blocked is not None:
         z_b = (pt.G @ pt.c_b.unsqueeze(-1)).squeeze(-1)  # (m, k)
         rhs = rhs - z_b.flatten(-2) @ pt.F.flatten(-3, -2)  # − Σ_g F_gᵀ z_g
     z_s = torch.linalg.solve_triangular(pt.L_ss, rhs.unsqueeze(-1), upper=False)
-    u_s = torch.linalg.solve_triangular(pt.L_ss.mT, z_s, upper=True).squeeze(-1)
     penalised = pt.yy - (z_s * z_s).sum()
-    u_b = None
     if pt.blocked is not None:
-        u_b = (pt.L_bb_inv.mT @ (z_b - pt.F @ u_s).unsqueeze(-1)).squeeze(-1)
         penalised = penalised - (z_b * z_b).sum()
+    u_b = u_s = None
+    if effects:
+        u_s = torch.linalg.solve_triangular(pt.L_ss.mT, z_s, upper=True).squeeze(-1)
+        if pt.blocked is not None:
+            u_b = (pt.L_bb_inv.mT @ (z_b - pt.F @ u_s).unsqueeze(-1)).squeeze(-1)
     n, p = pt.centred.shape[-1], pt.X.shape[-1]
-    r = pt.residual.r
-    log_det_r = n * torch.log(1.0 / pt.w) if r.dim() == 0 else torch.log(1.0 / pt.w).sum()
-    value = -0.5 * (log_det_r + penalised) - pt.log_det - 0.5 * (n - p) * math.log(2.0 * math.pi)
+    value = -0.5 * (pt.log_det_r + penalised) - pt.log_det - 0.5 * (n - p) * math.log(2.0 * math.pi)
     loglik = torch.where(pt.ok, value, -math.inf)
     return pt._replace(u_b=u_b, u_s=u_s, penalised=penalised, loglik=loglik)
 
 
-def _evaluate(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None) -> _Point:
-    return _solve(_factor(model, params, stats, X, jacobian))
+def _evaluate(
+    model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None, effects: bool = True
+) -> _Point:
+    return _solve(_factor(model, params, stats, X, jacobian), effects)
 
 
 def _beta(pt: _Point) -> Tensor:
@@ -950,7 +955,7 @@ class MMEEngine:
 
     def loglik(self, s, params, y, X, prepared=None) -> Tensor:
         model, params, stats = _inputs(s, params, y, X, prepared)
-        return _evaluate(model, params, stats, X).loglik
+        return _evaluate(model, params, stats, X, effects=False).loglik
 
     def ai_terms(
         self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None
