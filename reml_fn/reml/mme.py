@@ -485,9 +485,11 @@ class _Point(NamedTuple):
     c_b: Tensor | None  # (m, k)  Z_bᵀR⁻¹y_c
     c_s: Tensor  # (d,)    [Z_rest, X]ᵀR⁻¹y_c
     yy: Tensor  # ()       y_cᵀR⁻¹y_c
+    lam_s: _LamS | None  # Λ_s = blockdiag(Λ_rest, I_p); None without a rest (Λ_s = I)
     L_bb_inv: Tensor | None  # (m, k, k) L_g⁻¹ for the blocks L_g of the blocked term's factor
     G: Tensor | None  # (m, k, k) L_g⁻¹Λ_bᵀ
     F: Tensor | None  # (m, k, d) L_g⁻¹ Ω_{g,s}
+    H: Tensor | None  # (d, d) Σ_g K_gᵀK_g, K_g = L_g⁻¹Λ_bᵀC_bs,g (F = KΛ_s), with a rest
     L_ss: Tensor  # (d, d)
     log_det: Tensor  # Σ log diag L over all pivots
     log_det_r: Tensor  # log|R|
@@ -518,13 +520,34 @@ def _lam_full(term: _Term) -> Tensor:
     return kron(eye, term.lam)
 
 
-def _times_lam_s(a: Tensor, rest: list[_Term], transpose: bool = False) -> Tensor:
-    """a Λ_s (or a Λ_sᵀ) over a's last dimension, Λ_s = blockdiag(Λ_rest, I_p), term by term: a
-    Grouped term's I_m ⊗ Λ_Σ acts on each group's k columns, so no (d×d) product is formed."""
+class _LamS(NamedTuple):
+    """Λ_s = blockdiag(Λ_rest, I_p): the rest terms, and Λ_s's diagonal (d,) when it is diagonal
+    (every rest term a Grouped term with k = 1, as in crossed random intercepts)."""
+
+    rest: list[_Term]
+    diagonal: Tensor | None
+
+
+def _lam_s(rest: list[_Term], p: int) -> _LamS | None:
     if not rest:
+        return None
+    if not all(t.grouped and t.columns.k == 1 for t in rest):
+        return _LamS(rest, None)
+    lam = rest[0].lam
+    ones = torch.ones(p, dtype=lam.dtype, device=lam.device)
+    return _LamS(rest, torch.cat([t.lam.reshape(1).expand(t.columns.m) for t in rest] + [ones]))
+
+
+def _times_lam_s(a: Tensor, lam_s: _LamS | None, transpose: bool = False) -> Tensor:
+    """a Λ_s (or a Λ_sᵀ) over a's last dimension, Λ_s = blockdiag(Λ_rest, I_p) (None: Λ_s = I),
+    term by term: a Grouped term's I_m ⊗ Λ_Σ acts on each group's k columns, so no (d×d) product
+    is formed; a diagonal Λ_s is one broadcast product."""
+    if lam_s is None:
         return a
+    if lam_s.diagonal is not None:
+        return a * lam_s.diagonal
     pieces, offset = [], 0
-    for t in rest:
+    for t in lam_s.rest:
         size = t.columns.size
         part = a[..., offset : offset + size]
         lam = t.lam.mT if transpose else t.lam
@@ -567,12 +590,12 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     w = r.reciprocal()
     log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
     C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
-    omega_ss = C_ss
+    omega_ss, lam_s = C_ss, _lam_s(rest, p)
     if rest:
         q_rest = _rest_sizes(rest)
         unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))  # D = blockdiag(I_q, 0_p)
-        omega_ss = _times_lam_s(_times_lam_s(C_ss, rest).mT, rest) + unit  # Λ_sᵀ C_ss Λ_s + D
-    L_bb_inv = G = F_ = None
+        omega_ss = _times_lam_s(_times_lam_s(C_ss, lam_s).mT, lam_s) + unit  # Λ_sᵀ C_ss Λ_s + D
+    L_bb_inv = G = F_ = H = None
     schur, log_det = omega_ss, None
     if blocked is not None:
         lam = blocked.lam
@@ -581,8 +604,17 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         L_bb_inv, log_det, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
         ok = ok & factored
         G = _blocks_times(L_bb_inv, lam.mT)
-        F_ = G @ _times_lam_s(C_bs, rest)
-        schur = omega_ss - group_inner(F_, F_)
+        if rest:
+            # H = Σ_g K_gᵀK_g with K_g = G_g C_bs,g: F = KΛ_s, so Σ_g F_gᵀF_g = Λ_sᵀHΛ_s, and H's
+            # first q_rest columns give the projection of Z_restᵀPZ_rest (:func:`_ztpz_rest`): the one
+            # m·k·d² product of an evaluation is made once.
+            K = G @ C_bs
+            H = group_inner(K, K)
+            F_ = _times_lam_s(K, lam_s)
+            schur = omega_ss - _times_lam_s(_times_lam_s(H, lam_s).mT, lam_s)
+        else:
+            F_ = G @ C_bs
+            schur = omega_ss - group_inner(F_, F_)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
@@ -590,14 +622,14 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     log_det = plus(log_det, _log_diagonal_sum(L_ss))
     return _Point(
         blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
-        L_bb_inv, G, F_, L_ss, log_det, log_det_r, ok & ok_s,
+        lam_s, L_bb_inv, G, F_, H, L_ss, log_det, log_det_r, ok & ok_s,
     )  # fmt: skip
 
 
 def _solve(pt: _Point, effects: bool = True) -> _Point:
     """The spherical effects ũ, β̂ − β₀ (Ω [ũ; β̂ − β₀] = WᵀR⁻¹y_c), yᵀPy and ℓ; without
     ``effects`` only yᵀPy and ℓ (the forward half of the solve)."""
-    rhs = _times_lam_s(pt.c_s, pt.rest)  # Λ_sᵀ c_s
+    rhs = _times_lam_s(pt.c_s, pt.lam_s)  # Λ_sᵀ c_s
     z_b = None
     if pt.blocked is not None:
         z_b = (pt.G @ pt.c_b.unsqueeze(-1)).squeeze(-1)  # (m, k)
@@ -647,7 +679,7 @@ def _effects(pt: _Point) -> dict[str, Tensor]:
 def _coefficients(pt: _Point) -> tuple[Tensor | None, Tensor]:
     """b̂ = [û_b; û_rest; β̂ − β₀] in T's columns: (m, k) for the blocked term and (d,)."""
     u_b = pt.u_b @ pt.blocked.lam.mT if pt.blocked is not None else None
-    return u_b, _times_lam_s(pt.u_s, pt.rest, transpose=True)  # Λ_s u_s
+    return u_b, _times_lam_s(pt.u_s, pt.lam_s, transpose=True)  # Λ_s u_s
 
 
 def _z_transpose_e(pt: _Point) -> _Split:
@@ -682,7 +714,7 @@ def _lam_transpose_times(fac: _Point, a: _Split) -> _Split:
     if a.blocked is not None:
         blocked = fac.blocked.lam.mT @ a.blocked
     if a.dense is not None:
-        dense = _times_lam_s(a.dense.mT, fac.rest).mT
+        dense = _times_lam_s(a.dense.mT, fac.lam_s).mT
     return _Split(blocked, dense)
 
 
@@ -742,7 +774,7 @@ def _ztpz_blocked(fac: _Point) -> Tensor:
     b = fac.blocked
     m, k, d = b.columns.m, b.columns.k, fac.L_ss.shape[-1]
     blocked = fac.L_bb_inv @ (b.lam.mT @ fac.C_bb)  # (m, k, k)
-    dense_rows = _times_lam_s(fac.C_bs, fac.rest) - blocked.mT @ fac.F  # (m, k, d)
+    dense_rows = _times_lam_s(fac.C_bs, fac.lam_s) - blocked.mT @ fac.F  # (m, k, d)
     # One triangular solve for all groups: the transposed rows times L_ss⁻ᵀ.
     dense = torch.linalg.solve_triangular(fac.L_ss.mT, dense_rows.reshape(m * k, d), upper=True, left=False)
     dense = dense.reshape(m, k, d).mT  # (m, d, k): L_ss⁻¹ (dense rows of U_g)
@@ -755,7 +787,13 @@ def _ztpz_rest(fac: _Point) -> list[Tensor]:
     (:func:`_p_gram`), of which only these blocks are formed (not the q_rest × q_rest matrix)."""
     q_rest = _rest_sizes(fac.rest)
     cross = _Split(fac.C_bs[..., :q_rest] if fac.blocked is not None else None, fac.C_ss[..., :q_rest])
-    solved = _forward(fac, _lam_transpose_times(fac, cross))
+    if fac.H is None:
+        solved = _forward(fac, _lam_transpose_times(fac, cross))
+    else:  # Fᵀ L_bb⁻¹Λ_bᵀC_b,rest = Λ_sᵀ H[:, :q_rest]: no second m·k·d·q_rest product
+        lifted = _lam_transpose_times(fac, cross)
+        blocked = fac.L_bb_inv @ lifted.blocked
+        projected = _times_lam_s(fac.H[..., :q_rest].mT, fac.lam_s).mT
+        solved = _Split(blocked, torch.linalg.solve_triangular(fac.L_ss, lifted.dense - projected, upper=False))
     parts = [solved.dense] + ([solved.blocked.flatten(-3, -2)] if solved.blocked is not None else [])
     blocks, offset = [], 0
     for t in fac.rest:
