@@ -131,7 +131,16 @@ from reml_fn.reml.grouped_form import grouped_form, grouped_params, propagate_ef
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf
 
-__all__ = ["MMEEngine", "Layout", "Statistics", "layout", "statistics", "psd_cholesky", "PSD_CHOLESKY_MAX_SIZE"]
+__all__ = [
+    "MMEEngine",
+    "Layout",
+    "Statistics",
+    "layout",
+    "statistics",
+    "column_pairs",
+    "psd_cholesky",
+    "PSD_CHOLESKY_MAX_SIZE",
+]
 
 UNROLLED_CHOLESKY_MAX_SIZE = 4
 """The blocked term's k×k blocks M_g are factorised by unrolled recurrences up to this k (O(k³)
@@ -366,6 +375,9 @@ class Statistics(NamedTuple):
     c_b: Tensor  # (m, k)       Z_bᵀW y_c
     c_s: Tensor  # (d,)         [Z_rest, X]ᵀW y_c
     yy: Tensor  # ()            y_cᵀW y_c
+    entries: Tensor  # (2, nnz) (g, j): the dense columns j group g of the blocked term can meet
+    pairs: Tensor  # (3, P)     pairs of those entries within a group (:func:`column_pairs`);
+    #                             both empty: dense products
 
 
 def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | None, offset: Tensor) -> Statistics:
@@ -389,7 +401,7 @@ def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | Non
             pieces.append(_cross_grouped(b, w, c.dense) if c.dense is not None else _cross_two_grouped(b, c, w))
         C_bs = concat(pieces + [both[..., :p]], dim=-1)
         C_bb, c_b = both[..., p : p + b.k], both[..., -1]
-    return Statistics(offset, centred, C_bb, C_bs, C_ss, c_b, c_s, centred @ wy)
+    return Statistics(offset, centred, C_bb, C_bs, C_ss, c_b, c_s, centred @ wy, empty.long(), empty.long())
 
 
 def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
@@ -415,8 +427,107 @@ def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
     centred = y - X @ offset
     if not model.scalar_residual:
         empty = X.new_zeros(0)
-        return Statistics(offset, centred, empty, empty, empty, empty, empty, empty)
-    return _cross_statistics(model, centred, X, None, offset)
+        return Statistics(offset, centred, empty, empty, empty, empty, empty, empty, empty.long(), empty.long())
+    stats = _cross_statistics(model, centred, X, None, offset)
+    pairs = column_pairs(model, X.shape[-1])
+    return stats if pairs is None else stats._replace(entries=pairs[0], pairs=pairs[1])
+
+
+PAIR_LIST_MIN_SIZE = 1 << 18
+"""Crossed designs with m·k·d ≥ this many entries in the blocked term's cross products (m groups
+of k effects, d dense columns) form Σ_g K_gᵀK_g from the column pairs each group can couple
+(:func:`column_pairs`) instead of one dense (d × m·k)(m·k × d) product."""
+
+PAIR_LIST_MAX_PAIRS = 1 << 24
+"""At most this many column pairs (three int64 each: 384 MiB)."""
+
+PAIR_LIST_MAX_DENSITY = 0.25
+"""Pair lists only where the groups' column pairs are at most this fraction of m·d² (a product
+over pairs costs a few times a dense product per entry)."""
+
+
+def column_pairs(model: Layout, p: int) -> tuple[Tensor, Tensor] | None:
+    """For each group g of the blocked term, the dense columns (those of the rest terms and of X)
+    where Z_bᵀ[Z_rest, X] can be non-zero in g, and the pairs of them, so that Σ_g K_gᵀK_g for
+    K_g = G_g C_bs,g has its entries in these pairs only (:func:`_column_pair_list`). Read from the terms'
+    codes (not the data): a Grouped rest term's level h couples with g when some observation has
+    both; a Propagate rest term and X couple with every g. None when the product is small or
+    about as dense as the full one (below :data:`PAIR_LIST_MIN_SIZE`, above
+    :data:`PAIR_LIST_MAX_DENSITY` of m·d² pairs or :data:`PAIR_LIST_MAX_PAIRS`). Host computation
+    on the codes, once per dataset in :func:`statistics`.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml import mme
+        >>> a, b = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 2])
+        >>> s = rf.Sum(a=rf.Grouped(a), b=rf.Grouped(b), e=rf.Scalar(4))   # b (3 levels) is blocked
+        >>> model = mme.layout(s)
+        >>> mme.column_pairs(model, 1) is None                               # far too small
+        True
+        >>> mme._column_pattern(model, 1).int().tolist()     # b's levels meet a's columns 0, 1 and X
+        [[1, 0, 1], [1, 1, 1], [0, 1, 1]]
+        >>> entries, pairs = mme._column_pair_list(mme._column_pattern(model, 1))
+        >>> entries[:, :2].tolist(), pairs[:, :3].tolist()    # group 0: columns 0, 2; pairs i ≤ j
+        ([[0, 0], [0, 2]], [[0, 0, 1], [0, 1, 1], [0, 2, 8]])
+    """
+    if model.blocked is None or not model.rest:
+        return None
+    term = model.blocked[1]
+    d = sum(t.q if isinstance(t, Grouped) else t.children[0].shape[1] for _, t in model.rest) + p
+    if term.num_groups * term.k * d < PAIR_LIST_MIN_SIZE:
+        return None
+    pattern = _column_pattern(model, p)
+    counts = pattern.sum(-1)
+    total = int((counts * counts).sum())
+    if total > min(PAIR_LIST_MAX_PAIRS, PAIR_LIST_MAX_DENSITY * term.num_groups * d * d):
+        return None
+    return _column_pair_list(pattern)
+
+
+def _column_pattern(model: Layout, p: int) -> Tensor:
+    """(m, d) bool: which dense columns group g of the blocked term can meet (whole k-blocks of a
+    Grouped rest term, since its Λ mixes them)."""
+    term = model.blocked[1]
+    m, codes = term.num_groups, term.codes
+    parts = []
+    for _, other in model.rest:
+        if isinstance(other, Grouped):
+            seen = torch.zeros(m * other.num_groups, dtype=torch.bool, device=codes.device)
+            seen[codes * other.num_groups + other.codes] = True
+            parts.append(seen.reshape(m, other.num_groups, 1).expand(m, other.num_groups, other.k).reshape(m, -1))
+        else:
+            parts.append(torch.ones(m, other.children[0].shape[1], dtype=torch.bool, device=codes.device))
+    parts.append(torch.ones(m, p, dtype=torch.bool, device=codes.device))
+    return torch.cat(parts, dim=-1)
+
+
+def _column_pair_list(pattern: Tensor) -> tuple[Tensor, Tensor]:
+    """``(entries, pairs)`` for ``pattern`` (m, d): entries (2, nnz) the pattern's (group, column)
+    entries by group then column; pairs (3, P) for each group's column pairs i ≤ j the positions of
+    the two entries and the output position i·d + j."""
+    d = pattern.shape[-1]
+    entries = pattern.nonzero()  # (nnz, 2)
+    counts = pattern.sum(-1)
+    ends = torch.cumsum(counts, 0)
+    # Entry e (in group g) pairs with itself and the entries after it in its group: ends_g − e.
+    position = torch.arange(entries.shape[0], device=pattern.device)
+    lengths = ends[entries[:, 0]] - position
+    first = torch.repeat_interleave(position, lengths)
+    run_starts = torch.cumsum(lengths, 0) - lengths
+    second = first + torch.arange(first.shape[0], device=pattern.device) - torch.repeat_interleave(run_starts, lengths)
+    columns = entries[:, 1]
+    return entries.T.contiguous(), torch.stack([first, second, columns[first] * d + columns[second]])
+
+
+def _pair_gram(K: Tensor, entries: Tensor, pairs: Tensor) -> Tensor:
+    """Σ_g K_gᵀK_g (d, d) for K (m, k, d) whose non-zero columns in group g are among the pattern's
+    (:func:`column_pairs`): its entries of K gathered once (a small array), then one product per
+    pair i ≤ j, and the other triangle by symmetry."""
+    d = K.shape[-1]
+    compact = K[entries[0], :, entries[1]]  # (nnz, k)
+    values = (compact[pairs[0]] * compact[pairs[1]]).sum(-1)
+    upper = K.new_zeros(d * d).index_add(0, pairs[2], values).reshape(d, d)
+    return upper + upper.mT - torch.diag_embed(torch.diagonal(upper))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,6 +597,8 @@ class _Point(NamedTuple):
     c_s: Tensor  # (d,)    [Z_rest, X]ᵀR⁻¹y_c
     yy: Tensor  # ()       y_cᵀR⁻¹y_c
     lam_s: _LamS | None  # Λ_s = blockdiag(Λ_rest, I_p); None without a rest (Λ_s = I)
+    entries: Tensor  # the column pattern of :func:`column_pairs` (empty: dense products)
+    pairs: Tensor
     L_bb_inv: Tensor | None  # (m, k, k) L_g⁻¹ for the blocks L_g of the blocked term's factor
     G: Tensor | None  # (m, k, k) L_g⁻¹Λ_bᵀ
     F: Tensor | None  # (m, k, d) L_g⁻¹ Ω_{g,s}
@@ -609,7 +722,7 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
             # first q_rest columns give the projection of Z_restᵀPZ_rest (:func:`_ztpz_rest`): the one
             # m·k·d² product of an evaluation is made once.
             K = G @ C_bs
-            H = group_inner(K, K)
+            H = group_inner(K, K) if stats.pairs.numel() == 0 else _pair_gram(K, stats.entries, stats.pairs)
             F_ = _times_lam_s(K, lam_s)
             schur = omega_ss - _times_lam_s(_times_lam_s(H, lam_s).mT, lam_s)
         else:
@@ -622,7 +735,7 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     log_det = plus(log_det, _log_diagonal_sum(L_ss))
     return _Point(
         blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
-        lam_s, L_bb_inv, G, F_, H, L_ss, log_det, log_det_r, ok & ok_s,
+        lam_s, stats.entries, stats.pairs, L_bb_inv, G, F_, H, L_ss, log_det, log_det_r, ok & ok_s,
     )  # fmt: skip
 
 
@@ -760,9 +873,20 @@ def _p_gram(fac: _Point, gram: Tensor, cross: _Split) -> Tensor:
     return gram - _inner(solved, solved)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Traces of P V̇ and the AI matrix
+
+
+def _pair_form(rows: Tensor, fac: _Point) -> Tensor:
+    """Σ_g R_g S⁻¹ R_gᵀ (k×k) for R (m, k, d) with the column pattern of :func:`column_pairs`,
+    S⁻¹ = (L_ss L_ssᵀ)⁻¹: one pass over the pairs i ≤ j (those with i < j count twice; the result
+    is symmetrised)."""
+    inverse = torch.cholesky_inverse(fac.L_ss)
+    compact = rows[fac.entries[0], :, fac.entries[1]]  # (nnz, k)
+    first, second, out = fac.pairs.unbind(0)
+    weights = inverse.reshape(-1)[out] * torch.where(first == second, 1.0, 2.0).to(rows.dtype)
+    half = (compact[first] * weights.unsqueeze(-1)).mT @ compact[second]
+    return 0.5 * (half + half.mT)
 
 
 def _ztpz_blocked(fac: _Point) -> Tensor:
@@ -775,6 +899,10 @@ def _ztpz_blocked(fac: _Point) -> Tensor:
     m, k, d = b.columns.m, b.columns.k, fac.L_ss.shape[-1]
     blocked = fac.L_bb_inv @ (b.lam.mT @ fac.C_bb)  # (m, k, k)
     dense_rows = _times_lam_s(fac.C_bs, fac.lam_s) - blocked.mT @ fac.F  # (m, k, d)
+    if fac.pairs.numel():
+        # Σ_g R_g S⁻¹ R_gᵀ (S = L_ss L_ssᵀ, R_g the dense rows of group g) over the column pairs
+        # group g can couple: its columns are those of C_bs,g, F_g and their Λ_s-blocks.
+        return fac.C_bb.sum(-3) - group_inner(blocked, blocked) - _pair_form(dense_rows, fac)
     # One triangular solve for all groups: the transposed rows times L_ss⁻ᵀ.
     dense = torch.linalg.solve_triangular(fac.L_ss.mT, dense_rows.reshape(m * k, d), upper=True, left=False)
     dense = dense.reshape(m, k, d).mT  # (m, d, k): L_ss⁻¹ (dense rows of U_g)
