@@ -47,6 +47,16 @@ dense block s of size d = q_rest + p, factorised after the Schur complement
 S = Ω_ss − Σ_g F_gᵀF_g, F_g = L_g⁻¹ Ω_{g,s}. The model with one grouping factor is the case
 d = p. Per evaluation: O(m·k³ + m·k·d² + d³) arithmetic and no pass over the data.
 
+**Crossed factors.** Λ_s is applied term by term (I_m ⊗ Λ_Σ on each group's columns; one
+broadcast product when every rest term is a random intercept), never as a (d×d) product. With
+K_g = G_g C_bs,g (F = KΛ_s), H = Σ_g K_gᵀK_g is formed once: S = Λ_sᵀ(w C_ss − H)Λ_s + D, and its
+first q_rest columns are the projection that Z_restᵀPZ_rest needs. Of Z_restᵀPZ_rest only the
+blocks the scores use are formed. In a large crossed design each group of the blocked term meets
+few levels of the others (a student rates a few dozen of InstEval's 1,128 lecturers):
+:func:`column_pairs` lists, from the codes, the dense columns each group can meet and their pairs,
+and H and the blocked term's Σ_g R_g S⁻¹ R_gᵀ are summed over those pairs (O(Σ_g c_g²) for c_g
+columns per group) instead of O(m·k·d²) dense products.
+
 **Solution and likelihood.** With G_g = L_g⁻¹Λ_bᵀ, z_g = w G_g c_g and
 z_s = L_ss⁻¹(w Λ_sᵀc_s − Σ_g F_gᵀz_g) (Λ_s = blockdiag(Λ_rest, I_p)),
 
