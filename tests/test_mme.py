@@ -243,6 +243,19 @@ def test_column_pair_products_equal_dense_products(case):
     assert bool(torch.isfinite(terms.loglik))
 
 
+@pytest.mark.parametrize("name", ["crossed", "propagate_and_grouped", "intercept_and_slope"])
+def test_blocked_trace_in_chunks_of_groups_equals_dense(name):
+    """The blocked term's trace runs over chunks of groups in large designs; forced to chunks of a
+    group or two, it gives the dense engine's numbers."""
+    from reml_fn.reml import mme
+
+    s, values = MODELS_[name]
+    params = rf.unflatten_params(s, torch.tensor(values))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mme, "GROUP_CHUNK_ELEMENTS", 3)
+        assert_engines_agree(s, params, Y, XMAT)
+
+
 def test_column_pairs_of_a_sparse_crossed_design():
     """Each group of the blocked term meets few levels of the crossed term: the pair list holds
     exactly the pairs of the levels it meets (and X's columns), and the fit equals the dense

@@ -597,12 +597,13 @@ class _Point(NamedTuple):
     rest: list[_Term]
     residual: Residual
     w: Tensor  # 1/r: 0-d (R = σ²I) or (n,)
+    scale: Tensor | None  # 1/σ² for C_bs and C_ss (held unweighted, R = σ²I); None: weighted
     X: Tensor  # (n, p)
     offset: Tensor  # (p,) β₀
     centred: Tensor  # (n,) y_c
     C_bb: Tensor | None  # (m, k, k)   Z_bᵀR⁻¹Z_b blocks
-    C_bs: Tensor | None  # (m, k, d)   Z_bᵀR⁻¹[Z_rest, X]
-    C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀR⁻¹[Z_rest, X]
+    C_bs: Tensor | None  # (m, k, d)   Z_bᵀR⁻¹[Z_rest, X] / scale
+    C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀR⁻¹[Z_rest, X] / scale
     c_b: Tensor | None  # (m, k)  Z_bᵀR⁻¹y_c
     c_s: Tensor  # (d,)    [Z_rest, X]ᵀR⁻¹y_c
     yy: Tensor  # ()       y_cᵀR⁻¹y_c
@@ -687,15 +688,27 @@ def _times_lam_s(a: Tensor, lam_s: _LamS | None, transpose: bool = False) -> Ten
 
 
 def _weighted(model: Layout, stats: Statistics, X: Tensor, w: Tensor) -> tuple:
-    """The cross products with R⁻¹: the prepared ones times w = 1/σ² (R = σ²I), or formed now with
-    the weights w (n,) (a Diagonal R)."""
+    """``(C_bb, C_bs, C_ss, c_b, c_s, yᵀy, scale)`` with R⁻¹: the small ones (C_bb, c_b, c_s,
+    ‖y_c‖²) weighted; the large C_bs and C_ss, for R = σ²I, as prepared, with ``scale`` = 1/σ² to
+    apply where they are used (:func:`_scaled`; no weighted copy of an (m·k × d) or (d × d) matrix
+    is held). A Diagonal R forms them with its weights w (n,) now, and ``scale`` is None."""
+    scale = w
     if not model.scalar_residual:
         stats = _cross_statistics(model, stats.centred, X, w, stats.offset)
-        w = None
-    scale = (lambda t: t) if w is None else (lambda t: t * w)
+        scale = None
     blocked = model.blocked is not None
-    C_bb, C_bs, c_b = (scale(stats.C_bb), scale(stats.C_bs), scale(stats.c_b)) if blocked else (None, None, None)
-    return C_bb, C_bs, scale(stats.C_ss), c_b, scale(stats.c_s), scale(stats.yy)
+    small = (lambda t: t) if scale is None else (lambda t: t * scale)
+    C_bb, C_bs, c_b = (small(stats.C_bb), stats.C_bs, small(stats.c_b)) if blocked else (None, None, None)
+    return C_bb, C_bs, stats.C_ss, c_b, small(stats.c_s), small(stats.yy), scale
+
+
+def _scaled_matrix(value: Tensor, scale: Tensor | None) -> Tensor:
+    return value if scale is None else value * scale
+
+
+def _scaled(pt, value: Tensor) -> Tensor:
+    """A product of C_bs or C_ss (held unweighted for R = σ²I) with R⁻¹ applied: times 1/σ²."""
+    return value if pt.scale is None else value * pt.scale
 
 
 def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None) -> _Point:
@@ -712,10 +725,10 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     r = torch.where(positive, residual.r, 1.0)
     w = r.reciprocal()
     log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
-    C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
+    C_bb, C_bs, C_ss, c_b, c_s, yy, scale = _weighted(model, stats, X, w)
     lam_s = _lam_s(rest, p)
     L_bb_inv = G = F_ = H = None
-    inner, log_det = C_ss, None  # Ω_ss before Λ_s and D, less the blocked term's Schur term (H)
+    inner, log_det = None, None  # Ω_ss before Λ_s and D, less the blocked term's Schur term (H)
     if blocked is not None:
         lam = blocked.lam
         eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
@@ -723,27 +736,33 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         L_bb_inv, log_det, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
         ok = ok & factored
         G = _blocks_times(L_bb_inv, lam.mT)
-        K = G @ C_bs
+        K = (G if scale is None else G * scale) @ C_bs  # K_g = G_g C_bs,g with R⁻¹
         if rest:
             # H = Σ_g K_gᵀK_g with K_g = G_g C_bs,g: F = KΛ_s, so Σ_g F_gᵀF_g = Λ_sᵀHΛ_s, and H's
             # first q_rest columns give the projection of Z_restᵀPZ_rest (:func:`_ztpz_rest`): the one
             # m·k·d² product of an evaluation is made once.
             H = group_inner(K, K) if stats.pairs.numel() == 0 else _pair_gram(K, stats.entries, stats.pairs)
-            F_, inner = _times_lam_s(K, lam_s), C_ss - H
+            F_, inner = _times_lam_s(K, lam_s), _scaled_matrix(C_ss, scale) - H
         else:
-            F_, inner = K, C_ss - group_inner(K, K)
-    schur = inner
+            F_, inner = K, _scaled_matrix(C_ss, scale) - group_inner(K, K)
+        del K  # (m, k, d): a large crossed design's peak memory is in this function
     if rest:  # S = Λ_sᵀ(C_ss − H)Λ_s + D, D = blockdiag(I_q, 0_p)
         q_rest = _rest_sizes(rest)
-        unit = F.pad(torch.eye(q_rest, dtype=dtype, device=device), (0, p, 0, p))
-        schur = _times_lam_s(_times_lam_s(inner, lam_s).mT, lam_s) + unit
+        inner = inner if inner is not None else _scaled_matrix(C_ss, scale)
+        scaled = _times_lam_s(_times_lam_s(inner, lam_s).mT, lam_s)
+        del inner
+        unit = F.pad(torch.ones(q_rest, dtype=dtype, device=device), (0, p))  # its diagonal, not a d×d matrix
+        schur = torch.diagonal_scatter(scaled, torch.diagonal(scaled, dim1=-2, dim2=-1) + unit, dim1=-2, dim2=-1)
+        del scaled
+    else:
+        schur = inner if inner is not None else _scaled_matrix(C_ss, scale)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
     L_ss = torch.where(ok_s, L_ss, torch.eye(schur.shape[-1], dtype=dtype, device=device))
     log_det = plus(log_det, _log_diagonal_sum(L_ss))
     return _Point(
-        blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
+        blocked, rest, residual, w, scale, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
         lam_s, stats.entries, stats.pairs, L_bb_inv, G, F_, H, L_ss, log_det, log_det_r, ok & ok_s,
     )  # fmt: skip
 
@@ -810,12 +829,12 @@ def _z_transpose_e(pt: _Point) -> _Split:
     u_b, b_s = _coefficients(pt)
     blocked = dense = None
     if pt.blocked is not None:
-        blocked = pt.c_b - (pt.C_bb @ u_b.unsqueeze(-1)).squeeze(-1) - pt.C_bs @ b_s
+        blocked = pt.c_b - (pt.C_bb @ u_b.unsqueeze(-1)).squeeze(-1) - _scaled(pt, pt.C_bs @ b_s)
     if pt.rest:
         q_rest = _rest_sizes(pt.rest)
-        dense = pt.c_s[..., :q_rest] - pt.C_ss[..., :q_rest, :] @ b_s
+        dense = pt.c_s[..., :q_rest] - _scaled(pt, pt.C_ss[..., :q_rest, :] @ b_s)
         if pt.blocked is not None:
-            dense = dense - u_b.flatten(-2) @ pt.C_bs[..., :q_rest].flatten(-3, -2)
+            dense = dense - _scaled(pt, u_b.flatten(-2) @ pt.C_bs[..., :q_rest].flatten(-3, -2))
     return _Split(blocked, dense)
 
 
@@ -844,11 +863,11 @@ def _cross_times(fac: _Point, a: _Split) -> _Split:
     """C a = TᵀR⁻¹T a from the cross products."""
     blocked = dense = None
     if a.blocked is not None:
-        blocked, dense = fac.C_bb @ a.blocked, group_inner(fac.C_bs, a.blocked)
+        blocked, dense = fac.C_bb @ a.blocked, _scaled(fac, group_inner(fac.C_bs, a.blocked))
     if a.dense is not None:
-        dense = plus(dense, fac.C_ss @ a.dense)
+        dense = plus(dense, _scaled(fac, fac.C_ss @ a.dense))
         if fac.blocked is not None:
-            blocked = plus(blocked, fac.C_bs @ a.dense)
+            blocked = plus(blocked, _scaled(fac, fac.C_bs @ a.dense))
     return _Split(blocked, dense)
 
 
@@ -898,6 +917,10 @@ def _pair_form(rows: Tensor, fac: _Point) -> Tensor:
     return 0.5 * (half + half.mT)
 
 
+GROUP_CHUNK_ELEMENTS = 1 << 22
+"""The blocked term's trace works on chunks of groups with at most this many (k·d) entries."""
+
+
 def _ztpz_blocked(fac: _Point) -> Tensor:
     """Σ_g (Z_bᵀPZ_b)_gg (k×k) for the blocked term: Σ_g C_g − Σ_g (UᵀΩ⁻¹U)_gg.
 
@@ -907,46 +930,72 @@ def _ztpz_blocked(fac: _Point) -> Tensor:
     b = fac.blocked
     m, k, d = b.columns.m, b.columns.k, fac.L_ss.shape[-1]
     blocked = fac.L_bb_inv @ (b.lam.mT @ fac.C_bb)  # (m, k, k)
-    dense_rows = _times_lam_s(fac.C_bs, fac.lam_s) - blocked.mT @ fac.F  # (m, k, d)
+    own = fac.C_bb.sum(-3) - group_inner(blocked, blocked)
     if fac.pairs.numel():
         # Σ_g R_g S⁻¹ R_gᵀ (S = L_ss L_ssᵀ, R_g the dense rows of group g) over the column pairs
         # group g can couple: its columns are those of C_bs,g, F_g and their Λ_s-blocks.
-        return fac.C_bb.sum(-3) - group_inner(blocked, blocked) - _pair_form(dense_rows, fac)
-    # One triangular solve for all groups: the transposed rows times L_ss⁻ᵀ.
-    dense = torch.linalg.solve_triangular(fac.L_ss.mT, dense_rows.reshape(m * k, d), upper=True, left=False)
-    dense = dense.reshape(m, k, d).mT  # (m, d, k): L_ss⁻¹ (dense rows of U_g)
-    return fac.C_bb.sum(-3) - group_inner(blocked, blocked) - group_inner(dense, dense)
+        return own - _pair_form(_scaled(fac, _times_lam_s(fac.C_bs, fac.lam_s)) - blocked.mT @ fac.F, fac)
+    # R_g L_ss⁻ᵀ by one triangular solve per chunk of groups: a large crossed design never holds
+    # all of its (m·k × d) intermediates at once.
+    step = max(1, GROUP_CHUNK_ELEMENTS // (k * d))
+    for start in range(0, m, step):
+        C_bs, F_, blocked_part = fac.C_bs, fac.F, blocked
+        if step < m:
+            part = slice(start, start + step)
+            C_bs, F_, blocked_part = C_bs[part], F_[part], blocked[part]
+        rows = _scaled(fac, _times_lam_s(C_bs, fac.lam_s)) - blocked_part.mT @ F_  # (c, k, d)
+        solved = torch.linalg.solve_triangular(fac.L_ss.mT, rows.reshape(-1, d), upper=True, left=False)
+        flat = solved.reshape(-1, k, d).transpose(0, 1).reshape(k, -1)  # (k, c·d): Σ_g s_g s_gᵀ in one product
+        own = own - flat @ flat.mT
+    return own
 
 
 def _ztpz_rest(fac: _Point) -> list[Tensor]:
     """Per rest term t, the part of Z_tᵀPZ_t its score needs: Σ_g of the k×k diagonal blocks for a
     Grouped term, the whole (q_t × q_t) for a Propagate term. Z_restᵀPZ_rest = C_rr − ‖L⁻¹U_r‖²
-    (:func:`_p_gram`), of which only these blocks are formed (not the q_rest × q_rest matrix)."""
+    (:func:`_p_gram`), of which only these blocks are formed (not the q_rest × q_rest matrix).
+
+    L⁻¹U_r has the blocked rows L_bb⁻¹Λ_bᵀC_b,rest, taken in chunks of groups, and the dense rows
+    L_ss⁻¹(Λ_sᵀC_s,rest − Fᵀ L_bb⁻¹Λ_bᵀC_b,rest), where Fᵀ L_bb⁻¹Λ_bᵀC_b,rest = Λ_sᵀ H[:, :q_rest]
+    (no second m·k·d·q_rest product)."""
     q_rest = _rest_sizes(fac.rest)
-    cross = _Split(fac.C_bs[..., :q_rest] if fac.blocked is not None else None, fac.C_ss[..., :q_rest])
-    if fac.H is None:
-        solved = _forward(fac, _lam_transpose_times(fac, cross))
-    else:  # Fᵀ L_bb⁻¹Λ_bᵀC_b,rest = Λ_sᵀ H[:, :q_rest]: no second m·k·d·q_rest product
-        lifted = _lam_transpose_times(fac, cross)
-        blocked = fac.L_bb_inv @ lifted.blocked
-        projected = _times_lam_s(fac.H[..., :q_rest].mT, fac.lam_s).mT
-        solved = _Split(blocked, torch.linalg.solve_triangular(fac.L_ss, lifted.dense - projected, upper=False))
-    parts = [solved.dense] + ([solved.blocked.flatten(-3, -2)] if solved.blocked is not None else [])
+    dense = _scaled(fac, _times_lam_s(fac.C_ss[..., :q_rest].mT, fac.lam_s).mT)  # Λ_sᵀ C_s,rest (d, q_rest)
+    if fac.blocked is not None:
+        dense = dense - _times_lam_s(fac.H[..., :q_rest].mT, fac.lam_s).mT
     blocks, offset = [], 0
     for t in fac.rest:
         c, columns = t.columns, slice(offset, offset + t.columns.size)
         gram = fac.C_ss[..., columns, columns]
-        if t.grouped:  # Σ_g of the diagonal blocks: rows × (m·k) as (rows·m) × k
+        if t.grouped:  # Σ_g of the diagonal blocks
             gram = torch.diagonal(gram.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
-            for part in parts:
-                rows = part[..., columns].reshape(-1, c.k)
-                gram = gram - rows.mT @ rows
-        else:
-            for part in parts:
-                gram = gram - part[..., columns].mT @ part[..., columns]
+        gram = _scaled(fac, gram)
         blocks.append(gram)
         offset += c.size
+    blocks = _minus_rest_blocks(blocks, fac.rest, torch.linalg.solve_triangular(fac.L_ss, dense, upper=False))
+    if fac.blocked is not None:
+        b, C_b_rest = fac.blocked, fac.C_bs[..., :q_rest]
+        lam_t = _scaled(fac, b.lam.mT)  # Λ_bᵀ with R⁻¹
+        m, k = b.columns.m, b.columns.k
+        step = max(1, GROUP_CHUNK_ELEMENTS // (k * q_rest))
+        for start in range(0, m, step):
+            C, L_inv = C_b_rest, fac.L_bb_inv
+            if step < m:
+                C, L_inv = C[start : start + step], L_inv[start : start + step]
+            blocks = _minus_rest_blocks(blocks, fac.rest, (L_inv @ (lam_t @ C)).flatten(-3, -2))
     return blocks
+
+
+def _minus_rest_blocks(blocks: list[Tensor], rest: list[_Term], rows: Tensor) -> list[Tensor]:
+    """Each rest term's block less its part of rowsᵀrows for rows (r, q_rest): for a Grouped term
+    Σ_g of the k×k diagonal blocks (rows × (m·k) taken as (rows·m) × k), else its whole block."""
+    out, offset = [], 0
+    for gram, t in zip(blocks, rest):
+        c, part = t.columns, rows[..., offset : offset + t.columns.size]
+        if t.grouped:
+            part = part.reshape(-1, c.k)
+        out.append(gram - part.mT @ part)
+        offset += c.size
+    return out
 
 
 def _diag_p(fac: _Point, n: int) -> Tensor:
