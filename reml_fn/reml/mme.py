@@ -937,8 +937,8 @@ def _ztpz_blocked(fac: _Point) -> Tensor:
         return own - _pair_form(_scaled(fac, _times_lam_s(fac.C_bs, fac.lam_s)) - blocked.mT @ fac.F, fac)
     # R_g L_ss⁻ᵀ by one triangular solve per chunk of groups: a large crossed design never holds
     # all of its (m·k × d) intermediates at once.
-    step = max(1, GROUP_CHUNK_ELEMENTS // (k * d))
-    for start in range(0, m, step):
+    step = max(1, GROUP_CHUNK_ELEMENTS // max(1, k * d))
+    for start in range(0, m if d else 0, step):  # d = 0 (no X, no rest): no dense rows
         C_bs, F_, blocked_part = fac.C_bs, fac.F, blocked
         if step < m:
             part = slice(start, start + step)
@@ -976,7 +976,7 @@ def _ztpz_rest(fac: _Point) -> list[Tensor]:
         b, C_b_rest = fac.blocked, fac.C_bs[..., :q_rest]
         lam_t = _scaled(fac, b.lam.mT)  # Λ_bᵀ with R⁻¹
         m, k = b.columns.m, b.columns.k
-        step = max(1, GROUP_CHUNK_ELEMENTS // (k * q_rest))
+        step = max(1, GROUP_CHUNK_ELEMENTS // max(1, k * q_rest))
         for start in range(0, m, step):
             C, L_inv = C_b_rest, fac.L_bb_inv
             if step < m:
