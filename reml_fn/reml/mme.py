@@ -404,13 +404,14 @@ def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | Non
     C_bb = C_bs = c_b = empty
     if model.blocked is not None:
         b = _columns(model.blocked[1], dtype)
-        # X, y_c and the blocked term's covariates side by side: one pass gives Z_bᵀW[X, Z_b, y_c].
-        both = _cross_grouped(b, w, torch.cat([X, b.x, centred.unsqueeze(-1)], dim=-1))  # (m, k, p + k + 1)
+        # X and the blocked term's covariates side by side: one pass gives Z_bᵀW[X, Z_b]. The response's
+        # sums come apart, so that under vmap over y alone the design's are made once.
+        both = _cross_grouped(b, w, torch.cat([X, b.x], dim=-1))  # (m, k, p + k)
         pieces = []
         for c in rest:
             pieces.append(_cross_grouped(b, w, c.dense) if c.dense is not None else _cross_two_grouped(b, c, w))
         C_bs = concat(pieces + [both[..., :p]], dim=-1)
-        C_bb, c_b = both[..., p : p + b.k], both[..., -1]
+        C_bb, c_b = both[..., p:], _segment_sum(b.codes, b.x * wy.unsqueeze(-1), b.m)
     return Statistics(offset, centred, C_bb, C_bs, C_ss, c_b, c_s, centred @ wy, empty.long(), empty.long())
 
 
