@@ -137,9 +137,10 @@ def derivative_stack(child, child_params: Mapping, prefix: str, method: str | No
     return [name for name, _ in pairs], stacked if stacked.dtype == dtype else stacked.to(dtype)
 
 
-def _unrolled_factor(M: Tensor):
+def _unrolled_factor(M: Tensor, guarded: bool = True):
     """The recurrences of :func:`unrolled_cholesky` entry by entry: ``(L, L⁻¹, roots, ok)`` with L
-    and L⁻¹ as lists of rows of entries (None above the diagonal) and roots the L_jj."""
+    and L⁻¹ as lists of rows of entries (None above the diagonal) and roots the L_jj. Unguarded,
+    a non-positive pivot is not replaced (L and L⁻¹ then hold inf or NaN) and ok is None."""
     k = M.shape[-1]
     entries = M.flatten(-2).unbind(-1)
     L: list[list[Tensor | None]] = [[None] * k for _ in range(k)]
@@ -150,12 +151,14 @@ def _unrolled_factor(M: Tensor):
         pivot = entries[j * k + j]
         for m in range(j):
             pivot = pivot - L[j][m] * L[j][m]
-        positive = pivot > 0
-        ok = positive if ok is None else ok & positive
-        root = torch.sqrt(torch.where(positive, pivot, 1.0))
+        if guarded:
+            positive = pivot > 0
+            ok = positive if ok is None else ok & positive
+            pivot = torch.where(positive, pivot, 1.0)
+        root = torch.sqrt(pivot)
         L[j][j] = root
         roots.append(root)
-        reciprocal.append(1.0 / root)
+        reciprocal.append(root.reciprocal())
         for i in range(j + 1, k):
             value = entries[i * k + j]
             for m in range(j):
@@ -204,7 +207,8 @@ def unrolled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def unrolled_inverse_factor(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(L⁻¹, Σ log L_jj over all blocks, ok)``: what the MME needs of the factors of many k×k
-    blocks (:func:`unrolled_cholesky`'s recurrences, without assembling L).
+    blocks (:func:`unrolled_cholesky`'s recurrences, without assembling L). ``ok`` is one flag for
+    all blocks; where it is False, L⁻¹ may hold inf or NaN (the caller masks its results).
 
     Example:
         >>> import torch
@@ -213,8 +217,10 @@ def unrolled_inverse_factor(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         >>> L_inv.tolist(), round(float(log_det), 6), bool(ok)          # log 2 + log 2
         ([[0.5, 0.0], [-0.25, 0.5]], 1.386294, True)
     """
-    _, inverse, roots, ok = _unrolled_factor(M)
-    return _assemble(inverse, M.shape), torch.log(torch.stack(roots, dim=-1)).sum(), ok
+    _, inverse, roots, _ = _unrolled_factor(M, guarded=False)
+    log_det = torch.log(torch.stack(roots, dim=-1)).sum()
+    # A pivot ≤ 0 (or NaN) makes its root 0 or NaN, so the sum is −∞ or NaN: one check for all.
+    return _assemble(inverse, M.shape), log_det, torch.isfinite(log_det)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -162,9 +162,19 @@ which loops over the blocks)."""
 
 
 def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
-    """Λ with ΛΛᵀ = Σ_t (or G_t) and an ok flag: semidefinite for small blocks."""
+    """Λ with ΛΛᵀ = Σ_t (or G_t) and an ok flag; small blocks may be singular (a variance at 0).
+
+    For k ≤ 8, LAPACK's Cholesky of Σ + diag(10kε·Σ_ii + tiny): each variance moved by 10kε of
+    itself (the correlations by as little), so a positive *semi*-definite Σ factors (a zero variance
+    gets a Λ column of about 1e-154), and a Σ whose correlation matrix has an eigenvalue below
+    about −10kε fails (ok False), as :func:`psd_cholesky` decides, in a handful of operations."""
     if block.shape[-1] <= PSD_CHOLESKY_MAX_SIZE:
-        return psd_cholesky(block)
+        k = block.shape[-1]
+        finfo = torch.finfo(block.dtype)
+        diagonal = torch.diagonal(block, dim1=-2, dim2=-1)
+        shift = diagonal.abs() * (10.0 * k * finfo.eps) + finfo.tiny
+        L, info = torch.linalg.cholesky_ex(block + torch.diag_embed(shift))
+        return L, info == 0
     L, info = torch.linalg.cholesky_ex(block)
     ok = info == 0
     return torch.where(ok, L, torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)), ok
@@ -174,8 +184,7 @@ def _factor_groups(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(L⁻¹, Σ log diag L, ok)`` for the blocked term's blocks M_g = L_g L_gᵀ (m, k, k), M_g ⪰ I."""
     k = M.shape[-1]
     if k <= UNROLLED_CHOLESKY_MAX_SIZE:
-        L_inv, log_det, ok = unrolled_inverse_factor(M)
-        return L_inv, log_det, ok.all()
+        return unrolled_inverse_factor(M)
     L, info = torch.linalg.cholesky_ex(M)
     eye = torch.eye(k, dtype=M.dtype, device=M.device)
     return torch.linalg.solve_triangular(L, eye, upper=False), _log_diagonal_sum(L), (info == 0).all()
