@@ -9,8 +9,9 @@ term it is (:mod:`reml_fn.reml.grouped_form`). One algebra serves every such mod
 ``(1 | g)`` as well as crossed and nested factors, as in MixedModels.jl (``createAL``/``updateL!``).
 
 **Formulation (lme4's, Bates et al. 2015).** With Λ = blockdiag(Λ_t), G = ΛΛᵀ (Λ_t a lower
-Cholesky factor of Σ_t or G_t; for k×k blocks with k ≤ 8 a *semidefinite* Cholesky that gives a
-zero column for a zero pivot, so a variance at 0 works), spherical effects ũ (u = Λũ), the
+Cholesky factor of Σ_t or G_t; for k×k blocks with k ≤ 8 the factor of Σ_t with each variance
+raised by 10kε of itself, so that a positive *semi*-definite Σ_t — a variance at 0 — factors),
+spherical effects ũ (u = Λũ), the
 augmented design W = [ZΛ, X] and D = blockdiag(I_q, 0_p), everything follows from one
 symmetric positive-definite matrix of size q + p,
 
@@ -167,7 +168,8 @@ def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
     For k ≤ 8, LAPACK's Cholesky of Σ + diag(10kε·Σ_ii + tiny): each variance moved by 10kε of
     itself (the correlations by as little), so a positive *semi*-definite Σ factors (a zero variance
     gets a Λ column of about 1e-154), and a Σ whose correlation matrix has an eigenvalue below
-    about −10kε fails (ok False), as :func:`psd_cholesky` decides, in a handful of operations."""
+    about −10kε fails (ok False) — the decision of :func:`psd_cholesky`, in a handful of operations
+    instead of its thirty."""
     if block.shape[-1] <= PSD_CHOLESKY_MAX_SIZE:
         k = block.shape[-1]
         finfo = torch.finfo(block.dtype)
