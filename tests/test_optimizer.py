@@ -677,10 +677,28 @@ def test_line_search_window_is_capped_by_memory_without_changing_the_fit(monkeyp
     seen = []
     original = algorithm._lookahead_within_memory
     monkeypatch.setattr(
-        algorithm, "_lookahead_within_memory", lambda o, b: seen.append(original(o, b).lookahead) or original(o, b)
+        algorithm,
+        "_lookahead_within_memory",
+        lambda o, b, name: seen.append(original(o, b, name).lookahead) or original(o, b, name),
     )
     narrow = rf.fit(s, d["Reaction"], X, init=init)
     assert seen == [1]
     assert int(narrow.status) == int(wide.status) == 0 and int(narrow.n_iter) == int(wide.n_iter)
     assert torch.equal(narrow.loglik, wide.loglik) and torch.equal(narrow.score, wide.score)
     assert abs(float(narrow.loglik) + 871.8141) < 1e-3  # lme4's optimum
+
+
+def test_dense_engine_line_search_window_is_capped_by_its_matrices():
+    """The dense engine's candidates each hold several n×n matrices: at n = 180 a 1 GiB round holds
+    hundreds, at n = 20,000 (3.2 GB per matrix) one."""
+    from reml_fn.fit import algorithm
+    from reml_fn.fit.problem import Batch
+    from reml_fn.fit.step import Options
+
+    def capped(n):
+        batch = Batch(None, (), None, torch.zeros(1, n), torch.zeros(n, 1), False)
+        return algorithm._lookahead_within_memory(Options(), batch, "dense").lookahead
+
+    assert capped(180) == Options().lookahead
+    assert capped(20_000) == 1
+    assert 1 < capped(2_000) < Options().lookahead

@@ -90,6 +90,7 @@ SNAP_MARGIN = 10.0
 # large single fit (crossed factors, 10⁵ rows) evaluates a few candidates per round, not hundreds.
 LINE_SEARCH_MEMORY = 1 << 30
 PREPARED_COPIES_PER_CANDIDATE = 8
+DENSE_MATRICES_PER_CANDIDATE = 8  # V, its factor, L⁻¹, the projector, P, … (n × n each)
 
 
 class _Iteration(NamedTuple):
@@ -408,15 +409,19 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
     return _Iteration(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched, understated)
 
 
-def _lookahead_within_memory(options: Options, batch: Batch) -> Options:
+def _lookahead_within_memory(options: Options, batch: Batch, engine_name: str) -> Options:
     """``options`` with ``lookahead`` lowered so that one line-search round's candidates fit in
-    :data:`LINE_SEARCH_MEMORY`, judged by the size of the prepared data per dataset (the schedule
-    changes, never the decisions)."""
-    if batch.prepared is None:
+    :data:`LINE_SEARCH_MEMORY`, judged by the size of the prepared data per dataset, or for the
+    dense engine by its n×n matrices (the schedule changes, never the decisions)."""
+    if engine_name == "dense":
+        n = batch.Y.shape[-1]
+        per_candidate = DENSE_MATRICES_PER_CANDIDATE * n * n * batch.Y.element_size()
+    elif batch.prepared is None:
         return options
-    sizes: list[int] = []
-    map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.prepared)
-    per_candidate = PREPARED_COPIES_PER_CANDIDATE * sum(sizes) / max(1, batch.size)
+    else:
+        sizes: list[int] = []
+        map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.prepared)
+        per_candidate = PREPARED_COPIES_PER_CANDIDATE * sum(sizes) / max(1, batch.size)
     cap = max(1, int(LINE_SEARCH_MEMORY // max(per_candidate, 1.0)))
     return options if cap >= options.lookahead else dataclasses.replace(options, lookahead=cap)
 
@@ -437,7 +442,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
     good = torch.nonzero(status == RUNNING).flatten()
     if good.numel():
         batch = batch.prepare(engine)
-        options = _lookahead_within_memory(options, batch)
+        options = _lookahead_within_memory(options, batch, engine.chosen.name)
         sub = batch.take(good)
         # The default start is on the data's scale: it sets the variance floors whatever init is.
         reference = sub.map(engine.start, residual_variance[good])
