@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import reml_fn as rf
 from reml_fn.reml import ENGINES, mme
-from reml_fn.reml.covariance_blocks import psd_cholesky, unrolled_cholesky
+from reml_fn.reml.covariance_blocks import unrolled_cholesky
 from reml_fn.reml.engines import register_engine
 
 MME, DENSE = ENGINES["mme"], ENGINES["dense"]
@@ -86,14 +86,14 @@ def test_one_factor_equals_dense(case):
     fast = rf.ai_terms(s, params, y, X, engine="mme")
     dense = rf.ai_terms(s, params, y, X, engine="dense")
     sigma = s["subject"].cov.build(params["subject"]["cov"])
-    lam, valid = psd_cholesky(sigma)
+    lam, valid = mme._factor_block(sigma)  # the factor the engine uses
     if not bool(valid):
         # A near-singular LLᵀ whose round-off makes Σ indefinite beyond the tolerance: the MME needs
         # G ⪰ 0 and says so (−∞, NaN), where the dense V may still be positive definite.
         assert fast.loglik == -math.inf and bool(torch.isnan(fast.score).all())
         return
-    # The MME works with ΛΛᵀ, which drops pivots below 10kε·max|Σ| (a rank-deficient Σ): the results
-    # move with that perturbation of Σ; for a well-conditioned Σ it is round-off and rel = 1e-8.
+    # The MME works with ΛΛᵀ = Σ + diag(10kε·Σ_ii + tiny): the results move with that perturbation
+    # of Σ, times the sensitivity of a near-singular Σ; for a well-conditioned Σ rel = 1e-8.
     perturbation = float((lam @ lam.mT - sigma).abs().max() / sigma.abs().max().clamp_min(1e-300))
     rel = max(1e-8, 1e3 * perturbation)
     close(fast.loglik, dense.loglik, rel)
