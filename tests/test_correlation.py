@@ -273,6 +273,10 @@ def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slo
     assert select_engine(s).name == "blocks"
     dense = rf.ai_terms(s, theta, y, X, engine="dense")
     blocks = rf.ai_terms(s, theta, y, X, engine="blocks")
+    for method in ("fwd", "rev"):  # the residual's closed-form derivatives against autodiff, in the engine
+        other = rf.ai_terms(s, theta, y, X, engine="blocks", jacobian=method)
+        torch.testing.assert_close(other.score, blocks.score, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(other.ai, blocks.ai, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(blocks.loglik, dense.loglik, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(blocks.score, dense.score, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(blocks.ai, dense.ai, rtol=1e-8, atol=1e-8)
@@ -284,6 +288,27 @@ def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slo
         rf.predict(s, theta, y, X, conditional=True, engine="blocks"),
         rf.predict(s, theta, y, X, conditional=True, engine="dense"),
     )
+
+
+def test_blocks_engine_takes_the_residual_derivatives_by_the_method_asked(monkeypatch):
+    """jacobian="fwd"/"rev" differentiates the residual's blocks by torch.func (not the closed form)."""
+    from reml_fn.reml import blocks as blocks_module
+
+    model = rf.lmer_model(
+        "distance ~ age + (1 | Subject)", frame("Orthodont", None), correlation=rf.cor_ar1(group="Subject")
+    )
+    s, theta = model.structure, torch.tensor([0.3, 0.4, 0.8], dtype=torch.float64)
+    calls = []
+    original = blocks_module._residual_jacobian
+    monkeypatch.setattr(
+        blocks_module, "_residual_jacobian", lambda *args: calls.append(args[-1]) or original(*args)
+    )
+    closed = rf.ai_terms(s, theta, model.y, model.X, engine="blocks")
+    assert calls == []
+    for method in ("fwd", "rev"):
+        other = rf.ai_terms(s, theta, model.y, model.X, engine="blocks", jacobian=method)
+        torch.testing.assert_close(other.ai, closed.ai, rtol=1e-10, atol=1e-10)
+    assert set(calls) == {"fwd", "rev"}
 
 
 def test_blocks_engine_is_not_chosen_for_crossed_terms_and_batches_equal_single_fits():

@@ -133,9 +133,12 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
     # dV/dθ = dV/dx · t'(θ): the slopes t' go in as scales (t' is None where it is exactly 1).
     slopes = {spec.name: spec.transform._derivative_at(raw[spec.name], natural[spec.name]) for spec in free}
     scales = {name: slope for name, slope in slopes.items() if slope is not None}
+    closed = jacobian == "closed"
     R, d_raw = within_group_matrix_and_derivatives(
-        residual, natural, [spec.name for spec in free], blocks.pairs, scales
+        residual, natural, [spec.name for spec in free] if closed else [], blocks.pairs, scales
     )
+    if free and not closed:  # the residual's ∂V/∂θ by autodiff, as the Grouped terms' (derivative_stack)
+        d_raw = _residual_jacobian(residual, raw, [spec.name for spec in free], blocks.pairs, jacobian)
     V = R
     pieces = {}
     for (name, term), basis in zip(model.terms, blocks.bases):
@@ -154,6 +157,21 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
     for spec in free:
         pieces[prefix + spec.name] = d_raw[spec.name]
     return V, pieces
+
+
+def _residual_jacobian(residual: WithinGroup, raw: Mapping, names: list[str], pairs, method: str) -> dict:
+    """∂R/∂θ of the residual's blocks for its raw parameters ``names`` by ``torch.func.jacfwd``
+    (``method="fwd"``) or ``jacrev`` (``"rev"``): the reference the closed forms are checked against."""
+    if method not in ("fwd", "rev"):
+        raise ValueError(f"unknown Jacobian method {method!r}; expected 'closed', 'fwd' or 'rev'")
+
+    def blocks_at(values: tuple) -> Tensor:
+        moved = {**raw, **dict(zip(names, values))}
+        return within_group_matrix_and_derivatives(residual, residual._natural(moved), [], pairs)[0]
+
+    transform = torch.func.jacfwd if method == "fwd" else torch.func.jacrev
+    columns = transform(blocks_at, argnums=0)(tuple(raw[name] for name in names))
+    return dict(zip(names, columns))
 
 
 class _Solved(NamedTuple):
