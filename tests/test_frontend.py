@@ -506,3 +506,16 @@ def test_formulaic_syntax_errors_name_the_part_and_carry_no_terminal_codes():
     with pytest.raises(ValueError, match=r"the fixed effects of .*cannot parse 'Days \*'") as caught:
         rf.lmer_model("Reaction ~ Days * (1|Subject)", frame("sleepstudy"))
     assert "\x1b" not in str(caught.value)
+
+
+def test_lazy_front_end_names_are_the_front_end_s_public_names():
+    """`import reml_fn` lists the front end's names without importing it (pandas, formulaic): every
+    listed name is the front end's and resolves to it, and the front end's other public names are
+    the ones kept under `reml_fn.frontend` on purpose (types and a helper), so the lists cannot drift."""
+    import reml_fn
+    from reml_fn import frontend
+
+    assert set(reml_fn._FRONTEND) <= set(frontend.__all__)
+    assert set(frontend.__all__) - set(reml_fn._FRONTEND) == {"Bootstrap", "TermInfo", "parameter_names"}
+    for name in reml_fn._FRONTEND:
+        assert getattr(rf, name) is getattr(frontend, name)
