@@ -39,7 +39,10 @@ def main() -> None:
     grouped = rf.lmer_model("Reaction ~ Days + (Days | Subject)", rf.datasets.load_frame("sleepstudy"))
     report = {}
     results = {}
-    for name, (s, X) in {"grouped": (grouped.structure, grouped.X), "propagate": (propagate.structure, propagate.X)}.items():
+    for name, (s, X) in {
+        "grouped": (grouped.structure, grouped.X),
+        "propagate": (propagate.structure, propagate.X),
+    }.items():
         rf.fit_batched(s, Y[:20], X)
         times = []
         for _ in range(args.repeats):

@@ -92,6 +92,7 @@ def __getattr__(name: str):
         return importlib.import_module("reml_fn.datasets")
     raise AttributeError(f"module 'reml_fn' has no attribute {name!r}")
 
+
 __all__ = [
     "transforms",
     "design",

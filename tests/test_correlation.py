@@ -300,9 +300,7 @@ def test_blocks_engine_takes_the_residual_derivatives_by_the_method_asked(monkey
     s, theta = model.structure, torch.tensor([0.3, 0.4, 0.8], dtype=torch.float64)
     calls = []
     original = blocks_module._residual_jacobian
-    monkeypatch.setattr(
-        blocks_module, "_residual_jacobian", lambda *args: calls.append(args[-1]) or original(*args)
-    )
+    monkeypatch.setattr(blocks_module, "_residual_jacobian", lambda *args: calls.append(args[-1]) or original(*args))
     closed = rf.ai_terms(s, theta, model.y, model.X, engine="blocks")
     assert calls == []
     for method in ("fwd", "rev"):

@@ -216,7 +216,9 @@ class FitResult:
         for name, b, se in zip(self.beta_names, self.beta.tolist(), self.se_beta.tolist()):
             lines.append(f" {name:<{bw}}  {b:12.6g}  {se:11.5g}  {b / se:8.3f}")
         lines.append("")
-        lines.append(f"logLik ({self.criterion_name}) {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}")
+        lines.append(
+            f"logLik ({self.criterion_name}) {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}"
+        )
         lines.append(f"{self.message} after {int(self.n_iter)} iterations")
         if self.boundary_names:
             lines.append(f"boundary (singular) fit: {', '.join(self.boundary_names)} at a bound")
