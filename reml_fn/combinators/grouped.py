@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.combinators.base import Combinator, child_params, named_children, tree_map
-from reml_fn.structures.base import Structure, set_fields
+from reml_fn.structures.base import Structure, set_fields, values_readable
 from reml_fn.structures.scalar import Scalar
 from reml_fn.structures.triangular import Unstructured
 from reml_fn.tree import static, structure
@@ -48,7 +48,7 @@ __all__ = ["Grouped"]
 
 def _is_transformed(t: Tensor) -> bool:
     """True inside vmap/grad/jacfwd, where a tensor's values cannot be read."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return not values_readable(t)
 
 
 def _codes_from_tensor(groups: Tensor, num_groups: int | None) -> tuple[Tensor, int]:

@@ -35,6 +35,7 @@ from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import derivative_stack
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine, term_effects, term_fitted
+from reml_fn.structures.base import values_readable
 from reml_fn.structures.within_group import (
     RowPairs,
     WithinGroup,
@@ -68,7 +69,7 @@ def _model(s) -> _Model | None:
 
 def _nested(term: Grouped, residual: WithinGroup) -> bool:
     """Every group of ``term`` lies inside one group of ``residual``."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(term.codes):
+    if not values_readable(term.codes):
         return False
     size = int(term.codes.max()) + 1
     largest = torch.full((size,), -1, dtype=residual.codes.dtype).scatter_reduce(0, term.codes, residual.codes, "amax")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Kronecker, Propagate, Sum
 from reml_fn.structures import Fixed, Identity
+from reml_fn.structures.base import values_readable
 
 __all__ = ["grouped_form", "grouped_params", "propagate_effects"]
 
@@ -36,11 +37,7 @@ def _is_identity(structure) -> int | None:
         return structure.n
     if isinstance(structure, Fixed):
         matrix = structure.matrix
-        if (
-            matrix.dim() == 2
-            and matrix.shape[0] == matrix.shape[1]
-            and not torch._C._functorch.is_functorch_wrapped_tensor(matrix)
-        ):
+        if matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1] and values_readable(matrix):
             if bool(torch.equal(matrix, torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device))):
                 return matrix.shape[0]
     return None
@@ -56,7 +53,7 @@ def _as_grouped(term: Propagate) -> tuple[Grouped, tuple[str, str]] | None:
     cov = g.children[1]
     k = cov.shape[0]
     Z = z.matrix
-    if torch._C._functorch.is_functorch_wrapped_tensor(Z) or Z.dim() != 2 or Z.shape[1] != m * k:
+    if not values_readable(Z) or Z.dim() != 2 or Z.shape[1] != m * k:
         return None
     blocks = Z.reshape(Z.shape[0], m, k)
     used = (blocks != 0).any(-1)  # (n, m): which blocks a row touches

@@ -140,7 +140,7 @@ from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
 from reml_fn.reml.grouped_form import grouped_form, grouped_params, propagate_effects
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
-from reml_fn.structures.base import first_leaf
+from reml_fn.structures.base import first_leaf, values_readable
 
 __all__ = [
     "MMEEngine",
@@ -495,6 +495,9 @@ def column_pairs(model: Layout, p: int) -> tuple[Tensor, Tensor] | None:
     if model.blocked is None or not model.rest:
         return None
     term = model.blocked[1]
+    codes = [term.codes] + [other.codes for _, other in model.rest if isinstance(other, Grouped)]
+    if not all(values_readable(c) for c in codes):  # per-dataset codes under vmap: dense products
+        return None
     d = sum(t.q if isinstance(t, Grouped) else t.children[0].shape[1] for _, t in model.rest) + p
     if term.num_groups * term.k * d < PAIR_LIST_MIN_SIZE:
         return None

@@ -27,7 +27,7 @@ from reml_fn import params as P
 from reml_fn.params import ParamSpec
 from reml_fn.tree import replace
 
-__all__ = ["Structure", "Parametric", "check_size", "first_leaf", "set_fields", "variance_spec"]
+__all__ = ["Structure", "Parametric", "check_size", "first_leaf", "set_fields", "values_readable", "variance_spec"]
 
 
 def check_size(name: str, value: Any, minimum: int = 1) -> int:
@@ -37,6 +37,22 @@ def check_size(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"'{name}' must be at least {minimum}, got {value}")
     return value
+
+
+def values_readable(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s values can be read on the host: False inside ``vmap``, ``grad`` or
+    ``jacfwd`` (a functorch-wrapped tensor), where code may use its shape only. Analyses of a
+    structure's data that need its values (a Propagate Z of grouped shape, the nesting of groups,
+    the column pairs of a crossed design) are skipped there and the general path runs: the answer
+    is the same, only the way to it differs.
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.structures.base import values_readable
+        >>> values_readable(torch.zeros(2)), bool(torch.func.vmap(lambda t: torch.tensor(values_readable(t)))(torch.zeros(2)).any())
+        (True, False)
+    """
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def first_leaf(tree: Any) -> Tensor | None:
