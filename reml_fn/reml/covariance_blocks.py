@@ -33,8 +33,10 @@ __all__ = [
 ]
 
 PSD_CHOLESKY_MAX_SIZE = 8
-"""Covariance blocks up to this size use :func:`psd_cholesky` (zero variances allowed); larger
-blocks (a Propagate term's G) use ``torch.linalg.cholesky_ex`` and must be positive definite."""
+"""Covariance blocks up to this size may be positive *semi*-definite (zero variances allowed): the
+MME factors them with each variance raised by 10kε of itself (``mme._factor_block``; the same
+decision as :func:`psd_cholesky`); larger blocks (a Propagate term's G) use
+``torch.linalg.cholesky_ex`` as they are and must be positive definite."""
 
 
 def psd_cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
