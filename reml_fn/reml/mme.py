@@ -123,7 +123,7 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Propagate, Sum
 from reml_fn.combinators.products import kron
-from reml_fn.params import param_names
+from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import (
     PSD_CHOLESKY_MAX_SIZE,
     Residual,
@@ -168,8 +168,8 @@ def _factor_block(block: Tensor) -> tuple[Tensor, Tensor]:
     For k ≤ 8, LAPACK's Cholesky of Σ + diag(10kε·Σ_ii + tiny): each variance moved by 10kε of
     itself (the correlations by as little), so a positive *semi*-definite Σ factors (a zero variance
     gets a Λ column of about 1e-154), and a Σ whose correlation matrix has an eigenvalue below
-    about −10kε fails (ok False) — the decision of :func:`psd_cholesky`, in a handful of operations
-    instead of its thirty."""
+    about −10kε fails (ok False). :func:`psd_cholesky` decides alike with a tolerance relative to
+    max|Σ| instead of each variance, in about thirty operations where this takes a handful."""
     if block.shape[-1] <= PSD_CHOLESKY_MAX_SIZE:
         k = block.shape[-1]
         finfo = torch.finfo(block.dtype)
@@ -306,6 +306,11 @@ def layout(s) -> Layout | None:
     return Layout(structure, converted, blocked, rest, tuple(residual), scalar)
 
 
+def _width(term) -> int:
+    """The number of columns of a random term's Z: q = m·k for a Grouped term, Z's width else."""
+    return term.q if isinstance(term, Grouped) else term.children[0].shape[1]
+
+
 class _Columns(NamedTuple):
     """A block of columns of the MME design: a Grouped term's implicit Z or a dense matrix."""
 
@@ -345,8 +350,7 @@ def _cross(a: _Columns, b: _Columns, w: Tensor | None, same: bool) -> Tensor:
     if a.dense is not None:
         return _cross(b, a, w, same).transpose(-1, -2)
     if same:
-        outer = a.x.unsqueeze(-1) * _weigh(w, a.x).unsqueeze(-2)
-        return _embed_blocks(_segment_sum(a.codes, outer, a.m))
+        return _embed_blocks(_cross_grouped(a, w, a.x))
     return _cross_two_grouped(a, b, w).reshape(a.size, b.size)
 
 
@@ -422,7 +426,7 @@ def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | Non
         for c in rest:
             pieces.append(_cross_grouped(b, w, c.dense) if c.dense is not None else _cross_two_grouped(b, c, w))
         C_bs = concat(pieces + [both[..., :p]], dim=-1)
-        C_bb, c_b = both[..., p:], _segment_sum(b.codes, b.x * wy.unsqueeze(-1), b.m)
+        C_bb, c_b = both[..., p:], _transpose_times(b, wy).reshape(b.m, b.k)
     return Statistics(offset, centred, C_bb, C_bs, C_ss, c_b, c_s, centred @ wy, empty.long(), empty.long())
 
 
@@ -498,7 +502,7 @@ def column_pairs(model: Layout, p: int) -> tuple[Tensor, Tensor] | None:
     codes = [term.codes] + [other.codes for _, other in model.rest if isinstance(other, Grouped)]
     if not all(values_readable(c) for c in codes):  # per-dataset codes under vmap: dense products
         return None
-    d = sum(t.q if isinstance(t, Grouped) else t.children[0].shape[1] for _, t in model.rest) + p
+    d = sum(_width(other) for _, other in model.rest) + p
     if term.num_groups * term.k * d < PAIR_LIST_MIN_SIZE:
         return None
     pattern = _column_pattern(model, p)
@@ -521,7 +525,7 @@ def _column_pattern(model: Layout, p: int) -> Tensor:
             seen[codes * other.num_groups + other.codes] = True
             parts.append(seen.reshape(m, other.num_groups, 1).expand(m, other.num_groups, other.k).reshape(m, -1))
         else:
-            parts.append(torch.ones(m, other.children[0].shape[1], dtype=torch.bool, device=codes.device))
+            parts.append(torch.ones(m, _width(other), dtype=torch.bool, device=codes.device))
     parts.append(torch.ones(m, p, dtype=torch.bool, device=codes.device))
     return torch.cat(parts, dim=-1)
 
@@ -573,9 +577,7 @@ class _Term(NamedTuple):
 
 
 def _term(path: str, term, params: Mapping, dtype, method: str | None) -> _Term:
-    term_params = params
-    for part in path.split("/"):
-        term_params = term_params.get(part, {})
+    term_params = subtree(params, path.split("/"))
     if isinstance(term, Grouped):
         child, child_params, prefix = term.cov, term_params.get("cov", {}), f"{path}/cov"
     else:
@@ -588,12 +590,7 @@ def _term(path: str, term, params: Mapping, dtype, method: str | None) -> _Term:
 
 
 def _residual(model: Layout, params: Mapping, n: int, dtype, device, derivatives: bool) -> Residual:
-    parts = []
-    for path, term in model.residual:
-        term_params = params
-        for part in path.split("/"):
-            term_params = term_params.get(part, {})
-        parts.append((path, term, term_params))
+    parts = [(path, term, subtree(params, path.split("/"))) for path, term in model.residual]
     return residual_variance(parts, n, dtype, device, derivatives)
 
 
@@ -612,13 +609,12 @@ class _Point(NamedTuple):
     rest: list[_Term]
     residual: Residual
     w: Tensor  # 1/r: 0-d (R = σ²I) or (n,)
-    scale: Tensor | None  # 1/σ² for C_bs and C_ss (held unweighted, R = σ²I); None: weighted
     X: Tensor  # (n, p)
     offset: Tensor  # (p,) β₀
     centred: Tensor  # (n,) y_c
     C_bb: Tensor | None  # (m, k, k)   Z_bᵀR⁻¹Z_b blocks
-    C_bs: Tensor | None  # (m, k, d)   Z_bᵀR⁻¹[Z_rest, X] / scale
-    C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀR⁻¹[Z_rest, X] / scale
+    C_bs: Tensor | None  # (m, k, d)   Z_bᵀR⁻¹[Z_rest, X], without the 1/σ² of R = σ²I (:func:`_scaled`)
+    C_ss: Tensor  # (d, d)      [Z_rest, X]ᵀR⁻¹[Z_rest, X], likewise
     c_b: Tensor | None  # (m, k)  Z_bᵀR⁻¹y_c
     c_s: Tensor  # (d,)    [Z_rest, X]ᵀR⁻¹y_c
     yy: Tensor  # ()       y_cᵀR⁻¹y_c
@@ -703,27 +699,21 @@ def _times_lam_s(a: Tensor, lam_s: _LamS | None, transpose: bool = False) -> Ten
 
 
 def _weighted(model: Layout, stats: Statistics, X: Tensor, w: Tensor) -> tuple:
-    """``(C_bb, C_bs, C_ss, c_b, c_s, yᵀy, scale)`` with R⁻¹: the small ones (C_bb, c_b, c_s,
-    ‖y_c‖²) weighted; the large C_bs and C_ss, for R = σ²I, as prepared, with ``scale`` = 1/σ² to
-    apply where they are used (:func:`_scaled`; no weighted copy of an (m·k × d) or (d × d) matrix
-    is held). A Diagonal R forms them with its weights w (n,) now, and ``scale`` is None."""
-    scale = w
+    """``(C_bb, C_bs, C_ss, c_b, c_s, yᵀy)`` with R⁻¹: the small ones (C_bb, c_b, c_s, ‖y_c‖²)
+    weighted; the large C_bs and C_ss, for R = σ²I (w 0-d), as prepared, with 1/σ² applied where
+    they are used (:func:`_scaled`; no weighted copy of an (m·k × d) or (d × d) matrix is held). A
+    Diagonal R forms them all with its weights w (n,) now."""
     if not model.scalar_residual:
         stats = _cross_statistics(model, stats.centred, X, w, stats.offset)
-        scale = None
     blocked = model.blocked is not None
-    small = (lambda t: t) if scale is None else (lambda t: t * scale)
-    C_bb, C_bs, c_b = (small(stats.C_bb), stats.C_bs, small(stats.c_b)) if blocked else (None, None, None)
-    return C_bb, C_bs, stats.C_ss, c_b, small(stats.c_s), small(stats.yy), scale
+    C_bb, C_bs, c_b = (_scaled(stats.C_bb, w), stats.C_bs, _scaled(stats.c_b, w)) if blocked else (None, None, None)
+    return C_bb, C_bs, stats.C_ss, c_b, _scaled(stats.c_s, w), _scaled(stats.yy, w)
 
 
-def _scaled_matrix(value: Tensor, scale: Tensor | None) -> Tensor:
-    return value if scale is None else value * scale
-
-
-def _scaled(pt, value: Tensor) -> Tensor:
-    """A product of C_bs or C_ss (held unweighted for R = σ²I) with R⁻¹ applied: times 1/σ²."""
-    return value if pt.scale is None else value * pt.scale
+def _scaled(value: Tensor, w: Tensor) -> Tensor:
+    """value · 1/σ² for a product of the cross products held unweighted (R = σ²I: w = 1/σ² is 0-d);
+    value itself where they were formed with R⁻¹ (a Diagonal R, w (n,))."""
+    return value * w if w.dim() == 0 else value
 
 
 def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None) -> _Point:
@@ -740,10 +730,10 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     r = torch.where(positive, residual.r, 1.0)
     w = r.reciprocal()
     log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
-    C_bb, C_bs, C_ss, c_b, c_s, yy, scale = _weighted(model, stats, X, w)
+    C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
     lam_s = _lam_s(rest, p)
-    L_bb_inv = G = F_ = H = None
-    inner, log_det = None, None  # Ω_ss before Λ_s and D, less the blocked term's Schur term (H)
+    L_bb_inv = G = F_ = H = log_det = None
+    schur = _scaled(C_ss, w)  # Ω_ss before Λ_s and D, less the blocked term's part below
     if blocked is not None:
         lam = blocked.lam
         eye_k = torch.eye(lam.shape[-1], dtype=dtype, device=device)
@@ -751,33 +741,30 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
         L_bb_inv, log_det, factored = _factor_groups(_blocks_times(_blocks_times(C_bb, lam).mT, lam) + eye_k)
         ok = ok & factored
         G = _blocks_times(L_bb_inv, lam.mT)
-        K = (G if scale is None else G * scale) @ C_bs  # K_g = G_g C_bs,g with R⁻¹
+        K = _scaled(G, w) @ C_bs  # K_g = G_g C_bs,g with R⁻¹
         if rest:
             # H = Σ_g K_gᵀK_g with K_g = G_g C_bs,g: F = KΛ_s, so Σ_g F_gᵀF_g = Λ_sᵀHΛ_s, and H's
             # first q_rest columns give the projection of Z_restᵀPZ_rest (:func:`_ztpz_rest`): the one
             # m·k·d² product of an evaluation is made once.
             H = group_inner(K, K) if stats.pairs.numel() == 0 else _pair_gram(K, stats.entries, stats.pairs)
-            F_, inner = _times_lam_s(K, lam_s), _scaled_matrix(C_ss, scale) - H
+            F_, schur = _times_lam_s(K, lam_s), schur - H
         else:
-            F_, inner = K, _scaled_matrix(C_ss, scale) - group_inner(K, K)
+            F_, schur = K, schur - group_inner(K, K)
         del K  # (m, k, d): a large crossed design's peak memory is in this function
     if rest:  # S = Λ_sᵀ(C_ss − H)Λ_s + D, D = blockdiag(I_q, 0_p)
         q_rest = _rest_sizes(rest)
-        inner = inner if inner is not None else _scaled_matrix(C_ss, scale)
-        scaled = _times_lam_s(_times_lam_s(inner, lam_s).mT, lam_s)
-        del inner
+        scaled = _times_lam_s(_times_lam_s(schur, lam_s).mT, lam_s)
+        del schur
         unit = F.pad(torch.ones(q_rest, dtype=dtype, device=device), (0, p))  # its diagonal, not a d×d matrix
         schur = torch.diagonal_scatter(scaled, torch.diagonal(scaled, dim1=-2, dim2=-1) + unit, dim1=-2, dim2=-1)
         del scaled
-    else:
-        schur = inner if inner is not None else _scaled_matrix(C_ss, scale)
     L_ss, info_s = torch.linalg.cholesky_ex(schur)
     ok_s = info_s == 0
     # Not positive definite (X rank deficient): keep the algebra finite; the results are masked.
     L_ss = torch.where(ok_s, L_ss, torch.eye(schur.shape[-1], dtype=dtype, device=device))
     log_det = plus(log_det, _log_diagonal_sum(L_ss))
     return _Point(
-        blocked, rest, residual, w, scale, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
+        blocked, rest, residual, w, X, stats.offset, stats.centred, C_bb, C_bs, C_ss, c_b, c_s, yy,
         lam_s, stats.entries, stats.pairs, L_bb_inv, G, F_, H, L_ss, log_det, log_det_r, ok & ok_s,
     )  # fmt: skip
 
@@ -844,23 +831,25 @@ def _z_transpose_e(pt: _Point) -> _Split:
     u_b, b_s = _coefficients(pt)
     blocked = dense = None
     if pt.blocked is not None:
-        blocked = pt.c_b - (pt.C_bb @ u_b.unsqueeze(-1)).squeeze(-1) - _scaled(pt, pt.C_bs @ b_s)
+        blocked = pt.c_b - (pt.C_bb @ u_b.unsqueeze(-1)).squeeze(-1) - _scaled(pt.C_bs @ b_s, pt.w)
     if pt.rest:
         q_rest = _rest_sizes(pt.rest)
-        dense = pt.c_s[..., :q_rest] - _scaled(pt, pt.C_ss[..., :q_rest, :] @ b_s)
+        dense = pt.c_s[..., :q_rest] - _scaled(pt.C_ss[..., :q_rest, :] @ b_s, pt.w)
         if pt.blocked is not None:
-            dense = dense - _scaled(pt, u_b.flatten(-2) @ pt.C_bs[..., :q_rest].flatten(-3, -2))
+            dense = dense - _scaled(u_b.flatten(-2) @ pt.C_bs[..., :q_rest].flatten(-3, -2), pt.w)
     return _Split(blocked, dense)
+
+
+def _fitted_random(pt: _Point) -> Tensor:
+    """Σ_t Z_t û_t (n,), by one pass over the data."""
+    effects = _effects(pt)
+    terms = ([pt.blocked] if pt.blocked is not None else []) + list(pt.rest)
+    return sum(_times(t.columns, effects[t.path].reshape(t.columns.size)) for t in terms)
 
 
 def _residual_vector(pt: _Point) -> Tensor:
     """e = P y = R⁻¹(y_c − T b̂) (n,), by one pass over the data (a Diagonal R's score needs it)."""
-    fitted = pt.X @ pt.u_s[..., _rest_sizes(pt.rest) :]
-    for path, effects in _effects(pt).items():
-        term = pt.blocked if pt.blocked is not None and pt.blocked.path == path else None
-        if term is None:
-            term = next(t for t in pt.rest if t.path == path)
-        fitted = fitted + _times(term.columns, effects.reshape(term.columns.size))
+    fitted = pt.X @ pt.u_s[..., _rest_sizes(pt.rest) :] + _fitted_random(pt)
     return pt.w * (pt.centred - fitted)
 
 
@@ -878,11 +867,11 @@ def _cross_times(fac: _Point, a: _Split) -> _Split:
     """C a = TᵀR⁻¹T a from the cross products."""
     blocked = dense = None
     if a.blocked is not None:
-        blocked, dense = fac.C_bb @ a.blocked, _scaled(fac, group_inner(fac.C_bs, a.blocked))
+        blocked, dense = fac.C_bb @ a.blocked, _scaled(group_inner(fac.C_bs, a.blocked), fac.w)
     if a.dense is not None:
-        dense = plus(dense, _scaled(fac, fac.C_ss @ a.dense))
+        dense = plus(dense, _scaled(fac.C_ss @ a.dense, fac.w))
         if fac.blocked is not None:
-            blocked = plus(blocked, _scaled(fac, fac.C_bs @ a.dense))
+            blocked = plus(blocked, _scaled(fac.C_bs @ a.dense, fac.w))
     return _Split(blocked, dense)
 
 
@@ -933,7 +922,18 @@ def _pair_form(rows: Tensor, fac: _Point) -> Tensor:
 
 
 GROUP_CHUNK_ELEMENTS = 1 << 22
-"""The blocked term's trace works on chunks of groups with at most this many (k·d) entries."""
+"""The traces work on chunks of the blocked term's groups with at most this many entries."""
+
+
+def _group_chunks(m: int, width: int) -> list[slice | None]:
+    """Chunks of the blocked term's m groups, each with at most :data:`GROUP_CHUNK_ELEMENTS` entries
+    of ``width`` per group: ``[None]`` (all groups at once, no slicing) when one chunk holds them."""
+    step = max(1, GROUP_CHUNK_ELEMENTS // max(1, width))
+    return [None] if step >= m else [slice(start, start + step) for start in range(0, m, step)]
+
+
+def _rows_of(tensor: Tensor, chunk: slice | None) -> Tensor:
+    return tensor if chunk is None else tensor[chunk]
 
 
 def _ztpz_blocked(fac: _Point) -> Tensor:
@@ -949,16 +949,12 @@ def _ztpz_blocked(fac: _Point) -> Tensor:
     if fac.pairs.numel():
         # Σ_g R_g S⁻¹ R_gᵀ (S = L_ss L_ssᵀ, R_g the dense rows of group g) over the column pairs
         # group g can couple: its columns are those of C_bs,g, F_g and their Λ_s-blocks.
-        return own - _pair_form(_scaled(fac, _times_lam_s(fac.C_bs, fac.lam_s)) - blocked.mT @ fac.F, fac)
+        return own - _pair_form(_scaled(_times_lam_s(fac.C_bs, fac.lam_s), fac.w) - blocked.mT @ fac.F, fac)
     # R_g L_ss⁻ᵀ by one triangular solve per chunk of groups: a large crossed design never holds
     # all of its (m·k × d) intermediates at once.
-    step = max(1, GROUP_CHUNK_ELEMENTS // max(1, k * d))
-    for start in range(0, m if d else 0, step):  # d = 0 (no X, no rest): no dense rows
-        C_bs, F_, blocked_part = fac.C_bs, fac.F, blocked
-        if step < m:
-            part = slice(start, start + step)
-            C_bs, F_, blocked_part = C_bs[part], F_[part], blocked[part]
-        rows = _scaled(fac, _times_lam_s(C_bs, fac.lam_s)) - blocked_part.mT @ F_  # (c, k, d)
+    for chunk in _group_chunks(m, k * d) if d else []:  # d = 0 (no X, no rest): no dense rows
+        C_bs, F_, blocked_part = (_rows_of(t, chunk) for t in (fac.C_bs, fac.F, blocked))
+        rows = _scaled(_times_lam_s(C_bs, fac.lam_s), fac.w) - blocked_part.mT @ F_  # (c, k, d)
         solved = torch.linalg.solve_triangular(fac.L_ss.mT, rows.reshape(-1, d), upper=True, left=False)
         flat = solved.reshape(-1, k, d).transpose(0, 1).reshape(k, -1)  # (k, c·d): Σ_g s_g s_gᵀ in one product
         own = own - flat @ flat.mT
@@ -974,7 +970,7 @@ def _ztpz_rest(fac: _Point) -> list[Tensor]:
     L_ss⁻¹(Λ_sᵀC_s,rest − Fᵀ L_bb⁻¹Λ_bᵀC_b,rest), where Fᵀ L_bb⁻¹Λ_bᵀC_b,rest = Λ_sᵀ H[:, :q_rest]
     (no second m·k·d·q_rest product)."""
     q_rest = _rest_sizes(fac.rest)
-    dense = _scaled(fac, _times_lam_s(fac.C_ss[..., :q_rest].mT, fac.lam_s).mT)  # Λ_sᵀ C_s,rest (d, q_rest)
+    dense = _scaled(_times_lam_s(fac.C_ss[..., :q_rest].mT, fac.lam_s).mT, fac.w)  # Λ_sᵀ C_s,rest (d, q_rest)
     if fac.blocked is not None:
         dense = dense - _times_lam_s(fac.H[..., :q_rest].mT, fac.lam_s).mT
     blocks, offset = [], 0
@@ -983,19 +979,15 @@ def _ztpz_rest(fac: _Point) -> list[Tensor]:
         gram = fac.C_ss[..., columns, columns]
         if t.grouped:  # Σ_g of the diagonal blocks
             gram = torch.diagonal(gram.reshape(c.m, c.k, c.m, c.k), dim1=0, dim2=2).sum(-1)
-        gram = _scaled(fac, gram)
+        gram = _scaled(gram, fac.w)
         blocks.append(gram)
         offset += c.size
     blocks = _minus_rest_blocks(blocks, fac.rest, torch.linalg.solve_triangular(fac.L_ss, dense, upper=False))
     if fac.blocked is not None:
         b, C_b_rest = fac.blocked, fac.C_bs[..., :q_rest]
-        lam_t = _scaled(fac, b.lam.mT)  # Λ_bᵀ with R⁻¹
-        m, k = b.columns.m, b.columns.k
-        step = max(1, GROUP_CHUNK_ELEMENTS // max(1, k * q_rest))
-        for start in range(0, m, step):
-            C, L_inv = C_b_rest, fac.L_bb_inv
-            if step < m:
-                C, L_inv = C[start : start + step], L_inv[start : start + step]
+        lam_t = _scaled(b.lam.mT, fac.w)  # Λ_bᵀ with R⁻¹
+        for chunk in _group_chunks(b.columns.m, b.columns.k * q_rest):
+            C, L_inv = _rows_of(C_b_rest, chunk), _rows_of(fac.L_bb_inv, chunk)
             blocks = _minus_rest_blocks(blocks, fac.rest, (L_inv @ (lam_t @ C)).flatten(-3, -2))
     return blocks
 
@@ -1170,10 +1162,7 @@ class MMEEngine:
         model = layout(s)
         if model is None:
             return False
-        random = ([model.blocked] if model.blocked is not None else []) + list(model.rest)
-        total = sum(term.q if isinstance(term, Grouped) else term.children[0].shape[1] for _, term in random)
-        blocked = model.blocked[1].q if model.blocked is not None else 0
-        return total - blocked <= model.structure.shape[0] // 2
+        return sum(_width(term) for _, term in model.rest) <= model.structure.shape[0] // 2
 
     def prepare(self, s, y, X) -> Statistics:
         """What does not change between iterations, computed once per dataset (:func:`statistics`).
@@ -1252,11 +1241,7 @@ class MMEEngine:
     def fitted_random(self, s, params, y, X) -> Tensor:
         """Σ_t Z_t û_t (n,)."""
         model, params, stats = _inputs(s, params, y, X, None)
-        pt = _evaluate(model, params, stats, X)
-        total = torch.zeros_like(y)
-        for t in ([pt.blocked] if pt.blocked is not None else []) + list(pt.rest):
-            total = total + _times(t.columns, _effects(pt)[t.path].reshape(t.columns.size))
-        return total
+        return _fitted_random(_evaluate(model, params, stats, X))
 
 
 register_engine("mme", MMEEngine(), prefer=True)
