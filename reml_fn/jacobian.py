@@ -32,6 +32,24 @@ __all__ = ["jacobian", "jacobian_stack", "METHODS"]
 METHODS = ("closed", "fwd", "rev")
 
 
+def autodiff_transform(method: str):
+    """The ``torch.func`` transform of an autodiff Jacobian method: ``jacfwd`` for ``"fwd"``,
+    ``jacrev`` for ``"rev"`` (the one place that maps the names; ``"closed"`` is each structure's
+    own ``_jacobian``).
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.jacobian import autodiff_transform
+        >>> autodiff_transform("fwd")(torch.sin)(torch.tensor(0.0)).item()    # d sin/dx at 0
+        1.0
+    """
+    if method == "fwd":
+        return torch.func.jacfwd
+    if method == "rev":
+        return torch.func.jacrev
+    raise ValueError(f"unknown Jacobian method {method!r}; expected 'closed', 'fwd' or 'rev'")
+
+
 def jacobian(s, params: Mapping | Tensor | None = None, method: str = "closed") -> dict:
     """dV/dθ as a tree shaped like ``params`` (leaves of shape ``s.shape``).
 
@@ -53,8 +71,7 @@ def jacobian(s, params: Mapping | Tensor | None = None, method: str = "closed") 
         return s._jacobian(params)
     if not param_names(s):
         return {}
-    transform = torch.func.jacfwd if method == "fwd" else torch.func.jacrev
-    return transform(s._build)(dict(params))
+    return autodiff_transform(method)(s._build)(dict(params))
 
 
 def jacobian_stack(s, params: Mapping | Tensor | None = None, method: str = "closed") -> tuple[Tensor, list[str]]:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from reml_fn.jacobian import autodiff_transform
 from reml_fn.structures import Diagonal, Identity
 
 __all__ = [
@@ -110,11 +111,7 @@ def _child_derivatives(child, child_params: Mapping, method: str) -> Mapping:
         return {}
     if method == "closed":
         return child._jacobian(child_params)
-    if method == "fwd":
-        return torch.func.jacfwd(child._build)(dict(child_params))
-    if method == "rev":
-        return torch.func.jacrev(child._build)(dict(child_params))
-    raise ValueError(f"unknown Jacobian method {method!r}; expected 'closed', 'fwd' or 'rev'")
+    return autodiff_transform(method)(child._build)(dict(child_params))
 
 
 def derivative_stack(child, child_params: Mapping, prefix: str, method: str | None, dtype):

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from reml_fn.jacobian import autodiff_transform
 from reml_fn.params import get_path, param_names
 
 __all__ = [
@@ -113,14 +114,7 @@ def reml_loglik_dense(V: Tensor, y: Tensor, X: Tensor) -> Tensor:
 def dV_stack(s, params: Mapping, jacobian: str = "closed") -> Tensor:
     """∂V/∂θ stacked in :func:`~reml_fn.param_names` order: shape (k, n, n)."""
     names = param_names(s)
-    if jacobian == "closed":
-        tree = s._jacobian(params)
-    elif jacobian == "fwd":
-        tree = torch.func.jacfwd(s._build)(dict(params))
-    elif jacobian == "rev":
-        tree = torch.func.jacrev(s._build)(dict(params))
-    else:
-        raise ValueError(f"unknown Jacobian method {jacobian!r}; expected 'closed', 'fwd' or 'rev'")
+    tree = s._jacobian(params) if jacobian == "closed" else autodiff_transform(jacobian)(s._build)(dict(params))
     return torch.stack([get_path(tree, name) for name in names])
 
 
