@@ -18,13 +18,15 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.same_run import python_json, rscript_times_and_loglik  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,24 +92,12 @@ def main() -> None:
         data = make_data()
         data.to_csv(path, index=False)
         report["n"], report["groups"] = len(data), int(data["g"].nunique())
-        ours = subprocess.run(
-            [sys.executable, "-c", PY_SCRIPT.format(root=str(ROOT), path=str(path), repeats=args.repeats)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        report["reml_fn"] = json.loads(ours.stdout.strip().splitlines()[-1])
+        report["reml_fn"] = python_json(PY_SCRIPT.format(root=str(ROOT), path=str(path), repeats=args.repeats))
         if shutil.which("Rscript") is None:
             report["nlme"] = {"skipped": "Rscript not found"}
         else:
-            script = Path(folder) / "nlme.R"
-            script.write_text(R_SCRIPT.format(path=str(path), repeats=args.repeats))
-            done = subprocess.run(["Rscript", str(script)], capture_output=True, text=True)
-            if done.returncode != 0:
-                report["nlme"] = {"skipped": done.stderr.strip()[-300:]}
-            else:
-                lines = done.stdout.split("\n")
-                report["nlme"] = {"times": [float(v) for v in lines[0].split()], "loglik": float(lines[1])}
+            script = R_SCRIPT.format(path=str(path), repeats=args.repeats)
+            report["nlme"] = rscript_times_and_loglik(script, Path(folder) / "nlme.R")
     ours_s = statistics.median(report["reml_fn"]["times"])
     line = f"reml_fn {ours_s:.2f} s ({min(report['reml_fn']['times']):.2f}–{max(report['reml_fn']['times']):.2f}), "
     line += f"peak RSS {report['reml_fn']['peak_rss_mb']:.0f} MB, logLik {report['reml_fn']['loglik']:.6f}"

@@ -35,6 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.same_run import python_json, rscript_times_and_loglik  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FORMULAS = {
@@ -97,21 +100,12 @@ def make_synthetic(seed: int = 20261207, n: int = 1_000_000, levels: tuple[int, 
 
 def run_case(name: str, path: Path, folder: Path, repeats: int) -> dict:
     formula = FORMULAS[name]
-    ours = subprocess.run(
-        [sys.executable, "-c", PY_SCRIPT.format(root=str(ROOT), path=str(path), repeats=repeats, formula=formula)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict = {"formula": formula, "reml_fn": json.loads(ours.stdout.strip().splitlines()[-1])}
-    script = folder / f"{name}.R"
-    script.write_text(R_SCRIPT.format(path=str(path), repeats=repeats, formula=formula))
-    done = subprocess.run(["Rscript", str(script)], capture_output=True, text=True)
-    if done.returncode != 0:
-        result["lme4"] = {"skipped": done.stderr.strip()[-300:]}
+    ours = python_json(PY_SCRIPT.format(root=str(ROOT), path=str(path), repeats=repeats, formula=formula))
+    result: dict = {"formula": formula, "reml_fn": ours}
+    script = R_SCRIPT.format(path=str(path), repeats=repeats, formula=formula)
+    result["lme4"] = rscript_times_and_loglik(script, folder / f"{name}.R")
+    if "skipped" in result["lme4"]:
         return result
-    lines = done.stdout.split("\n")
-    result["lme4"] = {"times": [float(v) for v in lines[0].split()], "loglik": float(lines[1])}
     result["ratio"] = statistics.median(result["reml_fn"]["times"]) / statistics.median(result["lme4"]["times"])
     result["loglik_difference"] = result["reml_fn"]["loglik"] - result["lme4"]["loglik"]
     return result
