@@ -6,8 +6,10 @@ with per-dataset state (θ, ℓ, score, AI, damping, status). In every iteration
 
 1. the working system (covariances as correlations, bounds held, variances with nothing left to
    gain snapped to their floor), the Newton direction and the convergence test are computed for
-   all running datasets at once (batched k×k factorisations); converged datasets take the
-   polishing step and stop (status 0, or 5 where a variance at its floor has no information);
+   all running datasets at once (batched k×k factorisations); converged datasets stop where they
+   are (status 0, or 5 where a variance at its floor has no information): the point returned is
+   the point whose terms passed the test. Only one with a variance still to snap to its floor
+   takes a polishing step (the snap and the Newton step), kept where ℓ does not fall;
 2. the line search is a per-dataset state machine over the candidate sequence (damping level,
    slot): each round evaluates a window of the next candidates of every dataset still searching in
    one vmapped engine call and keeps, per dataset, the first acceptable one — exactly the candidate
@@ -21,7 +23,7 @@ with per-dataset state (θ, ℓ, score, AI, damping, status). In every iteration
 
 Two shortcuts decide the same as the rounds, with less bookkeeping: an iteration in which every
 dataset's Newton step is accepted at once (no convergence, no expansion) returns after its one
-engine call, and one in which every dataset has converged is just the polishing step.
+engine call, and one in which every dataset has converged is no call or just the polishing steps.
 
 Only the datasets still running (or still searching) enter each call; finished datasets stop
 moving. Nothing inside vmapped code raises on values (``cholesky_ex``, ``solve_ex``, masks): V
@@ -170,36 +172,41 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
     scale = information_scale(system.theta, system.lower, state["rates"], floor)
     newton = newton_direction(system.score, system.ai, active, scale)
     step_now = newton.delta
-    polishing = converged(newton, ll_now, tol, resolution)
+    done = converged(newton, ll_now, tol, resolution)
     # Converged over the others, with a variance at its floor that the data do not inform: the
     # model is not identifiable (status 5), not estimated at the boundary.
-    unidentified = torch.zeros_like(polishing)
-    if bool(polishing.any()) and bool((snap | (theta <= lower)).any()):
-        unidentified = polishing & silent_at_floor(theta, ai, lower, state["rates"], floor, snap).any(-1)
-    searching = ~polishing
-    # Converged (0) or not identifiable (5); the polishing step moves them or not.
-    status = torch.where(polishing, torch.where(unidentified, 5, 0), RUNNING)
+    unidentified = torch.zeros_like(done)
+    if bool(done.any()) and bool((snap | (theta <= lower)).any()):
+        unidentified = done & silent_at_floor(theta, ai, lower, state["rates"], floor, snap).any(-1)
+    searching = ~done
+    # Converged (0) or not identifiable (5). A converged dataset stops at the point whose terms
+    # passed the test; only one with a variance still to go to its floor takes the polishing step
+    # (the snap and the Newton step on the others, evaluated), so that the point returned is the
+    # point evaluated.
+    status = torch.where(done, torch.where(unidentified, 5, 0), RUNNING)
+    polishing = done & (snap & (system.theta > system.lower)).any(-1)
 
-    if bool(polishing.all()):
-        # Every dataset converged (the last iteration of a fit): only the polishing step, kept
-        # where ℓ does not fall by more than round-off — what the rounds below decide for them.
-        polished, _ = propose(system, step_now, pairs, snap)
-        terms = batch.map(engine.terms, polished)
-        keep = polish_accepts(terms.loglik, ll_now, resolution)
-        row = keep.unsqueeze(-1)
+    if not bool(searching.any()):
+        # Every dataset converged (the last iteration of a fit): the polishing steps, kept where ℓ
+        # does not fall by more than round-off — what the rounds below decide for them.
+        keep = torch.zeros_like(done)
+        new_theta, new_ll, new_score, new_ai = theta, ll_now, score, ai
+        polish = torch.nonzero(polishing).flatten()
+        if polish.numel():
+            polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
+            terms = (batch if polish.numel() == R else batch.take(polish)).map(engine.terms, polished)
+            chosen = polish_accepts(terms.loglik, ll_now[polish], resolution[polish])
+            kept = polish[chosen]
+            keep = put(keep, kept, torch.ones_like(kept, dtype=torch.bool))
+            new_theta = put(theta, kept, polished[chosen])
+            new_ll = put(ll_now, kept, terms.loglik[chosen])
+            new_score = put(score, kept, terms.score[chosen])
+            new_ai = put(ai, kept, terms.ai[chosen])
         return _Iteration(
-            torch.where(row, polished, theta),
-            torch.where(keep, terms.loglik, ll_now),
-            torch.where(row, terms.score, score),
-            torch.where(row.unsqueeze(-1), terms.ai, ai),
-            damping,
-            keep,
-            status,
-            torch.zeros_like(hint),
-            torch.zeros_like(keep),
+            new_theta, new_ll, new_score, new_ai, damping, keep, status, torch.zeros_like(hint), torch.zeros_like(keep)
         )
     early = None
-    if not bool(polishing.any()) and bool((newton.definite & (damping == 0) & (hint <= 1)).all()):
+    if not bool(done.any()) and bool((newton.definite & (damping == 0) & (hint <= 1)).all()):
         # The usual iteration: nobody converged, and every dataset's first candidate is its
         # capped Newton step, evaluated with its AI terms (the first round below). Where all of
         # them are accepted and none expands, that is the whole iteration.
@@ -484,6 +491,9 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         rows["rates"] = rates
         step = _iterate(batch if everyone else batch.take(running), engine, rows, options)
         previous = state["theta"]
+        # A row of the history for every iteration that moved a dataset: the last one of a fit
+        # only decides that it converged where it stands.
+        record = bool(step.moved.any())
 
         if everyone:  # whole arrays, no indexing
             for key in ("theta", "loglik", "score", "ai", "damping", "understated"):
@@ -491,17 +501,20 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
             state["searched"] = step.searched.clamp(min=1)
             n_iter = n_iter + step.moved
             status = step.status
-            history["step"].append(step.theta - previous)
+            if record:
+                history["step"].append(step.theta - previous)
         else:
             for key in ("theta", "loglik", "score", "ai", "damping", "understated"):
                 state[key] = put(state[key], running, getattr(step, key))
             state["searched"] = put(state["searched"], running, step.searched.clamp(min=1))
             n_iter = put(n_iter, running, n_iter[running] + step.moved.to(torch.long))
             status = put(status, running, step.status)
-            history["step"].append(put(torch.zeros_like(previous), running, step.theta - previous[running]))
+            if record:
+                history["step"].append(put(torch.zeros_like(previous), running, step.theta - previous[running]))
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
-        history["loglik"].append(state["loglik"])
-        history["params"].append(state["theta"])
+        if record:
+            history["loglik"].append(state["loglik"])
+            history["params"].append(state["theta"])
         if bar is not None:
             counts = {"running": int((status == RUNNING).sum()), "converged": int((status == 0).sum())}
             bar.update(1)

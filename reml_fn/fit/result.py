@@ -101,8 +101,8 @@ class FitResult:
       ``bic`` = −2ℓ + (p + k) log n;
     * ``converged`` (bool), ``status`` (int, see :data:`STATUS`), ``at_boundary`` (k,) bool,
       ``n_iter``;
-    * ``history``: ``{"loglik": (T,), "params": (T, k), "step": (T, k)}`` per iteration (the start
-      is row 0);
+    * ``history``: ``{"loglik": (T,), "params": (T, k), "step": (T, k)}``: the start (row 0), then
+      a row per iteration that moved (for one dataset, T = ``n_iter`` + 1);
     * ``engine``: which engine ran; ``n``, ``p``.
 
     Every quantity belongs to the same point: the returned parameters.

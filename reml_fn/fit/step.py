@@ -38,8 +38,10 @@ free parameters, s the score and AI the average information at θ (both in the c
 * **Boundaries** (:mod:`reml_fn.fit.boundaries`): a parameter at a bound whose score points
   outward is held; a variance that could gain no more than round-off by going to its floor goes
   there and is held (its Newton decrement on the log scale would never vanish).
-* **Polishing**: a converged fit takes one last full Newton step, kept when ℓ does not fall by
-  more than round-off (:func:`polish_accepts`).
+* **Stopping**: a converged fit stops at the point whose AI terms passed the test, so its
+  reported ℓ, score and AI are those of the returned parameters. Only where a variance is still
+  to go to its floor does it take one last full Newton step with the snap (polishing), kept when ℓ
+  does not fall by more than round-off (:func:`polish_accepts`).
 """
 
 from __future__ import annotations
