@@ -290,17 +290,169 @@ def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slo
     )
 
 
+# ------------------------------------------------------------------------------ the MME engine
+
+
+def _crossed_model(sizes, kind, levels, slope, blocked, dense_term, seed):
+    """A drawn unbalanced layout: residual groups of ``sizes`` (rows shuffled), a Grouped term
+    whose ``levels`` cross them, optionally a term on the residual's groups (blocked in the MME)
+    and a Propagate term with a dense Z."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    codes = codes[torch.randperm(codes.shape[0], generator=generator)]
+    n = codes.shape[0]
+    times = torch.rand(n, generator=generator, dtype=torch.float64) * 4.0
+    name, nugget = kind
+    residual = rf.WithinGroup(
+        codes,
+        name,
+        None if name in ("ar1", "cs", "symm", "none") else times,
+        nugget=nugget,
+        strata=torch.randint(0, 2, (n,), generator=generator),
+        power_covariate=times + 0.5,
+    )
+    ones = torch.ones(n, dtype=torch.float64)
+    covariates = torch.stack([ones, times], 1) if slope else None
+    children = {"crossed": rf.Grouped(torch.randint(0, levels, (n,), generator=generator), covariates=covariates)}
+    if blocked:
+        children["subject"] = rf.Grouped(codes, covariates=covariates)
+    if dense_term:
+        Z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        children["dense"] = rf.Propagate(Z=rf.Fixed(Z), G=rf.Diagonal(2))
+    s = rf.Sum(**children, residual=residual)
+    y = torch.randn(n, generator=generator, dtype=torch.float64)
+    X = torch.stack([ones, torch.randn(n, generator=generator, dtype=torch.float64)], 1)
+    k = len(rf.param_names(s))
+    theta = (torch.rand(k, generator=generator, dtype=torch.float64) - 0.5) * 0.6
+    return s, theta, y, X
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    # n ≥ 20: the crossed and dense terms' columns (at most 4·2 + 2) within the MME's n/2.
+    sizes=st.lists(st.integers(1, 7), min_size=4, max_size=8).filter(lambda sizes: sum(sizes) >= 20),
+    kind=st.sampled_from(KINDS),
+    levels=st.integers(2, 4),
+    slope=st.booleans(),
+    blocked=st.booleans(),
+    dense_term=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_mme_with_a_correlated_residual_equals_dense_on_drawn_crossed_layouts(
+    sizes, kind, levels, slope, blocked, dense_term, seed
+):
+    """Random terms crossing the residual's groups: the MME with R⁻¹ block by block (R's
+    derivatives in closed form and by jacfwd/jacrev) equals the dense engine."""
+    from reml_fn.reml.engines import ENGINES, select_engine
+
+    s, theta, y, X = _crossed_model(sizes, kind, levels, slope, blocked, dense_term, seed)
+    assert select_engine(s).name == "mme"
+    dense = rf.ai_terms(s, theta, y, X, engine="dense")
+    mme = rf.ai_terms(s, theta, y, X, engine="mme")
+    for method in ("fwd", "rev"):
+        other = rf.ai_terms(s, theta, y, X, engine="mme", jacobian=method)
+        torch.testing.assert_close(other.score, mme.score, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(other.ai, mme.ai, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mme.loglik, dense.loglik, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(mme.score, dense.score, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(mme.ai, dense.ai, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(rf.blue(s, theta, y, X, engine="mme"), rf.blue(s, theta, y, X, engine="dense"))
+    torch.testing.assert_close(rf.vcov_beta(s, theta, y, X, engine="mme"), rf.vcov_beta(s, theta, y, X, engine="dense"))
+    torch.testing.assert_close(
+        rf.predict(s, theta, y, X, conditional=True, engine="mme"),
+        rf.predict(s, theta, y, X, conditional=True, engine="dense"),
+    )
+    params = rf.unflatten_params(s, theta)
+    torch.testing.assert_close(
+        ENGINES["mme"].jacobian_traces(s, params), ENGINES["dense"].jacobian_traces(s, params), rtol=1e-10, atol=1e-10
+    )
+
+
+def test_mme_with_a_correlated_residual_vmaps_and_fits_like_the_dense_engine():
+    s, theta, y, X = _crossed_model([4, 6, 3, 5, 6, 2, 5], ("car1", False), 3, True, True, False, 7)
+    thetas = theta + 0.1 * torch.randn(5, theta.shape[0], generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
+    batched = torch.func.vmap(lambda t: rf.reml_loglik(s, t, y, X, engine="mme"))(thetas)
+    torch.testing.assert_close(batched, torch.stack([rf.reml_loglik(s, t, y, X, engine="mme") for t in thetas]))
+    fits = {engine: rf.fit(s, y, X, engine=engine) for engine in ("mme", "dense")}
+    assert fits["mme"].engine == "mme" and int(fits["mme"].status) == int(fits["dense"].status)
+    assert float(fits["mme"].loglik) == pytest.approx(float(fits["dense"].loglik), abs=1e-8)
+    Y = torch.stack([y, y.flip(0), 2.0 * y])
+    batched_fit = rf.fit_batched(s, Y, X)
+    for b in range(3):
+        single = rf.fit(s, Y[b], X)
+        assert float(batched_fit.loglik[b]) == pytest.approx(float(single.loglik), abs=1e-8)
+
+
+CROSSED = json.loads((Path(__file__).parent / "data" / "correlation" / "nlme_crossed.json").read_text())["models"]
+CROSSED_FORMULA = "y ~ x + (1 | Subject) + (1 | Rater)"
+
+
+@pytest.mark.parametrize(
+    "key, correlation",
+    [
+        ("crossed_car1", rf.cor_car1(group="Subject", time="Time")),
+        ("crossed_ar1_visit", rf.cor_ar1(group="Subject")),  # rows are in visit order within Subject
+    ],
+)
+def test_crossed_random_terms_with_a_correlated_residual_equal_nlme(key, correlation):
+    """Subjects × raters crossed, CAR(1)/AR(1) within subject, 4–9 irregular visits per subject
+    (tests/data/correlation/make_crossed.R: nlme's lme with pdBlocked(pdIdent, pdIdent) on a
+    constant group). Runs on the MME engine; parameters against nlme's optimum polished by Newton
+    steps on the analytic REML gradient (nlme's own stop is 5e-7 relative from it)."""
+    reference = CROSSED[key]
+    data = pd.read_csv(Path(__file__).parent / "data" / "correlation" / "crossed_ar1.csv")
+    m = rf.lmer(CROSSED_FORMULA, data, correlation=correlation)
+    assert m.fit.engine == "mme" and m.status == 0
+    assert m.loglik == pytest.approx(reference["logLik"], abs=1e-6)
+    assert m.loglik >= reference["logLik"] - 1e-9
+    optimum = reference["direct_check"]["newton_polished"]
+    natural = m.fit.natural
+    found = {
+        "var_subject": float(natural["Subject"]["cov"]["sigma^2"]),
+        "var_rater": float(natural["Rater"]["cov"]["sigma^2"]),
+        "sigma2": float(natural["residual"]["sigma^2"]),
+        "Phi": float(natural["residual"]["phi" if key == "crossed_car1" else "rho"]),
+    }
+    for name, value in optimum["params"].items():
+        assert found[name] == pytest.approx(value, rel=1e-5), name
+    np.testing.assert_allclose(m.fit.beta.numpy(), list(optimum["fixef"].values()), rtol=1e-6)
+
+
+def test_crossed_random_terms_with_a_confounded_residual_say_not_identifiable():
+    """Compound symmetry within subject next to a random intercept for subject: V depends on
+    σ²(1 − ρ) and σ²_subject + σ²ρ only (nlme stops anywhere on that ridge). reml_fn reaches nlme's
+    logLik, β and the two identified combinations, and says the model is not identifiable."""
+    reference, check = (
+        CROSSED["crossed_cs"],
+        json.loads((Path(__file__).parent / "data" / "correlation" / "nlme_crossed.json").read_text())["checks"][
+            "cs_identifiability"
+        ],
+    )
+    data = pd.read_csv(Path(__file__).parent / "data" / "correlation" / "crossed_ar1.csv")
+    m = rf.lmer(CROSSED_FORMULA, data, correlation=rf.cor_cs(group="Subject"))
+    assert m.fit.engine == "mme" and m.status == 5
+    assert m.loglik == pytest.approx(reference["logLik"], abs=1e-6)
+    natural = m.fit.natural
+    sigma2, rho = float(natural["residual"]["sigma^2"]), float(natural["residual"]["rho"])
+    assert sigma2 * (1 - rho) == pytest.approx(check["nugget_none"], rel=1e-5)
+    assert float(natural["Subject"]["cov"]["sigma^2"]) + sigma2 * rho == pytest.approx(
+        check["shared_within_subject_none"], rel=1e-5
+    )
+    assert float(natural["Rater"]["cov"]["sigma^2"]) == pytest.approx(check["var_rater_none"], rel=1e-5)
+    np.testing.assert_allclose(m.fit.beta.numpy(), list(reference["fixef"].values()), rtol=1e-6)
+
+
 def test_blocks_engine_takes_the_residual_derivatives_by_the_method_asked(monkeypatch):
     """jacobian="fwd"/"rev" differentiates the residual's blocks by torch.func (not the closed form)."""
-    from reml_fn.reml import blocks as blocks_module
+    from reml_fn.reml import residual_blocks
 
     model = rf.lmer_model(
         "distance ~ age + (1 | Subject)", frame("Orthodont", None), correlation=rf.cor_ar1(group="Subject")
     )
     s, theta = model.structure, torch.tensor([0.3, 0.4, 0.8], dtype=torch.float64)
     calls = []
-    original = blocks_module._residual_jacobian
-    monkeypatch.setattr(blocks_module, "_residual_jacobian", lambda *args: calls.append(args[-1]) or original(*args))
+    original = residual_blocks.autodiff_transform
+    monkeypatch.setattr(residual_blocks, "autodiff_transform", lambda method: calls.append(method) or original(method))
     closed = rf.ai_terms(s, theta, model.y, model.X, engine="blocks")
     assert calls == []
     for method in ("fwd", "rev"):
@@ -314,7 +466,7 @@ def test_blocks_engine_is_not_chosen_for_crossed_terms_and_batches_equal_single_
 
     codes = torch.arange(12) % 3
     crossed = rf.Sum(a=rf.Grouped(torch.arange(12) % 4), residual=rf.WithinGroup(codes, "ar1"))
-    assert select_engine(crossed).name == "dense"  # groups of a cross the residual's groups
+    assert select_engine(crossed).name == "mme"  # groups of a cross the residual's groups
     model = rf.lmer_model(
         "distance ~ age + (1 | Subject)", frame("Orthodont", None), correlation=rf.cor_ar1(group="Subject")
     )
@@ -384,6 +536,17 @@ def test_variance_functions_alone_run_block_by_block():
 
 def test_a_large_model_only_the_dense_engine_can_fit_is_announced():
     n = 6000
-    data = pd.DataFrame({"y": np.random.default_rng(1).normal(size=n), "a": np.arange(n) % 50, "b": np.arange(n) % 37})
+    rng = np.random.default_rng(1)
+    data = pd.DataFrame(
+        {"y": rng.normal(size=n), "a": np.arange(n) % 50, "b": np.arange(n) % 37, "c": np.arange(n) * 2 // 3}
+    )
+    # Crossed terms with few levels run on the MME: no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = rf.lmer_model("y ~ 1 + (1 | b)", data, correlation=rf.cor_ar1(group="a"))
+    assert rf.reml.select_engine(model.structure).name == "mme"
+    # A crossed term with 4,000 levels (more than n/2 columns) is beyond the MME.
     with pytest.warns(UserWarning, match="not nested in the groups of the residual's correlation"):
-        rf.lmer_model("y ~ 1 + (1 | b)", data, correlation=rf.cor_ar1(group="a"))
+        rf.lmer_model("y ~ 1 + (1 | c)", data, correlation=rf.cor_ar1(group="a"))

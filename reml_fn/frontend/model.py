@@ -475,8 +475,9 @@ def _model(formula, data, na_action, contrasts, correlation, weights, dtype, ran
     structure = Sum(**children, residual=residual) if children else residual
     if custom and n > DENSE_WARNING_ROWS and select_engine(structure).name == "dense":
         warnings.warn(
-            f"the random terms of {formula!r} are not nested in the groups of the residual's correlation, so "
-            f"this model runs on the dense engine: n × n matrices for n = {n} (about {8 * n * n / 1e9:.1f} GB each)",
+            f"the random terms of {formula!r} are not nested in the groups of the residual's correlation, and "
+            f"those that cross them have more columns than the mixed-model equations take (n/2), so this model "
+            f"runs on the dense engine: n × n matrices for n = {n} (about {8 * n * n / 1e9:.1f} GB each)",
             stacklevel=3,
         )
     return LmerModel(

@@ -31,21 +31,13 @@ import torch
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
-from reml_fn.jacobian import autodiff_transform
 from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import derivative_stack
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine, term_effects, term_fitted
+from reml_fn.reml.residual_blocks import residual_buckets, residual_matrices
 from reml_fn.structures.base import values_readable
-from reml_fn.structures.within_group import (
-    RowPairs,
-    WithinGroup,
-    pairwise_distance,
-    positions_within_groups,
-    row_pairs,
-    within_group_matrix,
-    within_group_matrix_and_derivatives,
-)
+from reml_fn.structures.within_group import RowPairs, WithinGroup, within_group_matrix
 
 __all__ = ["BlocksEngine", "Blocks", "blocks_of", "residual_draws"]
 
@@ -96,25 +88,9 @@ class Blocks(NamedTuple):
 def blocks_of(model: _Model, y: Tensor, X: Tensor) -> tuple[Blocks, ...]:
     """The groups of the residual as buckets of equal size: bucket b holds its m_b groups of a_b rows
     as (m_b, a_b, …) arrays, so nothing is padded (one bucket per distinct group size)."""
-    residual = model.residual
-    codes = residual.codes
-    n = codes.shape[0]
-    counts = torch.bincount(codes)
     dtype = y.dtype
-    # table[g, i]: the i-th row of group g (−1 beyond its size).
-    table = torch.full((counts.shape[0], int(counts.max())), -1, dtype=torch.long, device=codes.device)
-    table[codes, positions_within_groups(codes)] = torch.arange(n, device=codes.device)
     buckets = []
-    for size in torch.unique(counts[counts > 0]).tolist():
-        rows = table[torch.nonzero(counts == size).flatten(), :size]  # the groups of this size
-        pairs = row_pairs(
-            torch.ones(*rows.shape, size, dtype=dtype, device=codes.device),
-            torch.eye(size, dtype=dtype, device=codes.device).expand(rows.shape[0], size, size),
-            pairwise_distance(residual.locations.to(dtype)[rows]),
-            residual.strata[rows],
-            residual.covariate.to(dtype)[rows],
-            residual.locations[:, 0].round().long()[rows],
-        )
+    for rows, pairs in residual_buckets(model.residual, dtype):
         bases = []
         for _, term in model.terms:
             x = term.covariates.to(dtype)[rows]  # (m_b, a_b, k)
@@ -130,17 +106,8 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
     dtype = blocks.y.dtype
     residual = model.residual
     raw = subtree(params, model.residual_path)
-    natural = residual._natural(raw)
     free = [spec for spec in residual.specs if not spec.fixed] if derivatives else []
-    # dV/dθ = dV/dx · t'(θ): the slopes t' go in as scales (t' is None where it is exactly 1).
-    slopes = {spec.name: spec.transform._derivative_at(raw[spec.name], natural[spec.name]) for spec in free}
-    scales = {name: slope for name, slope in slopes.items() if slope is not None}
-    closed = jacobian == "closed"
-    R, d_raw = within_group_matrix_and_derivatives(
-        residual, natural, [spec.name for spec in free] if closed else [], blocks.pairs, scales
-    )
-    if free and not closed:  # the residual's ∂V/∂θ by autodiff, as the Grouped terms' (derivative_stack)
-        d_raw = _residual_jacobian(residual, raw, [spec.name for spec in free], blocks.pairs, jacobian)
+    R, d_raw = residual_matrices(residual, raw, blocks.pairs, [spec.name for spec in free], jacobian)
     V = R
     pieces = {}
     for (name, term), basis in zip(model.terms, blocks.bases):
@@ -159,18 +126,6 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
     for spec in free:
         pieces[prefix + spec.name] = d_raw[spec.name]
     return V, pieces
-
-
-def _residual_jacobian(residual: WithinGroup, raw: Mapping, names: list[str], pairs, method: str) -> dict:
-    """∂R/∂θ of the residual's blocks for its raw parameters ``names`` by ``torch.func.jacfwd``
-    (``method="fwd"``) or ``jacrev`` (``"rev"``): the reference the closed forms are checked against."""
-
-    def blocks_at(values: tuple) -> Tensor:
-        moved = {**raw, **dict(zip(names, values))}
-        return within_group_matrix_and_derivatives(residual, residual._natural(moved), [], pairs)[0]
-
-    columns = autodiff_transform(method)(blocks_at, argnums=0)(tuple(raw[name] for name in names))
-    return dict(zip(names, columns))
 
 
 class _Solved(NamedTuple):
@@ -318,13 +273,11 @@ def residual_draws(residual: WithinGroup, natural: Mapping, nsim: int, generator
     """``nsim`` draws e ~ N(0, R) (n, nsim) of a :class:`WithinGroup` residual at its natural
     parameters, group block by group block (R_g = L_g L_gᵀ, e_g = L_g z_g): O(Σ_g n_g³), never n × n."""
     n = residual.codes.shape[0]
-    buckets = blocks_of(_Model(None, residual, ()), torch.zeros(n, dtype=dtype), torch.zeros(n, 0, dtype=dtype))
     draws = torch.zeros(n, nsim, dtype=dtype)
-    for blocks in buckets:
-        R = within_group_matrix(residual, dict(natural), blocks.pairs)
-        L = torch.linalg.cholesky(R)
-        z = torch.randn(*blocks.rows.shape, nsim, generator=generator, dtype=dtype)
-        draws = draws.index_put((blocks.rows.flatten(),), (L @ z).flatten(0, 1))
+    for rows, pairs in residual_buckets(residual, dtype):
+        L = torch.linalg.cholesky(within_group_matrix(residual, dict(natural), pairs))
+        z = torch.randn(*rows.shape, nsim, generator=generator, dtype=dtype)
+        draws = draws.index_put((rows.flatten(),), (L @ z).flatten(0, 1))
     return draws
 
 

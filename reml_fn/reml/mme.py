@@ -1,7 +1,9 @@
 r"""The mixed-model-equation (MME) engine: REML for V = Σ_t Z_t G_t Z_tᵀ + R without any n×n matrix.
 
 Model: y = Xβ + Σ_t Z_t u_t + ε, u_t ~ N(0, G_t), ε ~ N(0, R), R = diag(r) (``Scalar``,
-``Identity`` or ``Diagonal`` children of the Sum; several add up). Random terms are
+``Identity`` or ``Diagonal`` children of the Sum; several add up) or R = blockdiag(R_g) over the
+groups of one :class:`~reml_fn.structures.within_group.WithinGroup` child (nlme's correlation
+and variance functions; see *A correlated residual* below). Random terms are
 :class:`~reml_fn.combinators.Grouped` (Z_t implicit, G_t = I_m ⊗ Σ_t) or
 :class:`~reml_fn.combinators.Propagate` with a ``Fixed`` Z of modest width q_t; a Propagate term
 of grouped shape (a block-indicator Z with ``Kronecker(Identity(m), Σ)``) is run as the Grouped
@@ -83,6 +85,19 @@ e·e = w (yᵀPy − ‖ũ‖²) (R = σ²I).
         XᵀPy = 0) SᵀPS = SᵀR⁻¹S − ‖L⁻¹ WᵀR⁻¹S‖², where SᵀR⁻¹S and WᵀR⁻¹S come from the cross
         products (AᵀZᵀR⁻¹ZA, AᵀZᵀR⁻¹e = w·Aᵀ(Zᵀe), eᵀR⁻¹e) plus, for a Diagonal R, one pass over V_r.
 
+**A correlated residual** (R = blockdiag(R_g), blocks of a_g rows, held by buckets of equal size:
+:mod:`reml_fn.reml.residual_blocks`). Every evaluation factorises and inverts the blocks (O(Σ_g a_g³))
+and forms the cross products with R⁻¹ block by block (O(Σ_g a_g²) per column): the blocked term
+is a Grouped term whose groups contain the residual's, so that R⁻¹Z_b keeps Z_b's codes and
+Z_bᵀR⁻¹Z_b stays block diagonal; two Grouped terms that cross the residual's groups meet over the
+within-group row pairs (i, j), Σ (R⁻¹)_ij z_i z_jᵀ. For R's parameters (Ṙ_j block-diagonal too)
+
+    eᵀṘ_j e block by block,   tr(PṘ_j) = Σ_g ⟨R_g⁻¹, Ṙ_jg⟩ − Σ_g tr(Ã_gᵀ Ṙ_jg Ã_g),
+
+with Ã the rows of L⁻¹(R⁻¹W)ᵀ (n × (k + d)), and the working variates Ṙ_j e as n-vectors. Random
+terms nested in the residual's groups alone run on the blocks engine (:mod:`reml_fn.reml.blocks`),
+which is tried first.
+
 Subtractions such as ZᵀR⁻¹Z − UᵀΩ⁻¹U lose about log₁₀(n_g·σ_b²/σ²) digits when group sizes
 n_g and variance ratios are extreme; the dense engine's P loses as much (the two still agree to
 1e-8 at n_g·σ_b²/σ² = 5·10⁸).
@@ -139,8 +154,10 @@ from reml_fn.reml.covariance_blocks import (
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
 from reml_fn.reml.grouped_form import grouped_form, grouped_params, propagate_effects
+from reml_fn.reml.residual_blocks import apply_blocks, pair_indices, residual_buckets, residual_matrices
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf, values_readable
+from reml_fn.structures.within_group import WithinGroup
 
 __all__ = [
     "MMEEngine",
@@ -198,10 +215,13 @@ def _blocks_times(blocks: Tensor, matrix: Tensor) -> Tensor:
     return (blocks.flatten(-3, -2) @ matrix).unflatten(-2, blocks.shape[-3:-1])
 
 
-def _weigh(w: Tensor | None, values: Tensor) -> Tensor:
-    """diag(w) · values for per-observation weights w (n,); None stands for w = 1."""
+def _weigh(w, values: Tensor) -> Tensor:
+    """R⁻¹ · values for values (n, …): diag(w) · values for weights w (n,) or 0-d, blockwise
+    R_g⁻¹ · values_g for a correlated residual (:class:`_BlockResidual`); None stands for R = I."""
     if w is None:
         return values
+    if isinstance(w, _BlockResidual):
+        return apply_blocks(w.inverse, w.buckets, values)
     return values * w.reshape(*w.shape, *([1] * (values.dim() - 1)))
 
 
@@ -251,9 +271,22 @@ def _kind(term) -> str | None:
         return "grouped"
     if isinstance(term, Propagate) and isinstance(term.children[0], Fixed):
         return "dense"
-    if isinstance(term, (Scalar, Identity, Diagonal)):
+    if isinstance(term, (Scalar, Identity, Diagonal, WithinGroup)):
         return "residual"
     return None
+
+
+def _residual_nested(term: Grouped, residual: WithinGroup) -> bool:
+    """Every group of the correlated ``residual`` lies inside one group of ``term`` (host check on
+    the codes; False where they cannot be read, e.g. per-dataset codes under vmap)."""
+    if not (values_readable(term.codes) and values_readable(residual.codes)):
+        return False
+    size = int(residual.codes.max()) + 1 if residual.codes.numel() else 0
+    largest = term.codes.new_full((size,), -1).scatter_reduce(0, residual.codes, term.codes, "amax")
+    smallest = term.codes.new_full((size,), -1).scatter_reduce(
+        0, residual.codes, term.codes, "amin", include_self=False
+    )
+    return bool((largest == smallest).all())
 
 
 class Layout(NamedTuple):
@@ -263,7 +296,9 @@ class Layout(NamedTuple):
     :func:`~reml_fn.reml.grouped_form.grouped_form`); ``blocked`` the ``(path, Grouped term)`` with
     the most groups (None without a Grouped term); ``rest`` the other random terms in order;
     ``residual`` the residual terms; ``scalar_residual``: R = σ²I (no Diagonal term), so that the
-    cross products do not depend on θ."""
+    cross products do not depend on θ; ``within`` the ``(path, WithinGroup)`` of a correlated
+    residual (then the only residual term, and the blocked term one whose groups contain the
+    residual's, so that Z_bᵀR⁻¹Z_b stays block diagonal)."""
 
     structure: Sum
     converted: dict
@@ -271,12 +306,13 @@ class Layout(NamedTuple):
     rest: tuple[tuple[str, object], ...]
     residual: tuple[tuple[str, object], ...]
     scalar_residual: bool
+    within: tuple[str, WithinGroup] | None = None
 
 
 def layout(s) -> Layout | None:
     """The :class:`Layout` of ``s``, or None when the MME cannot handle it (not a Sum of Grouped
-    terms, Propagate terms with a Fixed Z and Scalar/Identity/Diagonal residual terms, with at least
-    one random and one residual term).
+    terms, Propagate terms with a Fixed Z and Scalar/Identity/Diagonal residual terms, or one
+    WithinGroup residual term alone, with at least one random and one residual term).
 
     Example:
         >>> import torch, reml_fn as rf
@@ -300,10 +336,16 @@ def layout(s) -> Layout | None:
     if not random or not residual:
         return None
     grouped = [pair for pair in random if isinstance(pair[1], Grouped)]
+    within = next((pair for pair in residual if isinstance(pair[1], WithinGroup)), None)
+    if within is not None:
+        # A correlated residual alone (its σ² is the residual variance), with readable groups.
+        if len(residual) != 1 or not values_readable(within[1].codes):
+            return None
+        grouped = [pair for pair in grouped if _residual_nested(pair[1], within[1])]
     blocked = max(grouped, key=lambda pair: pair[1].num_groups) if grouped else None
     rest = tuple(pair for pair in random if pair is not blocked)
-    scalar = not any(isinstance(term, Diagonal) for _, term in residual)
-    return Layout(structure, converted, blocked, rest, tuple(residual), scalar)
+    scalar = within is None and not any(isinstance(term, Diagonal) for _, term in residual)
+    return Layout(structure, converted, blocked, rest, tuple(residual), scalar, within)
 
 
 def _width(term) -> int:
@@ -341,8 +383,10 @@ def _cross_two_grouped(a: _Columns, b: _Columns, w: Tensor | None) -> Tensor:
     return sums.permute(0, 2, 1, 3).reshape(a.m, a.k, b.size)
 
 
-def _cross(a: _Columns, b: _Columns, w: Tensor | None, same: bool) -> Tensor:
-    """Z_aᵀ diag(w) Z_b, dense (size_a, size_b)."""
+def _cross(a: _Columns, b: _Columns, w, same: bool) -> Tensor:
+    """Z_aᵀ R⁻¹ Z_b, dense (size_a, size_b), for R⁻¹ = diag(w) (:func:`_weigh`; for a correlated
+    residual only where one side is dense or, ``same``, a Grouped term whose groups contain the
+    residual's: :func:`_pair_cross` does the others)."""
     if a.dense is not None and b.dense is not None:
         return a.dense.transpose(-1, -2) @ _weigh(w, b.dense)
     if a.dense is None and b.dense is not None:
@@ -352,6 +396,16 @@ def _cross(a: _Columns, b: _Columns, w: Tensor | None, same: bool) -> Tensor:
     if same:
         return _embed_blocks(_cross_grouped(a, w, a.x))
     return _cross_two_grouped(a, b, w).reshape(a.size, b.size)
+
+
+def _pair_cross(a: _Columns, b: _Columns, blocks: _BlockResidual) -> Tensor:
+    """Z_aᵀR⁻¹Z_b (size_a, size_b) for two Grouped terms and a block-diagonal R: the sum over the
+    residual's within-group row pairs (i, j) of (R⁻¹)_ij z_a,i z_b,jᵀ (O(Σ_g a_g² k_a k_b))."""
+    left, right = blocks.pairs.unbind(0)
+    omega = torch.cat([inverse.flatten() for inverse in blocks.inverse])
+    rows_a = _Columns(a.size, a.codes[left], a.x[left], a.m, a.k)
+    rows_b = _Columns(b.size, b.codes[right], b.x[right], b.m, b.k)
+    return _cross_two_grouped(rows_a, rows_b, omega).reshape(a.size, b.size)
 
 
 def _dense_design(c: _Columns) -> Tensor:
@@ -403,15 +457,25 @@ class Statistics(NamedTuple):
     entries: Tensor  # (2, nnz) (g, j): the dense columns j group g of the blocked term can meet
     pairs: Tensor  # (3, P)     pairs of those entries within a group (:func:`column_pairs`);
     #                             both empty: dense products
+    residual_blocks: tuple = ()  # a correlated residual: its buckets (residual_blocks.residual_buckets)
+    residual_pairs: Tensor | tuple = ()  # and (2, P) its within-group row pairs, where crossed terms need them
 
 
-def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | None, offset: Tensor) -> Statistics:
-    """:class:`Statistics` with the weights w (n,) (None: unweighted)."""
+def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w, offset: Tensor) -> Statistics:
+    """:class:`Statistics` with R⁻¹ given by the weights w (n,) (None: unweighted) or the blocks of a
+    correlated residual (:class:`_BlockResidual`)."""
     p, dtype = X.shape[-1], X.dtype
     rest = [_columns(term, dtype) for _, term in model.rest]
     dense = rest + [_Columns(p, dense=X)]
+    block = isinstance(w, _BlockResidual)
+
+    def cross(a: _Columns, b: _Columns, same: bool) -> Tensor:
+        if block and a.dense is None and b.dense is None:  # two Grouped terms the residual's groups may cross
+            return _pair_cross(a, b, w)
+        return _cross(a, b, w, same)
+
     C_ss = concat(
-        [concat([_cross(a, b, w, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
+        [concat([cross(a, b, i == j) for j, b in enumerate(dense)], dim=-1) for i, a in enumerate(dense)], dim=-2
     )
     wy = _weigh(w, centred)
     c_s = concat([_transpose_times(c, wy) for c in rest] + [X.mT @ wy], dim=-1)
@@ -422,9 +486,15 @@ def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w: Tensor | Non
         # X and the blocked term's covariates side by side: one pass gives Z_bᵀW[X, Z_b]. The response's
         # sums come apart, so that under vmap over y alone the design's are made once.
         both = _cross_grouped(b, w, torch.cat([X, b.x], dim=-1))  # (m, k, p + k)
+        # Z_bᵀR⁻¹Z_c with R⁻¹ on the blocked term's side: its groups contain the residual's, so
+        # R⁻¹Z_b keeps Z_b's codes (a Diagonal R: either side).
+        weighted_b = b._replace(x=_weigh(w, b.x)) if block else b
         pieces = []
         for c in rest:
-            pieces.append(_cross_grouped(b, w, c.dense) if c.dense is not None else _cross_two_grouped(b, c, w))
+            if c.dense is not None:
+                pieces.append(_cross_grouped(b, w, c.dense))
+            else:
+                pieces.append(_cross_two_grouped(weighted_b, c, None) if block else _cross_two_grouped(b, c, w))
         C_bs = concat(pieces + [both[..., :p]], dim=-1)
         C_bb, c_b = both[..., p:], _transpose_times(b, wy).reshape(b.m, b.k)
     return Statistics(offset, centred, C_bb, C_bs, C_ss, c_b, c_s, centred @ wy, empty.long(), empty.long())
@@ -453,7 +523,12 @@ def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
     centred = y - X @ offset
     if not model.scalar_residual:
         empty = X.new_zeros(0)
-        return Statistics(offset, centred, empty, empty, empty, empty, empty, empty, empty.long(), empty.long())
+        stats = Statistics(offset, centred, empty, empty, empty, empty, empty, empty, empty.long(), empty.long())
+        if model.within is None:
+            return stats
+        buckets = residual_buckets(model.within[1], X.dtype)
+        crossing = any(isinstance(term, Grouped) for _, term in model.rest)
+        return stats._replace(residual_blocks=buckets, residual_pairs=pair_indices(buckets) if crossing else ())
     stats = _cross_statistics(model, centred, X, None, offset)
     pairs = column_pairs(model, X.shape[-1])
     return stats if pairs is None else stats._replace(entries=pairs[0], pairs=pairs[1])
@@ -594,6 +669,50 @@ def _residual(model: Layout, params: Mapping, n: int, dtype, device, derivatives
     return residual_variance(parts, n, dtype, device, derivatives)
 
 
+class _BlockResidual(NamedTuple):
+    """R = blockdiag(R_g) of a correlated (WithinGroup) residual at the current parameters, by
+    buckets of equal group size (:mod:`reml_fn.reml.residual_blocks`)."""
+
+    buckets: tuple  # ResidualBucket per group size
+    pairs: Tensor | tuple  # (2, P) within-group row pairs (where crossed Grouped terms need them)
+    inverse: tuple  # R_b⁻¹ (m_b, a_b, a_b) per bucket
+    names: list[str]  # its free parameters (paths)
+    slopes: tuple | None  # Ṙ_j per bucket (K_r, m_b, a_b, a_b); None without derivatives
+    log_det: Tensor  # log|R|
+    ok: Tensor  # every block positive definite
+
+
+def _block_residual(
+    model: Layout, params: Mapping, buckets: tuple, pairs, dtype, jacobian: str | None
+) -> _BlockResidual:
+    """R's blocks at ``params`` for the residual's ``buckets`` (and ``pairs``: :class:`Statistics`),
+    factorised and inverted, and Ṙ_j when a Jacobian method is given."""
+    path, residual = model.within
+    raw = subtree(params, path.split("/"))
+    free = [spec.name for spec in residual.specs if not spec.fixed] if jacobian is not None else []
+    inverse, slopes = [], []
+    log_det, ok = None, None
+    for bucket in buckets:
+        R, derivatives = residual_matrices(residual, raw, bucket.pairs, free, jacobian or "closed")
+        R = cast(R, dtype)
+        L, info = torch.linalg.cholesky_ex(R)
+        good = (info == 0).all()
+        # Not positive definite: keep the algebra finite; the result is masked to −∞.
+        L = torch.where(good, L, torch.eye(R.shape[-1], dtype=dtype, device=R.device))
+        inverse.append(torch.cholesky_inverse(L))
+        log_det = plus(log_det, 2.0 * _log_diagonal_sum(L))
+        ok = good if ok is None else ok & good
+        if free:
+            slopes.append(cast(torch.stack([derivatives[name] for name in free]), dtype))
+    names = [f"{path}/{name}" for name in free]
+    return _BlockResidual(buckets, pairs, tuple(inverse), names, tuple(slopes) if free else None, log_det, ok)
+
+
+def _spherical(residual) -> bool:
+    """R = σ²I (a 0-d variance): the cross products are prepared once and scaled by 1/σ²."""
+    return isinstance(residual, Residual) and residual.r.dim() == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Assembling and factorising Ω
 #
@@ -607,8 +726,8 @@ class _Point(NamedTuple):
 
     blocked: _Term | None
     rest: list[_Term]
-    residual: Residual
-    w: Tensor  # 1/r: 0-d (R = σ²I) or (n,)
+    residual: Residual | _BlockResidual
+    w: Tensor | _BlockResidual  # R⁻¹: 1/r, 0-d (R = σ²I) or (n,); or the blocks of a correlated R
     X: Tensor  # (n, p)
     offset: Tensor  # (p,) β₀
     centred: Tensor  # (n,) y_c
@@ -710,10 +829,10 @@ def _weighted(model: Layout, stats: Statistics, X: Tensor, w: Tensor) -> tuple:
     return C_bb, C_bs, stats.C_ss, c_b, _scaled(stats.c_s, w), _scaled(stats.yy, w)
 
 
-def _scaled(value: Tensor, w: Tensor) -> Tensor:
+def _scaled(value: Tensor, w) -> Tensor:
     """value · 1/σ² for a product of the cross products held unweighted (R = σ²I: w = 1/σ² is 0-d);
-    value itself where they were formed with R⁻¹ (a Diagonal R, w (n,))."""
-    return value * w if w.dim() == 0 else value
+    value itself where they were formed with R⁻¹ (a Diagonal R, w (n,), or a correlated one)."""
+    return value * w if isinstance(w, Tensor) and w.dim() == 0 else value
 
 
 def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobian: str | None = None) -> _Point:
@@ -722,14 +841,18 @@ def _factor(model: Layout, params: Mapping, stats: Statistics, X: Tensor, jacobi
     p, dtype, device = X.shape[-1], X.dtype, X.device
     blocked = _term(*model.blocked, params, dtype, jacobian) if model.blocked is not None else None
     rest = [_term(path, term, params, dtype, jacobian) for path, term in model.rest]
-    residual = _residual(model, params, X.shape[-2], dtype, device, jacobian is not None)
-    positive = residual.r > 0
-    ok = positive if positive.dim() == 0 else positive.all()
+    if model.within is not None:
+        residual = _block_residual(model, params, stats.residual_blocks, stats.residual_pairs, dtype, jacobian)
+        ok, w, log_det_r = residual.ok, residual, residual.log_det
+    else:
+        residual = _residual(model, params, X.shape[-2], dtype, device, jacobian is not None)
+        positive = residual.r > 0
+        ok = positive if positive.dim() == 0 else positive.all()
+        r = torch.where(positive, residual.r, 1.0)
+        w = r.reciprocal()
+        log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
     for t in [blocked] + rest if blocked is not None else rest:
         ok = ok & t.ok
-    r = torch.where(positive, residual.r, 1.0)
-    w = r.reciprocal()
-    log_det_r = X.shape[-2] * torch.log(r) if r.dim() == 0 else torch.log(r).sum()
     C_bb, C_bs, C_ss, c_b, c_s, yy = _weighted(model, stats, X, w)
     lam_s = _lam_s(rest, p)
     L_bb_inv = G = F_ = H = log_det = None
@@ -850,7 +973,7 @@ def _fitted_random(pt: _Point) -> Tensor:
 def _residual_vector(pt: _Point) -> Tensor:
     """e = P y = R⁻¹(y_c − T b̂) (n,), by one pass over the data (a Diagonal R's score needs it)."""
     fitted = pt.X @ pt.u_s[..., _rest_sizes(pt.rest) :] + _fitted_random(pt)
-    return pt.w * (pt.centred - fitted)
+    return _weigh(pt.w, pt.centred - fitted)
 
 
 def _lam_transpose_times(fac: _Point, a: _Split) -> _Split:
@@ -1005,20 +1128,38 @@ def _minus_rest_blocks(blocks: list[Tensor], rest: list[_Term], rows: Tensor) ->
     return out
 
 
-def _diag_p(fac: _Point, n: int) -> Tensor:
-    """P_ii = 1/r_i − ‖L⁻¹ w_i‖² / r_i² for every row w_i of W = [ZΛ, X] (n,)."""
+def _residual_traces(fac: _Point, n: int) -> Tensor:
+    """tr(P Ṙ_j) (K_r,) for the residual's parameters of a Diagonal or correlated R.
+
+    P = R⁻¹ − R⁻¹W Ω⁻¹ WᵀR⁻¹ for W = [ZΛ, X], so with ã_i = L⁻¹(R⁻¹W)_iᵀ (row i of R⁻¹W, taken
+    through Ω's factor), P_ij = (R⁻¹)_ij − ã_iᵀã_j. A Diagonal R needs P_ii = 1/r_i − ‖ã_i‖²; a
+    block-diagonal R the entries within its blocks: tr(PṘ_j) = Σ_g ⟨R_g⁻¹, Ṙ_jg⟩ − Σ_g
+    tr(Ã_gᵀṘ_jg Ã_g) (Ã_g the rows of group g). R⁻¹ keeps the blocked term's rows in their group
+    (its groups contain the residual's), so they are taken through L_g⁻¹ row by row. Forms the
+    (n × d) rows of the dense part."""
     d = fac.L_ss.shape[-1]
     dense_rows = torch.cat([_dense_design(t.columns) @ _lam_full(t) for t in fac.rest] + [fac.X], dim=-1)  # (n, d)
-    quadratic = 0.0
+    dense_rows = _weigh(fac.w, dense_rows)
+    parts = []
     if fac.blocked is not None:
         b = fac.blocked
-        rows_b = b.columns.x @ b.lam  # (n, k): (Λ_bᵀ x_i)ᵀ
+        rows_b = _weigh(fac.w, b.columns.x @ b.lam)  # (n, k): rows of R⁻¹Z_bΛ_b, in group codes_i
         ab = fac.L_bb_inv.index_select(0, b.columns.codes) @ rows_b.unsqueeze(-1)  # (n, k, 1)
         dense_rows = dense_rows - (ab.mT @ fac.F[b.columns.codes]).squeeze(-2)
-        quadratic = (ab**2).sum((-1, -2))
-    as_ = torch.linalg.solve_triangular(fac.L_ss, dense_rows.mT.reshape(d, n), upper=False)
-    quadratic = quadratic + (as_**2).sum(-2)
-    return fac.w - fac.w**2 * quadratic
+        parts.append(ab.squeeze(-1))
+    parts.append(torch.linalg.solve_triangular(fac.L_ss, dense_rows.mT.reshape(d, n), upper=False).mT)  # (n, d)
+    residual = fac.residual
+    if not isinstance(residual, _BlockResidual):
+        diagonal = fac.w - sum((part * part).sum(-1) for part in parts)  # P_ii
+        return residual.slopes @ diagonal
+    rows = torch.cat(parts, dim=-1)  # Ã (n, k + d)
+    traces = None
+    for slopes, inverse, bucket in zip(residual.slopes, residual.inverse, residual.buckets):
+        own = (slopes * inverse).sum((-1, -2, -3))
+        block_rows = rows[bucket.rows]  # (m, a, c)
+        projected = ((slopes @ block_rows) * block_rows).sum((-1, -2, -3))
+        traces = plus(traces, own - projected)
+    return traces
 
 
 def _random_parts(pt: _Point, ze: _Split, need_trace_g: bool):
@@ -1080,7 +1221,7 @@ def _residual_parts(pt: _Point, ze: _Split, trace_g: Tensor | None):
     residual, w, p = pt.residual, pt.w, pt.X.shape[-1]
     n = pt.centred.shape[-1]
     slopes = residual.slopes
-    if residual.r.dim() == 0:
+    if _spherical(residual):
         # R = σ²I: V_r = e ṙᵀ; tr(P) from tr(PV) = n − p; XᵀR⁻¹V_r = 0 since XᵀPy = 0;
         # e·e = w (yᵀPy − ‖ũ‖²) since yᵀPy = e·r + ‖ũ‖² and e = w r.
         spherical = pt.u_s[..., : _rest_sizes(pt.rest)]
@@ -1096,9 +1237,11 @@ def _residual_parts(pt: _Point, ze: _Split, trace_g: Tensor | None):
         )
         return twice_score, cross, squares * (weighted_slopes.unsqueeze(-1) * slopes)
     e = _residual_vector(pt)
-    twice_score = (slopes * (e * e - _diag_p(pt, n))).sum(-1)
-    vectors = (slopes * e).mT  # (n, K_r)
-    weighted = w.unsqueeze(-1) * vectors
+    # The working variates Ṙ_j e (K_r, n): eᵀṘ_j e is the data part of the score.
+    variates = apply_blocks(slopes, residual.buckets, e) if isinstance(residual, _BlockResidual) else slopes * e
+    twice_score = (variates * e).sum(-1) - _residual_traces(pt, n)
+    vectors = variates.mT  # (n, K_r)
+    weighted = _weigh(w, vectors)
     blocked = None
     if pt.blocked is not None:
         b = pt.blocked.columns
@@ -1116,7 +1259,7 @@ def _score_and_ai(pt: _Point, names: list[str]) -> tuple[Tensor, Tensor]:
     if not names:
         return pt.c_s.new_zeros(0), pt.c_s.new_zeros(0, 0)
     residual = pt.residual
-    need_trace_g = residual.r.dim() == 0 and residual.slopes is not None
+    need_trace_g = _spherical(residual) and residual.slopes is not None
     ze = _z_transpose_e(pt)
     order, twice_score, A, trace_g = _random_parts(pt, ze, need_trace_g)
     cross = _cross_times(pt, A)
@@ -1152,7 +1295,8 @@ class MMEEngine:
     """Henderson's mixed-model equations in lme4's spherical form (see the module docstring).
 
     Supports ``Sum``s (nested allowed) of Grouped terms, Propagate terms with a ``Fixed`` Z, and
-    at least one residual term that is ``Scalar``, ``Identity`` or ``Diagonal``; the dense part
+    at least one residual term that is ``Scalar``, ``Identity`` or ``Diagonal``, or one
+    ``WithinGroup`` residual term alone (with codes readable on the host); the dense part
     (all random columns except the largest Grouped term's) must have at most n/2 columns.
     """
 
@@ -1216,6 +1360,14 @@ class MMEEngine:
             gram = c.x.mT @ c.x if t.grouped else c.dense.mT @ c.dense
             traces.update(zip(t.names, (t.derivatives * gram.mT).sum((-1, -2))))
         n = model.structure.shape[0]
+        if model.within is not None:
+            buckets = residual_buckets(model.within[1], dtype)
+            residual = _block_residual(model, params, buckets, (), dtype, jacobian)
+            if residual.slopes is not None:
+                diagonals = [torch.diagonal(slopes, dim1=-2, dim2=-1).sum((-1, -2)) for slopes in residual.slopes]
+                traces.update(zip(residual.names, sum(diagonals)))
+            names = param_names(model.structure)
+            return torch.stack([traces[k] for k in names]) if names else torch.zeros(0, dtype=dtype)
         residual = _residual(model, params, n, dtype, device, True)
         if residual.slopes is not None:
             traces.update(
