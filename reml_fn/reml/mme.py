@@ -137,7 +137,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reml_fn.combinators import Grouped, Propagate, Sum
-from reml_fn.combinators.products import kron
 from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import (
     PSD_CHOLESKY_MAX_SIZE,
@@ -766,12 +765,13 @@ def _rest_sizes(rest: list[_Term]) -> int:
     return sum(t.columns.size for t in rest)
 
 
-def _lam_full(term: _Term) -> Tensor:
-    """Λ_t for all of the term's columns: I_m ⊗ Λ_Σ (grouped) or Λ_G (dense)."""
+def _design_times_lam(term: _Term) -> Tensor:
+    """Z_t Λ_t (n, q_t) as a dense matrix: a Grouped term's rows x_iᵀΛ_Σ in their group's columns
+    (Λ_t = I_m ⊗ Λ_Σ is never formed), a dense Z times Λ_G."""
+    c = term.columns
     if not term.grouped:
-        return term.lam
-    eye = torch.eye(term.columns.m, dtype=term.lam.dtype, device=term.lam.device)
-    return kron(eye, term.lam)
+        return c.dense @ term.lam
+    return _dense_design(c._replace(x=c.x @ term.lam))
 
 
 class _LamS(NamedTuple):
@@ -1138,7 +1138,7 @@ def _residual_traces(fac: _Point, n: int) -> Tensor:
     (its groups contain the residual's), so they are taken through L_g⁻¹ row by row. Forms the
     (n × d) rows of the dense part."""
     d = fac.L_ss.shape[-1]
-    dense_rows = torch.cat([_dense_design(t.columns) @ _lam_full(t) for t in fac.rest] + [fac.X], dim=-1)  # (n, d)
+    dense_rows = torch.cat([_design_times_lam(t) for t in fac.rest] + [fac.X], dim=-1)  # (n, d)
     dense_rows = _weigh(fac.w, dense_rows)
     parts = []
     if fac.blocked is not None:
@@ -1155,10 +1155,10 @@ def _residual_traces(fac: _Point, n: int) -> Tensor:
     rows = torch.cat(parts, dim=-1)  # Ã (n, k + d)
     traces = None
     for slopes, inverse, bucket in zip(residual.slopes, residual.inverse, residual.buckets):
-        own = (slopes * inverse).sum((-1, -2, -3))
         block_rows = rows[bucket.rows]  # (m, a, c)
-        projected = ((slopes @ block_rows) * block_rows).sum((-1, -2, -3))
-        traces = plus(traces, own - projected)
+        # ⟨Ṙ_jg, R_g⁻¹ − Ã_gÃ_gᵀ⟩: the within-block entries of P, formed once for all parameters.
+        within = inverse - block_rows @ block_rows.mT
+        traces = plus(traces, (slopes * within).sum((-1, -2, -3)))
     return traces
 
 

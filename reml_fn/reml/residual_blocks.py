@@ -109,10 +109,10 @@ def apply_blocks(blocks: Sequence[Tensor], buckets: Sequence[ResidualBucket], va
     vector = values.dim() == 1
     columns = values.unsqueeze(-1) if vector else values
     lead = blocks[0].shape[:-3]
-    out = columns.new_zeros(*lead, *columns.shape)
-    for block, bucket in zip(blocks, buckets):
-        part = block @ columns[bucket.rows]  # (…, m, a, c)
-        out = out.index_copy(len(lead), bucket.rows.flatten(), part.flatten(-3, -2))
+    # The buckets' rows partition 0 … n−1: their products go to their rows in one copy.
+    parts = [(block @ columns[bucket.rows]).flatten(-3, -2) for block, bucket in zip(blocks, buckets)]
+    rows = torch.cat([bucket.rows.flatten() for bucket in buckets])
+    out = columns.new_zeros(*lead, *columns.shape).index_copy(len(lead), rows, torch.cat(parts, dim=len(lead)))
     return out.squeeze(-1) if vector else out
 
 
