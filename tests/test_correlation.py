@@ -237,16 +237,9 @@ def test_var_ident_and_var_power_combine_and_scale_the_residuals():
 # ------------------------------------------------------------------------------ the blocks engine
 
 
-@settings(max_examples=20, deadline=None)
-@given(
-    sizes=st.lists(st.integers(1, 6), min_size=3, max_size=6).filter(lambda sizes: sum(sizes) >= 6),
-    kind=st.sampled_from(KINDS),
-    slope=st.booleans(),
-    nested=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slope, nested, seed):
-    generator = torch.Generator().manual_seed(seed)
+def _drawn_residual(sizes, kind, generator):
+    """Residual groups of ``sizes`` with their rows shuffled, times in [0, 4) and a WithinGroup of
+    ``kind`` = (name, nugget) over them with two variance strata and a power covariate."""
     codes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     codes = codes[torch.randperm(codes.shape[0], generator=generator)]
     n = codes.shape[0]
@@ -260,6 +253,21 @@ def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slo
         strata=torch.randint(0, 2, (n,), generator=generator),
         power_covariate=times + 0.5,
     )
+    return codes, times, residual
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=3, max_size=6).filter(lambda sizes: sum(sizes) >= 6),
+    kind=st.sampled_from(KINDS),
+    slope=st.booleans(),
+    nested=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slope, nested, seed):
+    generator = torch.Generator().manual_seed(seed)
+    codes, times, residual = _drawn_residual(sizes, kind, generator)
+    n = codes.shape[0]
     covariates = torch.stack([torch.ones(n, dtype=torch.float64), times], 1) if slope else None
     # A random term on the residual's groups, or on groups nested in them (each split in two).
     term_codes = codes * 2 + (torch.arange(n) % 2) if nested else codes
@@ -298,19 +306,8 @@ def _crossed_model(sizes, kind, levels, slope, blocked, dense_term, seed):
     whose ``levels`` cross them, optionally a term on the residual's groups (blocked in the MME)
     and a Propagate term with a dense Z."""
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    codes = codes[torch.randperm(codes.shape[0], generator=generator)]
+    codes, times, residual = _drawn_residual(sizes, kind, generator)
     n = codes.shape[0]
-    times = torch.rand(n, generator=generator, dtype=torch.float64) * 4.0
-    name, nugget = kind
-    residual = rf.WithinGroup(
-        codes,
-        name,
-        None if name in ("ar1", "cs", "symm", "none") else times,
-        nugget=nugget,
-        strata=torch.randint(0, 2, (n,), generator=generator),
-        power_covariate=times + 0.5,
-    )
     ones = torch.ones(n, dtype=torch.float64)
     covariates = torch.stack([ones, times], 1) if slope else None
     children = {"crossed": rf.Grouped(torch.randint(0, levels, (n,), generator=generator), covariates=covariates)}
