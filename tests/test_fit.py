@@ -196,3 +196,56 @@ def test_small_real_noise_is_not_an_exact_fit():
     y = (X @ torch.tensor([1.0, 2.0])) * 1e60 + 1e51 * y
     exact, s2 = exact_linear_response(y, X)
     assert not bool(exact) and float(s2) > 0
+
+
+class _WithoutVcov:
+    """An engine with only the required methods (no ``ai_terms_and_vcov``): the fit takes
+    (XᵀV⁻¹X)⁻¹ from its ``gls``."""
+
+    name = "minimal"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def supports(self, s):
+        return True
+
+    def loglik(self, s, params, y, X, prepared=None):
+        return self.inner.loglik(s, params, y, X)
+
+    def ai_terms(self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None):
+        return self.inner.ai_terms(s, params, y, X, jacobian)
+
+    def jacobian_traces(self, s, params, jacobian="closed"):
+        return self.inner.jacobian_traces(s, params, jacobian)
+
+    def gls(self, s, params, y, X, prepared=None):
+        return self.inner.gls(s, params, y, X)
+
+
+@pytest.mark.parametrize("engine", ["mme", "dense", "blocks", "ml", "minimal"])
+def test_beta_and_its_covariance_belong_to_the_returned_parameters(engine, monkeypatch):
+    """β̂ and (XᵀV⁻¹X)⁻¹ of a fit come with the evaluation of its last point (no separate GLS call):
+    they equal rf.blue and rf.vcov_beta at the returned parameters, for every engine, for ML fits
+    and for an engine that has only ``gls``."""
+    from reml_fn.reml import engines
+
+    data = datasets.load("sleepstudy")
+    g, _ = rf.design.indicator_codes(data["Subject"])
+    X = rf.design.design_matrix(data["Days"], intercept=True).double()
+    y = data["Reaction"].double()
+    if engine == "blocks":
+        s = rf.Sum(g=rf.Grouped(g), residual=rf.WithinGroup(g, "ar1"))
+    else:
+        s = rf.Sum(g=rf.Grouped(g, covariates=X, cov=rf.Unstructured(2)), residual=rf.Scalar(180))
+    options = {"engine": engine} if engine in ("mme", "dense", "blocks") else {}
+    if engine == "ml":
+        options["REML"] = False
+    if engine == "minimal":
+        monkeypatch.setitem(engines.ENGINES, "minimal", _WithoutVcov(engines.ENGINES["dense"]))
+        options["engine"] = "minimal"
+    result = rf.fit(s, y, X, **options)
+    assert int(result.status) == 0
+    theta = rf.flatten_params(s, result.params)
+    torch.testing.assert_close(result.beta, rf.blue(s, theta, y, X, engine="dense"), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(result.vcov_beta, rf.vcov_beta(s, theta, y, X, engine="dense"), rtol=1e-9, atol=1e-12)

@@ -52,7 +52,17 @@ from reml_fn.fit.boundaries import (
     silent_at_floor,
     working_system,
 )
-from reml_fn.fit.problem import RUNNING, Batch, EngineCalls, check_batch_inputs, map_tensors, put, read_init, screen
+from reml_fn.fit.problem import (
+    RUNNING,
+    Batch,
+    EngineCalls,
+    Terms,
+    check_batch_inputs,
+    map_tensors,
+    put,
+    read_init,
+    screen,
+)
 from reml_fn.fit.result import OVERFLOW, FitResult, build_result
 from reml_fn.fit.start import variance_floor, variance_rates
 from reml_fn.fit.step import (
@@ -99,9 +109,7 @@ class _Iteration(NamedTuple):
     """What one iteration decided for the running datasets (rows in ``running`` order)."""
 
     theta: Tensor
-    loglik: Tensor
-    score: Tensor
-    ai: Tensor
+    terms: Terms  # the evaluation at theta: ℓ, score, AI, β̂, (XᵀV⁻¹X)⁻¹
     damping: Tensor
     moved: Tensor  # bool: an accepted step (line search or polishing)
     status: Tensor  # RUNNING, 0, 2 or 5
@@ -109,8 +117,17 @@ class _Iteration(NamedTuple):
     understated: Tensor  # bool: the accepted step gained well beyond the quadratic model
 
 
-def _rows(system, index: Tensor):
+def _rows(system, index):
     return type(system)(*(field[index] for field in system))
+
+
+def _put_terms(terms: Terms, rows: Tensor, values: Terms) -> Terms:
+    """``terms`` with the rows ``rows`` replaced by ``values`` (out of place)."""
+    return Terms(*(put(field, rows, value) for field, value in zip(terms, values)))
+
+
+def _state_terms(state: dict) -> Terms:
+    return Terms(*(state[field] for field in Terms._fields))
 
 
 def _sequence(score, ai, active, scaled, damping, levels: int, max_step: float, newton: Newton):
@@ -190,7 +207,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
         # Every dataset converged (the last iteration of a fit): the polishing steps, kept where ℓ
         # does not fall by more than round-off — what the rounds below decide for them.
         keep = torch.zeros_like(done)
-        new_theta, new_ll, new_score, new_ai = theta, ll_now, score, ai
+        new_theta, new = theta, _state_terms(state)
         polish = torch.nonzero(polishing).flatten()
         if polish.numel():
             polished, _ = propose(_rows(system, polish), step_now[polish], pairs, snap[polish])
@@ -199,12 +216,8 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
             kept = polish[chosen]
             keep = put(keep, kept, torch.ones_like(kept, dtype=torch.bool))
             new_theta = put(theta, kept, polished[chosen])
-            new_ll = put(ll_now, kept, terms.loglik[chosen])
-            new_score = put(score, kept, terms.score[chosen])
-            new_ai = put(ai, kept, terms.ai[chosen])
-        return _Iteration(
-            new_theta, new_ll, new_score, new_ai, damping, keep, status, torch.zeros_like(hint), torch.zeros_like(keep)
-        )
+            new = _put_terms(new, kept, _rows(terms, chosen))
+        return _Iteration(new_theta, new, damping, keep, status, torch.zeros_like(hint), torch.zeros_like(keep))
     early = None
     if not bool(done.any()) and bool((newton.definite & (damping == 0) & (hint <= 1)).all()):
         # The usual iteration: nobody converged, and every dataset's first candidate is its
@@ -217,9 +230,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
             understated = expands(terms.loglik - ll_now, predicted, ll_now, resolution)
             if not bool((understated & state["understated"]).any()):
                 every = torch.ones_like(hint)
-                return _Iteration(
-                    proposals, terms.loglik, terms.score, terms.ai, damping, every.bool(), status, every, understated
-                )
+                return _Iteration(proposals, terms, damping, every.bool(), status, every, understated)
         early = proposals, taken, terms, predicted, ok
 
     level = torch.zeros(R, dtype=torch.long, device=device)  # damping levels already exhausted
@@ -227,7 +238,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
     searched = torch.zeros(R, dtype=torch.long, device=device)  # candidates evaluated so far
     moved = torch.zeros(R, dtype=torch.bool, device=device)
     new_theta = theta.clone()
-    new_ll, new_score, new_ai = ll_now.clone(), score.clone(), ai.clone()
+    new = _state_terms(state)
     needs_terms = torch.zeros(R, dtype=torch.bool, device=device)
     # The accepted line-search step of each dataset, its ℓ and predicted gain (for expansion).
     taken_step, taken_ll = torch.zeros_like(theta), ll_now.clone()
@@ -270,7 +281,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
                 moved = torch.ones_like(moved)
                 new_theta, searched = proposals, torch.ones_like(searched)
                 taken_step, taken_ll, taken_predicted = taken, values, predicted
-                new_ll, new_score, new_ai = values, terms.score, terms.ai
+                new = terms
                 break
             winners, losers = open_[ok], open_[~ok]
             moved = put(moved, winners, torch.ones_like(winners, dtype=torch.bool))
@@ -280,9 +291,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
             taken_step = put(taken_step, winners, taken[ok])
             taken_ll = put(taken_ll, winners, values[ok])
             taken_predicted = put(taken_predicted, winners, predicted[ok])
-            new_ll = put(new_ll, winners, values[ok])
-            new_score = put(new_score, winners, terms.score[:offset][ok])
-            new_ai = put(new_ai, winners, terms.ai[:offset][ok])
+            new = _put_terms(new, winners, _rows(_rows(terms, slice(0, offset)), ok))
             position = put(position, losers, torch.ones_like(losers))  # next: slot 1 of level 0
         else:
             # Damping levels spanned by each window (from its position in the current level); a window
@@ -351,9 +360,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
                 )
                 taken = slot_in_terms[pick]
                 direct = taken >= 0
-                new_ll = put(new_ll, winners[direct], terms.loglik[taken[direct]])
-                new_score = put(new_score, winners[direct], terms.score[taken[direct]])
-                new_ai = put(new_ai, winners[direct], terms.ai[taken[direct]])
+                new = _put_terms(new, winners[direct], _rows(terms, taken[direct]))
                 needs_terms = put(needs_terms, winners[~direct], torch.ones_like(winners[~direct], dtype=torch.bool))
             else:
                 needs_terms = put(needs_terms, winners, torch.ones_like(winners, dtype=torch.bool))
@@ -383,9 +390,7 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
             moved_polish = polish[ok_polish]
             moved = put(moved, moved_polish, torch.ones_like(moved_polish, dtype=torch.bool))
             new_theta = put(new_theta, moved_polish, polished[ok_polish])
-            new_ll = put(new_ll, moved_polish, terms.loglik[offset:][ok_polish])
-            new_score = put(new_score, moved_polish, terms.score[offset:][ok_polish])
-            new_ai = put(new_ai, moved_polish, terms.ai[offset:][ok_polish])
+            new = _put_terms(new, moved_polish, _rows(_rows(terms, slice(offset, None)), ok_polish))
 
     # Expansion: where the accepted step gained well beyond the quadratic model, twice in a row
     # (once is common far from the optimum and costs nothing; persistently, the AI matrix
@@ -409,11 +414,8 @@ def _iterate(batch: Batch, engine: EngineCalls, state: dict, options: Options) -
         needs_terms = put(needs_terms, chosen_rows, torch.ones_like(chosen_rows, dtype=torch.bool))
     later = torch.nonzero(needs_terms).flatten()
     if later.numel():
-        terms = batch.take(later).map(engine.terms, new_theta[later])
-        new_ll = put(new_ll, later, terms.loglik)
-        new_score = put(new_score, later, terms.score)
-        new_ai = put(new_ai, later, terms.ai)
-    return _Iteration(new_theta, new_ll, new_score, new_ai, damping, moved, status, searched, understated)
+        new = _put_terms(new, later, batch.take(later).map(engine.terms, new_theta[later]))
+    return _Iteration(new_theta, new, damping, moved, status, searched, understated)
 
 
 def _lookahead_within_memory(options: Options, batch: Batch, engine_name: str) -> Options:
@@ -445,7 +447,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
 
     status, residual_variance = screen(batch, torch.full((C,), RUNNING, dtype=torch.long, device=device))
     state = {"theta": filled(k), "lower": filled(k), "upper": filled(k), "loglik": filled(), "score": filled(k)}
-    state["ai"] = filled(k, k)
+    state |= {"ai": filled(k, k), "beta": filled(p), "vcov": filled(p, p)}
     good = torch.nonzero(status == RUNNING).flatten()
     if good.numel():
         batch = batch.prepare(engine)
@@ -456,14 +458,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         start = reference if init_flat is None else init_flat[good]
         low, up = sub.map(engine.bounds, reference, start)
         first = sub.map(engine.terms, start)
-        for key, value in (
-            ("theta", start),
-            ("lower", low),
-            ("upper", up),
-            ("loglik", first.loglik),
-            ("score", first.score),
-            ("ai", first.ai),
-        ):
+        for key, value in (("theta", start), ("lower", low), ("upper", up), *zip(Terms._fields, first)):
             state[key] = put(state[key], good, value)
         status = put(status, good, torch.where(torch.isfinite(first.loglik), RUNNING, 3))
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
@@ -496,16 +491,19 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         record = bool(step.moved.any())
 
         if everyone:  # whole arrays, no indexing
-            for key in ("theta", "loglik", "score", "ai", "damping", "understated"):
+            for key in ("theta", "damping", "understated"):
                 state[key] = getattr(step, key)
+            state |= step.terms._asdict()
             state["searched"] = step.searched.clamp(min=1)
             n_iter = n_iter + step.moved
             status = step.status
             if record:
                 history["step"].append(step.theta - previous)
         else:
-            for key in ("theta", "loglik", "score", "ai", "damping", "understated"):
+            for key in ("theta", "damping", "understated"):
                 state[key] = put(state[key], running, getattr(step, key))
+            for key, value in zip(Terms._fields, step.terms):
+                state[key] = put(state[key], running, value)
             state["searched"] = put(state["searched"], running, step.searched.clamp(min=1))
             n_iter = put(n_iter, running, n_iter[running] + step.moved.to(torch.long))
             status = put(status, running, step.status)
@@ -525,13 +523,12 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         bar.close()
     status = torch.where(status == RUNNING, 1, status)
 
-    # Final quantities at the returned points; datasets never fitted keep NaN estimates.
+    # Final quantities at the returned points: β̂ and its covariance came with their evaluation;
+    # datasets never fitted (screened out, or ℓ not finite at the start) keep NaN estimates.
     theta = state["theta"]
-    beta, vcov = filled(p), filled(p, p)
-    fitted = torch.nonzero((status <= 2) | (status == 5) | (status == OVERFLOW)).flatten()
-    if fitted.numel():
-        b_fit, v_fit = batch.take(fitted).map(engine.gls, theta[fitted])
-        beta, vcov = put(beta, fitted, b_fit), put(vcov, fitted, v_fit)
+    fitted = (status <= 2) | (status == 5) | (status == OVERFLOW)
+    beta = torch.where(fitted.unsqueeze(-1), state["beta"], math.nan)
+    vcov = torch.where(fitted.unsqueeze(-1).unsqueeze(-1), state["vcov"], math.nan)
     params, natural = {}, {}  # a structure without free parameters
     if k:
         names = param_names(template)

@@ -15,14 +15,15 @@ from torch import Tensor
 
 from reml_fn.fit.start import check_design, default_init, exact_linear_response, raw_bounds
 from reml_fn.params import param_names, tree_from_names
-from reml_fn.reml.engines import prepared_data, prepared_keyword
+from reml_fn.reml.engines import prepared_data, prepared_keyword, terms_and_vcov
 from reml_fn.reml.likelihood import check_data
-from reml_fn.reml.ml import ml_from_reml, ml_loglik_from_reml
+from reml_fn.reml.ml import ml_loglik_from_reml, ml_terms_and_vcov
 from reml_fn.structures.base import Structure
 
 __all__ = [
     "Batch",
     "EngineCalls",
+    "Terms",
     "dataset_structure",
     "stack_structures",
     "check_batch_inputs",
@@ -457,6 +458,17 @@ def put(target: Tensor, index: Tensor, values: Tensor) -> Tensor:
     return target.index_put((index,), values if values.dtype == target.dtype else values.to(target.dtype))
 
 
+class Terms(NamedTuple):
+    """What the fit keeps of one evaluation: the AI terms (ℓ, score, AI, β̂) and (XᵀV⁻¹X)⁻¹, so that
+    the returned point's β̂ and its covariance need no further engine call."""
+
+    loglik: Tensor
+    score: Tensor
+    ai: Tensor
+    beta: Tensor
+    vcov: Tensor
+
+
 class EngineCalls(NamedTuple):
     """The vmappable per-dataset functions of the chosen engine. ``names``: the free parameters
     of the structure in ``param_names`` order, checked once, so that each call unflattens θ
@@ -484,10 +496,12 @@ class EngineCalls(NamedTuple):
     def prepare(self, s, y, X, prepared):
         return prepared_data(self.chosen, s, y, X)
 
-    def terms(self, s, y, X, prepared, theta):
+    def terms(self, s, y, X, prepared, theta) -> Terms:
         if not self.reml:
-            return ml_from_reml(self.chosen, s, self.names, theta, y, X, self.jacobian, prepared)
-        return self.chosen.ai_terms(s, self._params(theta), y, X, self.jacobian, **prepared_keyword(prepared))
+            ai, vcov = ml_terms_and_vcov(self.chosen, s, self.names, theta, y, X, self.jacobian, prepared)
+        else:
+            ai, vcov = terms_and_vcov(self.chosen, s, self._params(theta), y, X, self.jacobian, prepared)
+        return Terms(*ai, vcov)
 
     def loglik(self, s, y, X, prepared, theta):
         if not self.reml:
@@ -499,6 +513,3 @@ class EngineCalls(NamedTuple):
 
     def bounds(self, s, y, X, prepared, reference, theta):
         return raw_bounds(s, reference, theta)
-
-    def gls(self, s, y, X, prepared, theta):
-        return self.chosen.gls(s, self._params(theta), y, X, **prepared_keyword(prepared))

@@ -207,6 +207,10 @@ class BlocksEngine:
         self, s, params, y, X, jacobian="closed", trace="exact", generator=None, probes=None, prepared=None
     ) -> AITerms:
         """Exact traces always (``trace`` is accepted for the engine protocol)."""
+        return self.ai_terms_and_vcov(s, params, y, X, jacobian, prepared)[0]
+
+    def ai_terms_and_vcov(self, s, params, y, X, jacobian="closed", prepared=None) -> tuple[AITerms, Tensor]:
+        """:meth:`ai_terms` and (XᵀV⁻¹X)⁻¹ (:meth:`gls`'s) from the same factorisation."""
         model, buckets, solved, pieces = self._factor(s, params, y, X, prepared, True, jacobian)
         names = param_names(s)
         K, p = len(names), solved.beta.shape[-1]
@@ -228,12 +232,13 @@ class BlocksEngine:
             inner = inner + torch.einsum("jga,gab,kgb->jk", u, V_inv, u)
         inner = inner - a @ solved.vcov @ a.mT
         ai = 0.25 * (inner + inner.mT)
-        return AITerms(
+        terms = AITerms(
             solved.loglik,
             torch.where(solved.ok, score, math.nan),
             torch.where(solved.ok, ai, math.nan),
             torch.where(solved.ok, solved.beta, math.nan),
         )
+        return terms, torch.where(solved.ok, solved.vcov, math.nan)
 
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) (k,) from the blocks' diagonals."""

@@ -128,6 +128,19 @@ def ai_terms_dense(
     probes: int | None = None,
 ) -> AITerms:
     """Log-likelihood, score, AI matrix and β̂ from V and its stacked derivatives dV (k, n, n)."""
+    return ai_terms_and_factor_dense(V, dV, y, X, trace, generator, probes)[0]
+
+
+def ai_terms_and_factor_dense(
+    V: Tensor,
+    dV: Tensor,
+    y: Tensor,
+    X: Tensor,
+    trace: str = "exact",
+    generator: torch.Generator | None = None,
+    probes: int | None = None,
+) -> tuple[AITerms, DenseFactor]:
+    """:func:`ai_terms_dense` and the factorisation it used (for (XᵀV⁻¹X)⁻¹ at the same point)."""
     n, p = y.shape[-1], X.shape[-1]
     factor = factorize(V, y, X)
     loglik = loglik_from_factor(factor, n, p)
@@ -157,7 +170,7 @@ def ai_terms_dense(
     score = 0.5 * (quadratic - traces)
     ai = 0.5 * dV_Py @ P @ dV_Py.transpose(-1, -2)
     ai = 0.5 * (ai + ai.transpose(-1, -2))
-    return AITerms(loglik, score, ai, factor.beta)
+    return AITerms(loglik, score, ai, factor.beta), factor
 
 
 def hutchpp_traces(apply, n: int, k: int, like: Tensor, generator: torch.Generator | None, probes: int | None):

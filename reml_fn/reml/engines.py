@@ -7,6 +7,8 @@ round-off. :func:`select_engine` picks one from the structure (``engine="auto"``
 An engine implements ``supports(s) -> bool`` and the methods of :class:`DenseEngine`:
 ``prepare(s, y, X)`` returns what does not depend on θ (or None), and ``loglik``, ``ai_terms`` and
 ``gls`` accept it back as ``prepared=`` (the fit loops call ``prepare`` once per dataset).
+``ai_terms_and_vcov`` (optional) returns the AI terms and (XᵀV⁻¹X)⁻¹ from one evaluation; the fit
+loops then need no ``gls`` call at the end (:func:`terms_and_vcov` falls back on ``gls``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from reml_fn.reml.dense import AITerms, ai_terms_dense, dV_stack, factorize, inverse_from_cholesky, reml_loglik_dense
+from reml_fn.reml.dense import (
+    AITerms,
+    ai_terms_and_factor_dense,
+    ai_terms_dense,
+    dV_stack,
+    factorize,
+    inverse_from_cholesky,
+    reml_loglik_dense,
+)
 
 __all__ = [
     "DenseEngine",
@@ -29,6 +39,7 @@ __all__ = [
     "term_fitted",
     "prepared_data",
     "prepared_keyword",
+    "terms_and_vcov",
 ]
 
 
@@ -110,6 +121,11 @@ class DenseEngine:
     ) -> AITerms:
         return ai_terms_dense(s._build(params), dV_stack(s, params, jacobian), y, X, trace, generator, probes)
 
+    def ai_terms_and_vcov(self, s, params, y, X, jacobian="closed", prepared=None) -> tuple[AITerms, Tensor]:
+        """:meth:`ai_terms` and (XᵀV⁻¹X)⁻¹ from the same factorisation."""
+        terms, factor = ai_terms_and_factor_dense(s._build(params), dV_stack(s, params, jacobian), y, X)
+        return terms, inverse_from_cholesky(factor.chol_xvx)
+
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) for every free parameter, in ``param_names`` order (k,); e.g. for default
         starting values (how much a unit of θ_k adds to the average variance)."""
@@ -187,3 +203,21 @@ def select_engine(s, engine: str = "auto"):
     if not chosen.supports(s):
         raise ValueError(f"engine {engine!r} cannot handle {type(s).__name__}; use engine='dense' or 'auto'")
     return chosen
+
+
+def terms_and_vcov(engine, s, params, y: Tensor, X: Tensor, jacobian: str = "closed", prepared=None):
+    """``(AITerms, (XᵀV⁻¹X)⁻¹)`` at ``params``: from one evaluation where the engine has
+    ``ai_terms_and_vcov``, else from its ``ai_terms`` and ``gls``. Pure and vmappable.
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) % 2), e=rf.Scalar(6))
+        >>> y, X = torch.tensor([1.0, 2.0, 0.5, 2.5, 1.5, 3.0]), torch.ones(6, 1)
+        >>> terms, vcov = terms_and_vcov(select_engine(s), s, s.init_params(), y, X)
+        >>> bool(torch.allclose(vcov, rf.vcov_beta(s, s.init_params(), y, X)))
+        True
+    """
+    keyword = prepared_keyword(prepared)
+    if hasattr(engine, "ai_terms_and_vcov"):
+        return engine.ai_terms_and_vcov(s, params, y, X, jacobian, **keyword)
+    return engine.ai_terms(s, params, y, X, jacobian, **keyword), engine.gls(s, params, y, X, **keyword)[1]

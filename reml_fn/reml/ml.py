@@ -21,9 +21,9 @@ from torch import Tensor
 
 from reml_fn.params import tree_from_names
 from reml_fn.reml.dense import AITerms
-from reml_fn.reml.engines import prepared_keyword
+from reml_fn.reml.engines import prepared_keyword, terms_and_vcov
 
-__all__ = ["ml_from_reml", "ml_loglik_from_reml", "ml_fit_at"]
+__all__ = ["ml_from_reml", "ml_terms_and_vcov", "ml_loglik_from_reml", "ml_fit_at"]
 
 
 def _information_logdet(vcov: Tensor) -> Tensor:
@@ -71,12 +71,18 @@ def ml_from_reml(engine, s, names, theta: Tensor, y: Tensor, X: Tensor, jacobian
         >>> bool(torch.allclose(terms.score, grad))
         True
     """
+    return ml_terms_and_vcov(engine, s, names, theta, y, X, jacobian, prepared)[0]
+
+
+def ml_terms_and_vcov(engine, s, names, theta: Tensor, y: Tensor, X: Tensor, jacobian: str = "closed", prepared=None):
+    """:func:`ml_from_reml` and (XᵀV⁻¹X)⁻¹ at the same point (ML and REML share it)."""
     keyword = prepared_keyword(prepared)
     params = tree_from_names(names, theta.unbind(-1))
-    reml = engine.ai_terms(s, params, y, X, jacobian, **keyword)
     p = X.shape[-1]
     if p == 0 or theta.shape[-1] == 0:
-        return AITerms(_shift(reml.loglik, reml.loglik.new_zeros(()), p), reml.score, reml.ai, reml.beta)
+        reml, vcov = terms_and_vcov(engine, s, params, y, X, jacobian, prepared)
+        return AITerms(_shift(reml.loglik, reml.loglik.new_zeros(()), p), reml.score, reml.ai, reml.beta), vcov
+    reml = engine.ai_terms(s, params, y, X, jacobian, **keyword)
 
     def fitted(t: Tensor):
         beta, vcov = engine.gls(s, tree_from_names(names, t.unbind(-1)), y, X, **keyword)
@@ -88,9 +94,10 @@ def ml_from_reml(engine, s, names, theta: Tensor, y: Tensor, X: Tensor, jacobian
     factor, _ = torch.linalg.cholesky_ex(vcov)
     weighted = torch.linalg.solve_triangular(factor, B, upper=False)
     correction = 0.5 * weighted.mT @ weighted
-    return AITerms(
+    terms = AITerms(
         _shift(reml.loglik, logdet, p),
         reml.score + 0.5 * logdet_gradient,
         reml.ai + correction,
         reml.beta,
     )
+    return terms, vcov

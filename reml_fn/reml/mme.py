@@ -925,6 +925,12 @@ def _beta(pt: _Point) -> Tensor:
     return pt.offset + pt.u_s[..., _rest_sizes(pt.rest) :]
 
 
+def _vcov_beta(pt: _Point) -> Tensor:
+    """(XᵀV⁻¹X)⁻¹ from the last p×p block of the factor (NaN where V is not positive definite)."""
+    q_rest = _rest_sizes(pt.rest)
+    return torch.where(pt.ok, inverse_from_cholesky(pt.L_ss[..., q_rest:, q_rest:]), math.nan)
+
+
 def _effects(pt: _Point) -> dict[str, Tensor]:
     """û per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
     out = {}
@@ -1335,12 +1341,16 @@ class MMEEngine:
         """Exact traces always (``trace="hutchpp"`` is accepted and computed exactly: they are cheap here)."""
         if trace not in ("exact", "hutchpp"):
             raise ValueError(f"unknown trace method {trace!r}; expected 'exact' or 'hutchpp'")
+        return self.ai_terms_and_vcov(s, params, y, X, jacobian, prepared)[0]
+
+    def ai_terms_and_vcov(self, s, params, y, X, jacobian="closed", prepared=None) -> tuple[AITerms, Tensor]:
+        """:meth:`ai_terms` and (XᵀV⁻¹X)⁻¹ (:meth:`gls`'s) from the same factor."""
         model, params, stats = _inputs(s, params, y, X, prepared)
         pt = _evaluate(model, params, stats, X, jacobian)
         score, ai = _score_and_ai(pt, param_names(model.structure))
         score = torch.where(pt.ok, score, math.nan)
         ai = torch.where(pt.ok, ai, math.nan)
-        return AITerms(pt.loglik, score, ai, torch.where(pt.ok, _beta(pt), math.nan))
+        return AITerms(pt.loglik, score, ai, torch.where(pt.ok, _beta(pt), math.nan)), _vcov_beta(pt)
 
     def jacobian_traces(self, s, params, jacobian="closed") -> Tensor:
         """tr(∂V/∂θ_k) (k,) in O(n·k²): tr(Σ̇ Σ_i x_i x_iᵀ) for a Grouped term, tr(Ġ ZᵀZ) for a
@@ -1380,10 +1390,7 @@ class MMEEngine:
         """β̂ and (XᵀV⁻¹X)⁻¹ from the last p×p block of the factor."""
         model, params, stats = _inputs(s, params, y, X, prepared)
         pt = _evaluate(model, params, stats, X)
-        q_rest = _rest_sizes(pt.rest)
-        beta = torch.where(pt.ok, _beta(pt), math.nan)
-        vcov = torch.where(pt.ok, inverse_from_cholesky(pt.L_ss[..., q_rest:, q_rest:]), math.nan)
-        return beta, vcov
+        return torch.where(pt.ok, _beta(pt), math.nan), _vcov_beta(pt)
 
     def random_effects(self, s, params, y, X) -> dict[str, Tensor]:
         """û = Λũ per term path: (m, k) for Grouped terms, (q,) for Propagate terms."""
