@@ -333,18 +333,32 @@ def _crossed_model(sizes, kind, levels, slope, blocked, dense_term, seed):
     slope=st.booleans(),
     blocked=st.booleans(),
     dense_term=st.booleans(),
+    pairs=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_mme_with_a_correlated_residual_equals_dense_on_drawn_crossed_layouts(
-    sizes, kind, levels, slope, blocked, dense_term, seed
+    sizes, kind, levels, slope, blocked, dense_term, pairs, seed
 ):
     """Random terms crossing the residual's groups: the MME with R⁻¹ block by block (R's
-    derivatives in closed form and by jacfwd/jacrev) equals the dense engine."""
+    derivatives in closed form and by jacfwd/jacrev; the traces over the column pairs of large
+    crossed designs, forced on with ``pairs``, or by chunks of one group) equals the dense engine."""
+    from reml_fn.reml import mme as mme_module
     from reml_fn.reml.engines import ENGINES, select_engine
 
     s, theta, y, X = _crossed_model(sizes, kind, levels, slope, blocked, dense_term, seed)
     assert select_engine(s).name == "mme"
     dense = rf.ai_terms(s, theta, y, X, engine="dense")
+    with pytest.MonkeyPatch.context() as patch:
+        if pairs:
+            patch.setattr(mme_module, "PAIR_LIST_MIN_SIZE", 0)
+            patch.setattr(mme_module, "PAIR_LIST_MAX_DENSITY", 1.0)
+        else:  # the dense route, one group per chunk
+            patch.setattr(mme_module, "GROUP_CHUNK_ELEMENTS", 1)
+        prepared = ENGINES["mme"].prepare(s, y, X)
+        assert (prepared.pairs.numel() > 0) == (pairs and blocked)
+        paired = ENGINES["mme"].ai_terms(s, rf.unflatten_params(s, theta), y, X, prepared=prepared)
+    torch.testing.assert_close(paired.score, dense.score, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(paired.ai, dense.ai, rtol=1e-8, atol=1e-8)
     mme = rf.ai_terms(s, theta, y, X, engine="mme")
     for method in ("fwd", "rev"):
         other = rf.ai_terms(s, theta, y, X, engine="mme", jacobian=method)

@@ -463,8 +463,17 @@ class Statistics(NamedTuple):
 def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w, offset: Tensor) -> Statistics:
     """:class:`Statistics` with R⁻¹ given by the weights w (n,) (None: unweighted) or the blocks of a
     correlated residual (:class:`_BlockResidual`)."""
-    p, dtype = X.shape[-1], X.dtype
+    dtype = X.dtype
     rest = [_columns(term, dtype) for _, term in model.rest]
+    blocked = _columns(model.blocked[1], dtype) if model.blocked is not None else None
+    return _cross_products(rest, blocked, centred, X, w, offset)
+
+
+def _cross_products(
+    rest: list[_Columns], blocked: _Columns | None, centred: Tensor, X: Tensor, w, offset: Tensor
+) -> Statistics:
+    """:func:`_cross_statistics` from the columns of the rest terms and of the blocked term."""
+    p = X.shape[-1]
     dense = rest + [_Columns(p, dense=X)]
     block = isinstance(w, _BlockResidual)
 
@@ -480,8 +489,8 @@ def _cross_statistics(model: Layout, centred: Tensor, X: Tensor, w, offset: Tens
     c_s = concat([_transpose_times(c, wy) for c in rest] + [X.mT @ wy], dim=-1)
     empty = X.new_zeros(0)
     C_bb = C_bs = c_b = empty
-    if model.blocked is not None:
-        b = _columns(model.blocked[1], dtype)
+    if blocked is not None:
+        b = blocked
         # X and the blocked term's covariates side by side: one pass gives Z_bᵀW[X, Z_b]. The response's
         # sums come apart, so that under vmap over y alone the design's are made once.
         both = _cross_grouped(b, w, torch.cat([X, b.x], dim=-1))  # (m, k, p + k)
@@ -527,7 +536,11 @@ def statistics(model: Layout, y: Tensor, X: Tensor) -> Statistics:
             return stats
         buckets = residual_buckets(model.within[1], X.dtype)
         crossing = any(isinstance(term, Grouped) for _, term in model.rest)
-        return stats._replace(residual_blocks=buckets, residual_pairs=pair_indices(buckets) if crossing else ())
+        stats = stats._replace(residual_blocks=buckets, residual_pairs=pair_indices(buckets) if crossing else ())
+        # Z_bᵀR⁻¹Z_rest meets the columns Z_bᵀZ_rest meets (the residual's groups lie in the blocked
+        # term's): the same column pairs.
+        pairs = column_pairs(model, X.shape[-1])
+        return stats if pairs is None else stats._replace(entries=pairs[0], pairs=pairs[1])
     stats = _cross_statistics(model, centred, X, None, offset)
     pairs = column_pairs(model, X.shape[-1])
     return stats if pairs is None else stats._replace(entries=pairs[0], pairs=pairs[1])
@@ -1135,37 +1148,93 @@ def _minus_rest_blocks(blocks: list[Tensor], rest: list[_Term], rows: Tensor) ->
 
 
 def _residual_traces(fac: _Point, n: int) -> Tensor:
-    """tr(P Ṙ_j) (K_r,) for the residual's parameters of a Diagonal or correlated R.
+    """tr(P Ṙ_j) (K_r,) for the residual's parameters of a Diagonal or correlated R
+    (:func:`_block_residual_traces` for the latter).
 
-    P = R⁻¹ − R⁻¹W Ω⁻¹ WᵀR⁻¹ for W = [ZΛ, X], so with ã_i = L⁻¹(R⁻¹W)_iᵀ (row i of R⁻¹W, taken
-    through Ω's factor), P_ij = (R⁻¹)_ij − ã_iᵀã_j. A Diagonal R needs P_ii = 1/r_i − ‖ã_i‖²; a
-    block-diagonal R the entries within its blocks: tr(PṘ_j) = Σ_g ⟨R_g⁻¹, Ṙ_jg⟩ − Σ_g
-    tr(Ã_gᵀṘ_jg Ã_g) (Ã_g the rows of group g). R⁻¹ keeps the blocked term's rows in their group
-    (its groups contain the residual's), so they are taken through L_g⁻¹ row by row. Forms the
-    (n × d) rows of the dense part."""
+    P = R⁻¹ − R⁻¹W Ω⁻¹ WᵀR⁻¹ for W = [ZΛ, X], so with ã_i = L⁻¹(R⁻¹W)_iᵀ = w_i L⁻¹W_iᵀ (row i
+    taken through Ω's factor), P_ii = w_i − ‖ã_i‖², and tr(PṘ_j) = Σ_i ṙ_ji P_ii. The blocked term's
+    part of each row is taken through L_g⁻¹ row by row. Forms the (n × d) rows of the dense part."""
+    if isinstance(fac.residual, _BlockResidual):
+        return _block_residual_traces(fac)
     d = fac.L_ss.shape[-1]
-    dense_rows = torch.cat([_design_times_lam(t) for t in fac.rest] + [fac.X], dim=-1)  # (n, d)
-    dense_rows = _weigh(fac.w, dense_rows)
-    parts = []
+    dense_rows = _weigh(fac.w, torch.cat([_design_times_lam(t) for t in fac.rest] + [fac.X], dim=-1))  # (n, d)
+    diagonal = fac.w
     if fac.blocked is not None:
         b = fac.blocked
         rows_b = _weigh(fac.w, b.columns.x @ b.lam)  # (n, k): rows of R⁻¹Z_bΛ_b, in group codes_i
         ab = fac.L_bb_inv.index_select(0, b.columns.codes) @ rows_b.unsqueeze(-1)  # (n, k, 1)
         dense_rows = dense_rows - (ab.mT @ fac.F[b.columns.codes]).squeeze(-2)
-        parts.append(ab.squeeze(-1))
-    parts.append(torch.linalg.solve_triangular(fac.L_ss, dense_rows.mT.reshape(d, n), upper=False).mT)  # (n, d)
+        diagonal = diagonal - (ab * ab).sum((-1, -2))
+    solved = torch.linalg.solve_triangular(fac.L_ss, dense_rows.mT.reshape(d, n), upper=False)  # (d, n)
+    return fac.residual.slopes @ (diagonal - (solved * solved).sum(-2))
+
+
+def _block_residual_traces(fac: _Point) -> Tensor:
+    """tr(P Ṙ_j) (K_r,) for a correlated (block-diagonal) R, without an n-row pass through Ω's factor:
+
+        tr(PṘ_j) = Σ_g ⟨R_g⁻¹, Ṙ_jg⟩ − tr(Ω⁻¹ A_j),   A_j = WᵀM_jW,   M_j = R⁻¹Ṙ_jR⁻¹,
+
+    with A_j = Λᵀ(TᵀM_jT)Λ from the cross products Ω's come from, weighted by M_j's blocks (block
+    diagonal too), and Ω⁻¹ by blocks: Ω⁻¹_gg = L_g⁻ᵀL_g⁻¹ + E_gS⁻¹E_gᵀ, Ω⁻¹_gs = −E_gS⁻¹,
+    Ω⁻¹_ss = S⁻¹ (E_g = L_g⁻ᵀF_g), so that
+
+        tr(Ω⁻¹A) = ⟨S⁻¹, A_ss⟩ + Σ_g ⟨L_g⁻ᵀL_g⁻¹, A_gg⟩ + Σ_g tr(E_g S⁻¹ (A_ggE_g − 2A_gs)ᵀ),
+
+    the last over the column pairs of :func:`column_pairs` where there are some (O(Σ_g c_g²)), else
+    by chunks of groups (O(m·k·d²)). A pass over the rows through Ω's factor took O(n·d²) and
+    (n × d) memory."""
     residual = fac.residual
-    if not isinstance(residual, _BlockResidual):
-        diagonal = fac.w - sum((part * part).sum(-1) for part in parts)  # P_ii
-        return residual.slopes @ diagonal
-    rows = torch.cat(parts, dim=-1)  # Ã (n, k + d)
     traces = None
-    for slopes, inverse, bucket in zip(residual.slopes, residual.inverse, residual.buckets):
-        block_rows = rows[bucket.rows]  # (m, a, c)
-        # ⟨Ṙ_jg, R_g⁻¹ − Ã_gÃ_gᵀ⟩: the within-block entries of P, formed once for all parameters.
-        within = inverse - block_rows @ block_rows.mT
-        traces = plus(traces, (slopes * within).sum((-1, -2, -3)))
-    return traces
+    for slopes, inverse in zip(residual.slopes, residual.inverse):
+        traces = plus(traces, (slopes * inverse).sum((-1, -2, -3)))
+    inverse_s = torch.cholesky_inverse(fac.L_ss)  # S⁻¹ (d, d)
+    blocked = fac.blocked.columns if fac.blocked is not None else None
+    projected, coupled = [], []
+    for j in range(len(residual.names)):
+        weights = residual._replace(
+            inverse=tuple(inverse @ slopes[j] @ inverse for slopes, inverse in zip(residual.slopes, residual.inverse))
+        )
+        cross = _cross_products([t.columns for t in fac.rest], blocked, fac.centred, fac.X, weights, fac.offset)
+        value = (inverse_s * _times_lam_s(_times_lam_s(cross.C_ss, fac.lam_s).mT, fac.lam_s)).sum()
+        if fac.blocked is not None:
+            lam = fac.blocked.lam
+            A_gg = _blocks_times(_blocks_times(cross.C_bb, lam).mT, lam)  # Λ_bᵀ C_g Λ_b (m, k, k)
+            A_gs = lam.mT @ _times_lam_s(cross.C_bs, fac.lam_s)  # Λ_bᵀ C_bs,g Λ_s (m, k, d)
+            value = value + ((fac.L_bb_inv.mT @ fac.L_bb_inv) * A_gg).sum()
+            coupled.append((A_gg, A_gs))
+        projected.append(value)
+    if coupled:
+        for j, value in enumerate(_coupled_traces(fac, coupled, inverse_s)):
+            projected[j] = projected[j] + value
+    return traces - torch.stack(projected)
+
+
+def _coupled_traces(fac: _Point, coupled: list[tuple[Tensor, Tensor]], inverse_s: Tensor) -> list[Tensor]:
+    """Σ_g tr(E_g S⁻¹ (A_gg E_g − 2A_gs)ᵀ) for each ``(A_gg (m, k, k), A_gs (m, k, d))`` of
+    ``coupled``, E_g = L_g⁻ᵀF_g: over the column pairs of :func:`column_pairs` where the statistics
+    have them (E_g and A_gs are 0 outside group g's columns), else with E S⁻¹ by chunks of groups."""
+    left = fac.L_bb_inv.mT  # L_g⁻ᵀ (m, k, k)
+    if fac.pairs.numel():
+        groups, columns = fac.entries
+        E = (left[groups] @ fac.F[groups, :, columns].unsqueeze(-1)).squeeze(-1)  # (nnz, k)
+        first, second, out = fac.pairs.unbind(0)
+        weights = inverse_s.reshape(-1)[out] * torch.where(first == second, 0.5, 1.0).to(E.dtype)
+        values = []
+        for A_gg, A_gs in coupled:
+            V = (A_gg[groups] @ E.unsqueeze(-1)).squeeze(-1) - 2.0 * A_gs[groups, :, columns]
+            both = (E[first] * V[second]).sum(-1) + (E[second] * V[first]).sum(-1)
+            values.append((weights * both).sum())
+        return values
+    m, k, d = fac.F.shape[-3:]
+    values = [inverse_s.new_zeros(()) for _ in coupled]
+    for chunk in _group_chunks(m, k * d) if d else []:
+        E = _rows_of(left, chunk) @ _rows_of(fac.F, chunk)  # (c, k, d)
+        solved = E @ inverse_s
+        values = [
+            value + (solved * (_rows_of(A_gg, chunk) @ E - 2.0 * _rows_of(A_gs, chunk))).sum()
+            for value, (A_gg, A_gs) in zip(values, coupled)
+        ]
+    return values
 
 
 def _random_parts(pt: _Point, ze: _Split, need_trace_g: bool):
