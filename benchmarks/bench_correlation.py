@@ -4,7 +4,7 @@ and the same data with a crossed random intercept for 50 raters (``--case crosse
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_correlation.py [--case nested|crossed] [--repeats 3] [--out FILE]
+    python benchmarks/bench_correlation.py [--case nested|crossed] [--raters 50] [--no-nlme] [--repeats 3] [--out FILE]
 
 Target (issue "Residual correlation and variance structures"): ≤ 0.5× nlme's time, at ≤ 1 GB and at
 or above nlme's REML logLik. reml_fn runs ``rf.lmer("y ~ x + (1 | g)", data,
@@ -12,7 +12,7 @@ correlation=rf.cor_ar1(group="g"))`` (the blocks engine) in a fresh subprocess, 
 memory is its own; nlme runs ``lme(y ~ x, random = ~ 1 | g, correlation = corAR1(form = ~ 1 | g))``
 through Rscript. One torch thread. nlme is skipped with a message when Rscript or nlme is missing.
 
-``--case crossed`` adds ``(1 | r)`` for 50 raters crossing the subjects (the MME engine with R⁻¹
+``--case crossed`` adds ``(1 | r)`` for 50 raters (``--raters``) crossing the subjects (the MME engine with R⁻¹
 block by block). nlme has no crossed terms; its standard device is one constant group with
 ``pdBlocked(list(pdIdent(~ 0 + g), pdIdent(~ 0 + r)))`` and ``corAR1(form = ~ 1 | dummy/g)``, which
 puts every effect in one dense group: it runs on the first 300 subjects (about 3,000 rows), where
@@ -79,9 +79,9 @@ FORMULAS = {"nested": "y ~ x + (1 | g)", "crossed": "y ~ x + (1 | g) + (1 | r)"}
 CROSSED_NLME_SUBJECTS = 300
 
 
-def make_data(seed: int = 20261207) -> pd.DataFrame:
+def make_data(seed: int = 20261207, raters: int = 50) -> pd.DataFrame:
     """10,000 subjects with 5–15 visits: y = 1 + 0.5 x + u_g + e, e AR(1) (ρ = 0.6) within subject;
-    for the crossed case a rater r per row (50 raters) and y_crossed = y + 0.7 v_r (y itself is
+    for the crossed case a rater r per row (``raters`` of them) and y_crossed = y + 0.7 v_r (y itself is
     unchanged, so the nested case reproduces the earlier runs)."""
     rng = np.random.default_rng(seed)
     sizes = rng.integers(5, 16, 10_000)
@@ -97,9 +97,9 @@ def make_data(seed: int = 20261207) -> pd.DataFrame:
         start += size
     x = rng.normal(size=g.shape[0])
     y = 1.0 + 0.5 * x + rng.normal(size=sizes.shape[0])[g] + e
-    raters = np.random.default_rng(seed + 1)
-    r = raters.integers(0, 50, g.shape[0])
-    return pd.DataFrame({"y": y, "x": x, "g": g, "r": r, "y_crossed": y + 0.7 * raters.normal(size=50)[r]})
+    rng_r = np.random.default_rng(seed + 1)
+    r = rng_r.integers(0, raters, g.shape[0])
+    return pd.DataFrame({"y": y, "x": x, "g": g, "r": r, "y_crossed": y + 0.7 * rng_r.normal(size=raters)[r]})
 
 
 def run_case(data: pd.DataFrame, case: str, repeats: int, folder: Path, peer: bool) -> dict:
@@ -134,19 +134,23 @@ def run_case(data: pd.DataFrame, case: str, repeats: int, folder: Path, peer: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["nested", "crossed"], default="nested")
+    parser.add_argument("--raters", type=int, default=50, help="crossed case: how many raters")
+    parser.add_argument("--no-nlme", action="store_true", help="crossed case: reml_fn on all rows only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/correlation[_crossed].json")
     args = parser.parse_args()
-    out = args.out or f"benchmarks/results/correlation{'' if args.case == 'nested' else '_crossed'}.json"
-    data = make_data()
-    report: dict = {"torch_threads": 1, "case": args.case}
+    suffix = "" if args.case == "nested" else "_crossed" + ("" if args.raters == 50 else f"_{args.raters}")
+    out = args.out or f"benchmarks/results/correlation{suffix}.json"
+    data = make_data(raters=args.raters)
+    report: dict = {"torch_threads": 1, "case": args.case, "raters": args.raters}
     with tempfile.TemporaryDirectory() as folder:
         if args.case == "nested":
             report |= run_case(data.drop(columns=["r", "y_crossed"]), "nested", args.repeats, Path(folder), True)
         else:
             crossed = data.assign(y=data["y_crossed"]).drop(columns=["y_crossed"])
-            small = crossed[crossed["g"] < CROSSED_NLME_SUBJECTS]
-            report["small"] = run_case(small, "crossed", args.repeats, Path(folder), True)
+            if not args.no_nlme:
+                small = crossed[crossed["g"] < CROSSED_NLME_SUBJECTS]
+                report["small"] = run_case(small, "crossed", args.repeats, Path(folder), True)
             report["large"] = run_case(crossed, "crossed", args.repeats, Path(folder), False)
     Path(out).write_text(json.dumps(report, indent=1))
 
