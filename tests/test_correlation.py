@@ -561,3 +561,29 @@ def test_a_large_model_only_the_dense_engine_can_fit_is_announced():
     # A crossed term with 4,000 levels (more than n/2 columns) is beyond the MME.
     with pytest.warns(UserWarning, match="not nested in the groups of the residual's correlation"):
         rf.lmer_model("y ~ 1 + (1 | c)", data, correlation=rf.cor_ar1(group="a"))
+
+
+def test_bootstrap_intervals_cover_the_residual_parameters():
+    """rf.bootstrap / confint(method="boot") carry the residual's correlation parameters and
+    variance ratios (nlme's intervals() has them for corStruct and varStruct): a column per
+    residual_parameters() name, between the σ and the fixed effects, with the fit's value as estimate."""
+    m = rf.lmer(
+        "distance ~ age + (1 | Subject)",
+        frame("Orthodont", None),
+        correlation=rf.cor_ar1(group="Subject"),
+        weights=rf.var_ident(by="Sex"),
+    )
+    boot = rf.bootstrap(m, 40, seed=3)
+    residual = list(m.residual_parameters().index)
+    assert residual == ["rho", "ratio_Male"]
+    assert list(boot.replicates.columns) == [".sig01", ".sigma", *residual, "(Intercept)", "age"]
+    assert boot.estimate[residual].tolist() == m.residual_parameters().tolist()
+    usable = boot.replicates[boot.status == 0]
+    assert len(usable) >= 30 and usable["rho"].between(-1, 1).all() and (usable["ratio_Male"] > 0).all()
+    intervals = m.confint(method="boot", nsim=40, seed=3)
+    assert intervals.loc["rho"].iloc[0] < intervals.loc["rho"].iloc[1]
+    symm = rf.gls("distance ~ age", frame("Orthodont", None), correlation=rf.cor_symm(group="Subject"))
+    columns = rf.bootstrap(symm, 5, seed=1).replicates.columns
+    assert [c for c in columns if c.startswith("cor(")] == [
+        f"cor({i},{j})" for i in range(1, 5) for j in range(i + 1, 5)
+    ]

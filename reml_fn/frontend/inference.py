@@ -30,7 +30,7 @@ from scipy import stats
 from torch import Tensor
 
 from reml_fn.fit import fit_batched
-from reml_fn.frontend.result import LmerResult
+from reml_fn.frontend.result import LmerResult, residual_parameter_values
 from reml_fn.inference.kenward_roger import kenward_roger, kenward_roger_df
 from reml_fn.inference.profile import profile_limits
 from reml_fn.inference.satterthwaite import contrast_df, joint_df, variance_derivatives
@@ -332,7 +332,9 @@ def bootstrap(
     all by the fit's criterion (REML or ML) in one :func:`~reml_fn.fit_batched` call.
 
     ``statistic`` (optional) maps the replicates' default table (standard deviations,
-    correlations, σ, fixed effects; a DataFrame) to the columns wanted. Deterministic under
+    correlations, σ, the residual's correlation parameters and variance ratios where the model has
+    them — :meth:`~reml_fn.frontend.result.LmerResult.residual_parameters`' names —, fixed effects; a
+    DataFrame) to the columns wanted. Deterministic under
     ``seed``; the refits are those :func:`reml_fn.fit` gives one by one.
 
     Example:
@@ -349,11 +351,12 @@ def bootstrap(
     values = _sdcor_from_covariances(
         list(model.covariances(refits.params, batched=True).values()), model.residual_subtree(refits.natural)["sigma^2"]
     )
-    names = list(parameter_names(result).index) + list(model.x_names)
-    table = pd.DataFrame(
-        np.concatenate([values.detach().cpu().numpy(), refits.beta.detach().cpu().numpy()], axis=1), columns=names
-    )
-    estimate = pd.concat([sdcor(result), result.fixef()])
+    # The residual's correlation parameters and variance ratios (nlme's corStruct, varStruct), if any.
+    residual = residual_parameter_values(model, refits.natural)
+    columns = [values] + ([torch.stack(list(residual.values()), -1)] if residual else []) + [refits.beta]
+    names = list(parameter_names(result).index) + list(residual) + list(model.x_names)
+    table = pd.DataFrame(np.concatenate([c.detach().cpu().numpy() for c in columns], axis=1), columns=names)
+    estimate = pd.concat([sdcor(result), result.residual_parameters(), result.fixef()])
     if statistic is not None:
         table = pd.DataFrame(statistic(table))
         estimate = pd.DataFrame(statistic(estimate.to_frame().T)).iloc[0]
@@ -371,7 +374,8 @@ def confint(
 
     ``method="wald"``: β̂ ± z·SE for the fixed effects, NaN for the covariance parameters (as lme4).
     ``method="boot"``: percentile intervals of a parametric bootstrap (:func:`bootstrap`, ``nsim``
-    refits in one batched call, ``seed``). ``method="profile"``: where the signed root of the ML
+    refits in one batched call, ``seed``), with rows for a correlated residual's parameters too
+    (e.g. ``rho``, ``phi``, ``ratio_Male``: nlme's ``intervals`` for the corStruct and varStruct). ``method="profile"``: where the signed root of the ML
     deviance difference reaches ±z (:mod:`reml_fn.inference.profile`), every parameter profiled
     with the others at their constrained ML optimum — of the ML fit, also for a REML fit, as lme4
     does (so a REML fit's profile intervals are its ML fit's).

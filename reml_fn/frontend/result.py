@@ -35,6 +35,27 @@ from reml_fn.structures.within_group import row_weights, symm_correlation
 __all__ = ["LmerResult"]
 
 
+def residual_parameter_values(model: LmerModel, natural) -> dict[str, Tensor]:
+    """The residual's correlation parameters and variance ratios (:meth:`LmerResult.residual_parameters`)
+    from a natural parameter tree whose leaves are 0-d or batched (B,) (e.g. a bootstrap's refits):
+    nlme's cor(i, j), i < j, for ``cor_symm``, then the others by name; empty for an independent
+    residual."""
+    natural = model.residual_subtree(natural)
+    values = {name: value for name, value in natural.items() if name != "sigma^2" and not name.startswith("L_")}
+    correlation = model.correlation
+    if correlation is not None and correlation.kind == "symm":
+        residual = model.residual
+        subtree = dict(natural)
+        if next(iter(subtree.values())).dim():
+            C = torch.func.vmap(lambda tree: symm_correlation(residual, tree))(subtree)
+        else:
+            C = symm_correlation(residual, subtree)
+        size = C.shape[-1]
+        pairs = {f"cor({i + 1},{j + 1})": C[..., i, j] for i in range(size) for j in range(i + 1, size)}
+        values = pairs | values
+    return values
+
+
 @dataclass(frozen=True)
 class LmerResult:
     """An lme4-style fit: ``model`` (:class:`~reml_fn.frontend.model.LmerModel`) and ``fit`` (the
@@ -120,19 +141,8 @@ class LmerResult:
         """The residual's correlation parameters and variance ratios on the natural scale (nlme's
         ``coef(m$modelStruct$corStruct, unconstrained = FALSE)`` and ``varStruct``), empty for an
         independent residual."""
-        natural = self.model.residual_subtree(self.fit.natural)
-        values = {
-            name: float(value) for name, value in natural.items() if name != "sigma^2" and not name.startswith("L_")
-        }
-        correlation = self.model.correlation
-        if correlation is not None and correlation.kind == "symm":  # nlme's cor(i,j), i < j, from C
-            residual = self.model.residual
-            C = symm_correlation(residual, dict(natural))
-            pairs = {
-                f"cor({i + 1},{j + 1})": float(C[i, j]) for i in range(C.shape[0]) for j in range(i + 1, C.shape[0])
-            }
-            values = pairs | values
-        return pd.Series(values, dtype=float, name="residual")
+        values = residual_parameter_values(self.model, self.fit.natural)
+        return pd.Series({name: float(value) for name, value in values.items()}, dtype=float, name="residual")
 
     # -- fixed effects -------------------------------------------------------------------------------
     def fixef(self) -> pd.Series:
