@@ -237,6 +237,28 @@ def test_var_ident_and_var_power_combine_and_scale_the_residuals():
 # ------------------------------------------------------------------------------ the blocks engine
 
 
+def _assert_engine_equals_dense(s, theta, y, X, engine: str) -> None:
+    """``engine``'s AI terms (the residual's derivatives in closed form and by jacfwd/jacrev), β̂,
+    its covariance and the conditional predictions equal the dense engine's."""
+    dense = rf.ai_terms(s, theta, y, X, engine="dense")
+    terms = rf.ai_terms(s, theta, y, X, engine=engine)
+    for method in ("fwd", "rev"):  # the residual's closed-form derivatives against autodiff, in the engine
+        other = rf.ai_terms(s, theta, y, X, engine=engine, jacobian=method)
+        torch.testing.assert_close(other.score, terms.score, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(other.ai, terms.ai, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.loglik, dense.loglik, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(terms.score, dense.score, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(terms.ai, dense.ai, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(rf.blue(s, theta, y, X, engine=engine), rf.blue(s, theta, y, X, engine="dense"))
+    torch.testing.assert_close(
+        rf.vcov_beta(s, theta, y, X, engine=engine), rf.vcov_beta(s, theta, y, X, engine="dense")
+    )
+    torch.testing.assert_close(
+        rf.predict(s, theta, y, X, conditional=True, engine=engine),
+        rf.predict(s, theta, y, X, conditional=True, engine="dense"),
+    )
+
+
 def _drawn_residual(sizes, kind, generator):
     """Residual groups of ``sizes`` with their rows shuffled, times in [0, 4) and a WithinGroup of
     ``kind`` = (name, nugget) over them with two variance strata and a power covariate."""
@@ -279,23 +301,7 @@ def test_blocks_engine_equals_dense_on_drawn_unbalanced_layouts(sizes, kind, slo
     from reml_fn.reml.engines import select_engine
 
     assert select_engine(s).name == "blocks"
-    dense = rf.ai_terms(s, theta, y, X, engine="dense")
-    blocks = rf.ai_terms(s, theta, y, X, engine="blocks")
-    for method in ("fwd", "rev"):  # the residual's closed-form derivatives against autodiff, in the engine
-        other = rf.ai_terms(s, theta, y, X, engine="blocks", jacobian=method)
-        torch.testing.assert_close(other.score, blocks.score, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(other.ai, blocks.ai, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(blocks.loglik, dense.loglik, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(blocks.score, dense.score, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(blocks.ai, dense.ai, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(rf.blue(s, theta, y, X, engine="blocks"), rf.blue(s, theta, y, X, engine="dense"))
-    torch.testing.assert_close(
-        rf.vcov_beta(s, theta, y, X, engine="blocks"), rf.vcov_beta(s, theta, y, X, engine="dense")
-    )
-    torch.testing.assert_close(
-        rf.predict(s, theta, y, X, conditional=True, engine="blocks"),
-        rf.predict(s, theta, y, X, conditional=True, engine="dense"),
-    )
+    _assert_engine_equals_dense(s, theta, y, X, "blocks")
 
 
 # ------------------------------------------------------------------------------ the MME engine
@@ -359,20 +365,7 @@ def test_mme_with_a_correlated_residual_equals_dense_on_drawn_crossed_layouts(
         paired = ENGINES["mme"].ai_terms(s, rf.unflatten_params(s, theta), y, X, prepared=prepared)
     torch.testing.assert_close(paired.score, dense.score, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(paired.ai, dense.ai, rtol=1e-8, atol=1e-8)
-    mme = rf.ai_terms(s, theta, y, X, engine="mme")
-    for method in ("fwd", "rev"):
-        other = rf.ai_terms(s, theta, y, X, engine="mme", jacobian=method)
-        torch.testing.assert_close(other.score, mme.score, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(other.ai, mme.ai, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(mme.loglik, dense.loglik, rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(mme.score, dense.score, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(mme.ai, dense.ai, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(rf.blue(s, theta, y, X, engine="mme"), rf.blue(s, theta, y, X, engine="dense"))
-    torch.testing.assert_close(rf.vcov_beta(s, theta, y, X, engine="mme"), rf.vcov_beta(s, theta, y, X, engine="dense"))
-    torch.testing.assert_close(
-        rf.predict(s, theta, y, X, conditional=True, engine="mme"),
-        rf.predict(s, theta, y, X, conditional=True, engine="dense"),
-    )
+    _assert_engine_equals_dense(s, theta, y, X, "mme")
     params = rf.unflatten_params(s, theta)
     torch.testing.assert_close(
         ENGINES["mme"].jacobian_traces(s, params), ENGINES["dense"].jacobian_traces(s, params), rtol=1e-10, atol=1e-10
