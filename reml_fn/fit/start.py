@@ -103,10 +103,17 @@ def _free_specs(s) -> list[ParamSpec]:
 
 
 def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
-    """s² = ‖y − X β̂_OLS‖² / (n − p). Batched: y (…, n) with X (n, p) or (…, n, p)."""
-    design = X.expand(*y.shape[:-1], *X.shape[-2:]) if X.dim() < y.dim() + 1 else X
-    beta = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution
-    residual = y - (design @ beta).squeeze(-1)
+    """s² = ‖y − X β̂_OLS‖² / (n − p). Batched: y (…, n) with X (n, p) or (…, n, p).
+
+    A shared X of full column rank (the checks make sure of it) is decomposed once, X = QR, and
+    every y projected, y − Q(Qᵀy); per-dataset designs go through least squares one by one."""
+    if X.dim() == 2 and y.dim() >= 1 and X.shape[-1] <= X.shape[-2]:
+        Q = torch.linalg.qr(X).Q  # (n, p)
+        residual = y - (y @ Q) @ Q.mT
+    else:
+        design = X.expand(*y.shape[:-1], *X.shape[-2:]) if X.dim() < y.dim() + 1 else X
+        beta = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution
+        residual = y - (design @ beta).squeeze(-1)
     return (residual**2).sum(-1) / (y.shape[-1] - X.shape[-1])
 
 
