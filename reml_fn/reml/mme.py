@@ -663,13 +663,18 @@ class _Term(NamedTuple):
     derivatives: Tensor | None  # Σ̇ (K, k, k) or Ġ (K, q, q); None without free parameters
 
 
-def _term(path: str, term, params: Mapping, dtype, method: str | None) -> _Term:
+def _covariance_of(path: str, term, params: Mapping) -> tuple:
+    """``(structure, its params, its path)`` of a random term's covariance: Σ of a Grouped term, G of
+    a Propagate term."""
     term_params = subtree(params, path.split("/"))
     if isinstance(term, Grouped):
-        child, child_params, prefix = term.cov, term_params.get("cov", {}), f"{path}/cov"
-    else:
-        g_name, child = term.names[1], term.children[1]
-        child_params, prefix = term_params.get(g_name, {}), f"{path}/{g_name}"
+        return term.cov, term_params.get("cov", {}), f"{path}/cov"
+    g_name = term.names[1]
+    return term.children[1], term_params.get(g_name, {}), f"{path}/{g_name}"
+
+
+def _term(path: str, term, params: Mapping, dtype, method: str | None) -> _Term:
+    child, child_params, prefix = _covariance_of(path, term, params)
     block = cast(child._build(child_params), dtype)
     lam, ok = _factor_block(block)
     names, derivatives = derivative_stack(child, child_params, prefix, method, dtype)
@@ -1432,12 +1437,12 @@ class MMEEngine:
         random = ([model.blocked] if model.blocked is not None else []) + list(model.rest)
         traces = {}
         for path, term in random:
-            t = _term(path, term, params, dtype, jacobian)
-            if t.derivatives is None:
+            names, derivatives = derivative_stack(*_covariance_of(path, term, params), jacobian, dtype)
+            if derivatives is None:
                 continue
-            c = t.columns
-            gram = c.x.mT @ c.x if t.grouped else c.dense.mT @ c.dense
-            traces.update(zip(t.names, (t.derivatives * gram.mT).sum((-1, -2))))
+            c = _columns(term, dtype)
+            gram = c.x.mT @ c.x if c.dense is None else c.dense.mT @ c.dense
+            traces.update(zip(names, (derivatives * gram.mT).sum((-1, -2))))
         n = model.structure.shape[0]
         if model.within is not None:
             buckets = residual_buckets(model.within[1], dtype)
