@@ -127,7 +127,7 @@ class Batch(NamedTuple):
         first = self.take(torch.zeros(1, dtype=torch.long, device=self.Y.device))
         probe = prepared_data(
             engine.chosen,
-            dataset_structure(first.s, first.s_in_dims, 0),
+            first.s if first.s_in_dims is None else dataset_structure(first.s, first.s_in_dims, 0),
             first.Y[0],
             first.X[0] if self.x_batched else first.X,
         )
