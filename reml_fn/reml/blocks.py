@@ -35,8 +35,7 @@ from reml_fn.params import param_names, subtree
 from reml_fn.reml.covariance_blocks import derivative_stack
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine, term_effects, term_fitted
-from reml_fn.reml.residual_blocks import residual_buckets, residual_matrices
-from reml_fn.structures.base import values_readable
+from reml_fn.reml.residual_blocks import groups_nested, residual_buckets, residual_matrices
 from reml_fn.structures.within_group import RowPairs, WithinGroup, within_group_matrix
 
 __all__ = ["BlocksEngine", "Blocks", "blocks_of", "residual_draws"]
@@ -58,18 +57,6 @@ def _model(s) -> _Model | None:
     if len(residuals) != 1 or len(residuals) + len(terms) != len(s.children):
         return None
     return _Model((residuals[0][0],), residuals[0][1], tuple(terms))
-
-
-def _nested(term: Grouped, residual: WithinGroup) -> bool:
-    """Every group of ``term`` lies inside one group of ``residual``."""
-    if not values_readable(term.codes):
-        return False
-    size = int(term.codes.max()) + 1
-    largest = torch.full((size,), -1, dtype=residual.codes.dtype).scatter_reduce(0, term.codes, residual.codes, "amax")
-    smallest = torch.full((size,), -1, dtype=residual.codes.dtype).scatter_reduce(
-        0, term.codes, residual.codes, "amin", include_self=False
-    )
-    return bool((largest == smallest).all())
 
 
 class Blocks(NamedTuple):
@@ -178,7 +165,8 @@ class BlocksEngine:
 
     def supports(self, s) -> bool:
         model = _model(s)
-        return model is not None and all(_nested(term, model.residual) for _, term in model.terms)
+        # Every group of each random term inside one group of the residual: V is block diagonal.
+        return model is not None and all(groups_nested(term.codes, model.residual.codes) for _, term in model.terms)
 
     def prepare(self, s, y, X) -> tuple[Blocks, ...]:
         """The blocks of y, X and the structure's data by group size (θ-independent; once per dataset)."""

@@ -153,7 +153,13 @@ from reml_fn.reml.covariance_blocks import (
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine
 from reml_fn.reml.grouped_form import grouped_form, grouped_params, propagate_effects
-from reml_fn.reml.residual_blocks import apply_blocks, pair_indices, residual_buckets, residual_matrices
+from reml_fn.reml.residual_blocks import (
+    apply_blocks,
+    groups_nested,
+    pair_indices,
+    residual_buckets,
+    residual_matrices,
+)
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf, values_readable
 from reml_fn.structures.within_group import WithinGroup
@@ -275,19 +281,6 @@ def _kind(term) -> str | None:
     return None
 
 
-def _residual_nested(term: Grouped, residual: WithinGroup) -> bool:
-    """Every group of the correlated ``residual`` lies inside one group of ``term`` (host check on
-    the codes; False where they cannot be read, e.g. per-dataset codes under vmap)."""
-    if not (values_readable(term.codes) and values_readable(residual.codes)):
-        return False
-    size = int(residual.codes.max()) + 1 if residual.codes.numel() else 0
-    largest = term.codes.new_full((size,), -1).scatter_reduce(0, residual.codes, term.codes, "amax")
-    smallest = term.codes.new_full((size,), -1).scatter_reduce(
-        0, residual.codes, term.codes, "amin", include_self=False
-    )
-    return bool((largest == smallest).all())
-
-
 class Layout(NamedTuple):
     """Where the pieces of a supported Sum are, read from the structure alone.
 
@@ -340,7 +333,8 @@ def layout(s) -> Layout | None:
         # A correlated residual alone (its σ² is the residual variance), with readable groups.
         if len(residual) != 1 or not values_readable(within[1].codes):
             return None
-        grouped = [pair for pair in grouped if _residual_nested(pair[1], within[1])]
+        # Blocked terms: those whose groups contain the residual's, so Z_bᵀR⁻¹Z_b stays block diagonal.
+        grouped = [pair for pair in grouped if groups_nested(within[1].codes, pair[1].codes)]
     blocked = max(grouped, key=lambda pair: pair[1].num_groups) if grouped else None
     rest = tuple(pair for pair in random if pair is not blocked)
     scalar = within is None and not any(isinstance(term, Diagonal) for _, term in residual)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.jacobian import autodiff_transform
+from reml_fn.structures.base import values_readable
 from reml_fn.structures.within_group import (
     RowPairs,
     WithinGroup,
@@ -38,7 +39,7 @@ from reml_fn.structures.within_group import (
     within_group_matrix_and_derivatives,
 )
 
-__all__ = ["ResidualBucket", "residual_buckets", "residual_matrices", "apply_blocks", "pair_indices"]
+__all__ = ["ResidualBucket", "residual_buckets", "residual_matrices", "apply_blocks", "pair_indices", "groups_nested"]
 
 
 class ResidualBucket(NamedTuple):
@@ -126,3 +127,22 @@ def pair_indices(buckets: Sequence[ResidualBucket]) -> Tensor:
         left.append(bucket.rows.unsqueeze(-1).expand(m, a, a).flatten())
         right.append(bucket.rows.unsqueeze(-2).expand(m, a, a).flatten())
     return torch.stack([torch.cat(left), torch.cat(right)])
+
+
+def groups_nested(inner: Tensor, outer: Tensor) -> bool:
+    """Whether every group of the codes ``inner`` (n,) lies inside one group of the codes ``outer``
+    (n,): ``outer`` is constant on each group of ``inner``. A host check on the codes; False where
+    either cannot be read (per-dataset codes under vmap), so that the caller takes a general path.
+
+    Example:
+        >>> import torch
+        >>> subject, visit = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
+        >>> groups_nested(visit, subject), groups_nested(subject, visit)
+        (True, False)
+    """
+    if not (values_readable(inner) and values_readable(outer)):
+        return False
+    size = int(inner.max()) + 1 if inner.numel() else 0
+    largest = outer.new_full((size,), -1).scatter_reduce(0, inner, outer, "amax")
+    smallest = outer.new_full((size,), -1).scatter_reduce(0, inner, outer, "amin", include_self=False)
+    return bool((largest == smallest).all())
