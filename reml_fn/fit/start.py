@@ -107,7 +107,7 @@ def ols_residual_variance(y: Tensor, X: Tensor) -> Tensor:
 
     A shared X of full column rank (the checks make sure of it) is decomposed once, X = QR, and
     every y projected, y − Q(Qᵀy); per-dataset designs go through least squares one by one."""
-    if X.dim() == 2 and y.dim() >= 1 and X.shape[-1] <= X.shape[-2]:
+    if X.dim() == 2:
         Q = torch.linalg.qr(X).Q  # (n, p)
         residual = y - (y @ Q) @ Q.mT
     else:

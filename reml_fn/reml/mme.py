@@ -1444,13 +1444,12 @@ class MMEEngine:
             if residual.slopes is not None:
                 diagonals = [torch.diagonal(slopes, dim1=-2, dim2=-1).sum((-1, -2)) for slopes in residual.slopes]
                 traces.update(zip(residual.names, sum(diagonals)))
-            names = param_names(model.structure)
-            return torch.stack([traces[k] for k in names]) if names else torch.zeros(0, dtype=dtype)
-        residual = _residual(model, params, n, dtype, device, True)
-        if residual.slopes is not None:
-            traces.update(
-                zip(residual.names, n * residual.slopes if residual.r.dim() == 0 else residual.slopes.sum(-1))
-            )
+        else:
+            residual = _residual(model, params, n, dtype, device, True)
+            if residual.slopes is not None:
+                traces.update(
+                    zip(residual.names, n * residual.slopes if residual.r.dim() == 0 else residual.slopes.sum(-1))
+                )
         names = param_names(model.structure)
         return torch.stack([traces[k] for k in names]) if names else torch.zeros(0, dtype=dtype)
 
