@@ -39,7 +39,16 @@ def residual_parameter_values(model: LmerModel, natural) -> dict[str, Tensor]:
     """The residual's correlation parameters and variance ratios (:meth:`LmerResult.residual_parameters`)
     from a natural parameter tree whose leaves are 0-d or batched (B,) (e.g. a bootstrap's refits):
     nlme's cor(i, j), i < j, for ``cor_symm``, then the others by name; empty for an independent
-    residual."""
+    residual.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> m = rf.lmer("distance ~ age + (1 | Subject)", rf.datasets.load_frame("Orthodont"),
+        ...             correlation=rf.cor_ar1(group="Subject"))
+        >>> values = residual_parameter_values(m.model, m.fit.natural)
+        >>> list(values), round(float(values["rho"]), 4) == round(float(m.residual_parameters()["rho"]), 4)
+        (['rho'], True)
+    """
     natural = model.residual_subtree(natural)
     values = {name: value for name, value in natural.items() if name != "sigma^2" and not name.startswith("L_")}
     correlation = model.correlation

@@ -140,7 +140,16 @@ def ai_terms_and_factor_dense(
     generator: torch.Generator | None = None,
     probes: int | None = None,
 ) -> tuple[AITerms, DenseFactor]:
-    """:func:`ai_terms_dense` and the factorisation it used (for (XᵀV⁻¹X)⁻¹ at the same point)."""
+    """:func:`ai_terms_dense` and the factorisation it used (for (XᵀV⁻¹X)⁻¹ = (C Cᵀ)⁻¹ at the same
+    point, C = ``factor.chol_xvx``).
+
+    Example:
+        >>> import torch
+        >>> V, X, y = torch.eye(3) * 2.0, torch.ones(3, 1), torch.tensor([1.0, 2.0, 3.0])
+        >>> terms, factor = ai_terms_and_factor_dense(V, V.unsqueeze(0) / 2.0, y, X)
+        >>> round(float(terms.beta[0]), 12), round(float(inverse_from_cholesky(factor.chol_xvx)[0, 0]), 12)  # mean, σ²/n
+        (2.0, 0.666666666667)
+    """
     n, p = y.shape[-1], X.shape[-1]
     factor = factorize(V, y, X)
     loglik = loglik_from_factor(factor, n, p)

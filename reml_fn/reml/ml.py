@@ -75,7 +75,18 @@ def ml_from_reml(engine, s, names, theta: Tensor, y: Tensor, X: Tensor, jacobian
 
 
 def ml_terms_and_vcov(engine, s, names, theta: Tensor, y: Tensor, X: Tensor, jacobian: str = "closed", prepared=None):
-    """:func:`ml_from_reml` and (XᵀV⁻¹X)⁻¹ at the same point (ML and REML share it)."""
+    """:func:`ml_from_reml` and (XᵀV⁻¹X)⁻¹ at the same point (ML and REML share it).
+
+    Example:
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.engines import select_engine
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(8) % 2), e=rf.Scalar(8))
+        >>> y, X = torch.tensor([1.0, 3.0, 2.0, 4.0, 1.5, 3.5, 0.5, 3.0]), torch.ones(8, 1)
+        >>> names, theta = rf.param_names(s), torch.tensor([0.3, -0.2])
+        >>> terms, vcov = ml_terms_and_vcov(select_engine(s), s, names, theta, y, X)
+        >>> bool(torch.allclose(vcov, rf.vcov_beta(s, theta, y, X)))
+        True
+    """
     keyword = prepared_keyword(prepared)
     params = tree_from_names(names, theta.unbind(-1))
     p = X.shape[-1]

@@ -120,7 +120,15 @@ def apply_blocks(blocks: Sequence[Tensor], buckets: Sequence[ResidualBucket], va
 def pair_indices(buckets: Sequence[ResidualBucket]) -> Tensor:
     """(2, P) the rows (i, j) of every within-group pair, P = Σ_g a_g², in the order of the
     buckets' blocks flattened (bucket, group, i, j): the entries of ``torch.cat([b.flatten() for b
-    in blocks])`` belong to these pairs."""
+    in blocks])`` belong to these pairs.
+
+    Example:
+        >>> import torch
+        >>> from reml_fn.structures.within_group import WithinGroup
+        >>> buckets = residual_buckets(WithinGroup(torch.tensor([0, 1, 1]), "cs"), torch.float64)
+        >>> pair_indices(buckets).tolist()   # the group of row 0 alone, then rows 1 and 2: 1 + 2² pairs
+        [[0, 1, 1, 2, 2], [0, 1, 2, 1, 2]]
+    """
     left, right = [], []
     for bucket in buckets:
         m, a = bucket.rows.shape
