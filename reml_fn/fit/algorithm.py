@@ -454,8 +454,9 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         options = _lookahead_within_memory(options, batch, engine.chosen.name)
         sub = batch.take(good)
         # The default start is on the data's scale: it sets the variance floors whatever init is.
-        reference = sub.map(engine.start, residual_variance[good])
-        start = reference if init_flat is None else init_flat[good]
+        # Without init a fit starts there or, for a one-factor model, at its moment estimates.
+        reference, moments = sub.map(engine.start, residual_variance[good])
+        start = moments if init_flat is None else init_flat[good]
         low, up = sub.map(engine.bounds, reference, start)
         first = sub.map(engine.terms, start)
         for key, value in (("theta", start), ("lower", low), ("upper", up), *zip(Terms._fields, first)):

@@ -18,6 +18,7 @@ from reml_fn.params import param_names, tree_from_names
 from reml_fn.reml.engines import prepared_data, prepared_keyword, terms_and_vcov
 from reml_fn.reml.likelihood import check_data
 from reml_fn.reml.ml import ml_loglik_from_reml, ml_terms_and_vcov
+from reml_fn.reml.moments import moment_start
 from reml_fn.structures.base import Structure
 
 __all__ = [
@@ -509,7 +510,16 @@ class EngineCalls(NamedTuple):
         return self.chosen.loglik(s, self._params(theta), y, X, **prepared_keyword(prepared))
 
     def start(self, s, y, X, prepared, residual_variance):
-        return default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
+        """The default start on the data's scale (:func:`~reml_fn.fit.start.default_init`, which
+        also sets the variance floors) and the point a fit without ``init`` starts from: the moment
+        estimates of a one-factor model where they lie well inside the parameter space
+        (:func:`~reml_fn.reml.moments.moment_start`), the default start elsewhere."""
+        reference = default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
+        moments = moment_start(s, y, X)
+        if moments is None:
+            return reference, reference
+        theta, inside = moments
+        return reference, torch.where(inside, theta, reference)
 
     def bounds(self, s, y, X, prepared, reference, theta):
         return raw_bounds(s, reference, theta)

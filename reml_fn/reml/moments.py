@@ -1,0 +1,319 @@
+r"""Moment estimates of a one-factor model: where its REML fit starts.
+
+Model: y = Xβ + Zb + e with one grouping factor, b_i ~ N(0, Σ) (k×k) for the groups i = 1…m
+and e ~ N(0, σ²I). From the least-squares residual e = Qy (Q = I − X(XᵀX)⁻¹Xᵀ), each group's
+own least-squares coefficients and the within-group residual sum of squares,
+
+    b̂_i = W_i Z_iᵀe  (W_i = (Z_iᵀZ_i)⁻¹),      SSE_w = eᵀe − Σ_i e_iᵀZ_i b̂_i,
+
+have expectations linear in Σ and σ². With C_i = Z_iᵀX_i, K = (XᵀX)⁻¹, F_i = W_iC_iK,
+T_i = F_iC_iᵀ and U(Σ) = Σ_h C_hᵀΣC_h (every group h):
+
+    E[b̂_i b̂_iᵀ] = Σ − ΣT_iᵀ − T_iΣ + F_iU(Σ)F_iᵀ + σ²(W_i − T_iW_i),
+    E[SSE_w]    = Σ_h tr(ΣZ_hᵀZ_h) − tr(KU(Σ)) + σ²(n − p) − Σ_i tr(Z_iᵀZ_i E[b̂_i b̂_iᵀ]).
+
+Writing Σ = Σ_l a_l E_l in the natural parameters of a covariance structure that is linear in
+them (``Unstructured``, ``Diagonal``, ``Scalar``), and equating ⟨E_j, Σ_i b̂_i b̂_iᵀ⟩ (j = 1…L)
+and SSE_w with their expectations, gives L + 1 linear equations for (a, σ²): an unbiased
+(ANOVA-type) estimator computed from the cross products the MME engine prepares anyway, with no
+iteration. Groups whose Z_iᵀZ_i is singular (fewer rows than effects, an empty level) take no
+part in the sums over i.
+
+When every group has the same design Z_i = Z₀ and the fixed effects are Z₀'s columns (lme4's
+``y ~ x + (x | g)`` on a balanced design, sleepstudy's among them), the REML likelihood factors
+into the within-group residuals and the m coefficient vectors b̂_i ~ N(β, Σ + σ²W₀), and these
+moments *are* the REML estimates whenever Σ̂ is positive semi-definite. Elsewhere they are a
+start on the scale of the answer. Either way the fit goes on from them and claims convergence
+only where the score and AI matrix at the point it returns pass its test.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from reml_fn.combinators import Grouped, Kronecker, Propagate, Sum
+from reml_fn.params import param_names, param_specs
+from reml_fn.reml.covariance_blocks import unrolled_cholesky
+from reml_fn.reml.mme import UNROLLED_CHOLESKY_MAX_SIZE
+from reml_fn.reml.mme import _columns as mme_columns
+from reml_fn.reml.mme import _leaves as mme_leaves
+from reml_fn.reml.mme import _segment_sum as segment_sum
+from reml_fn.structures import Diagonal, Fixed, Identity, Scalar, Unstructured
+
+__all__ = [
+    "LINEAR_COVARIANCES",
+    "MIN_VARIANCE_SHARE",
+    "MIN_CORRELATION_EIGENVALUE",
+    "moment_equations",
+    "moment_estimates",
+    "moment_start",
+]
+
+LINEAR_COVARIANCES = (Unstructured, Diagonal, Scalar)
+"""The covariance structures whose matrix is linear in their natural parameters."""
+
+MIN_VARIANCE_SHARE = 1e-3
+"""A moment start is taken only where every variance adds at least this share of σ̂² to the
+average diagonal of V. Nearer the boundary the REML optimum may lie on it, and the default start
+(an equal share of the residual variance) approaches it as well as any."""
+
+MIN_CORRELATION_EIGENVALUE = 0.05
+"""…and where the smallest eigenvalue of Σ̂'s correlation matrix is at least this (|ρ| ≤ 0.95
+for k = 2), for the same reason."""
+
+
+def _usable_inverses(C_bb: Tensor) -> tuple[Tensor, Tensor]:
+    """W_i = (Z_iᵀZ_i)⁻¹ (m, k, k) for the groups whose Z_iᵀZ_i has every Cholesky pivot above √ε
+    of its diagonal entry, 0 for the others, and that mask (m,). Small blocks by the unrolled
+    recurrences (a batch of datasets × groups in a few elementwise operations), larger by LAPACK."""
+    k = C_bb.shape[-1]
+    eye = torch.eye(k, dtype=C_bb.dtype, device=C_bb.device)
+    if k <= UNROLLED_CHOLESKY_MAX_SIZE:
+        factor, inverse_factor, factored = unrolled_cholesky(C_bb)
+    else:
+        factor, info = torch.linalg.cholesky_ex(C_bb)
+        factored = info == 0
+        factor = torch.where(factored[..., None, None], factor, eye)
+        inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(C_bb), upper=False)
+    pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
+    scale = torch.diagonal(C_bb, dim1=-2, dim2=-1)
+    usable = factored & (pivots > torch.finfo(C_bb.dtype).eps ** 0.5 * scale).all(-1)
+    inverse = inverse_factor.mT @ inverse_factor
+    return torch.where(usable[..., None, None], inverse, 0.0), usable
+
+
+def moment_equations(C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, units: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The coefficients A ((L+1) × (L+1)) of the moment equations of the module docstring, E[s] =
+    A [a; σ²] for the statistics s = [⟨E_1, Σ_i b̂_i b̂_iᵀ⟩, …, ⟨E_L, ·⟩, SSE_w], and the W_i
+    (m, k, k) that form them (0 for groups left out).
+
+    Shapes: C_bb (m, k, k) the Z_iᵀZ_i, C_bs (m, k, p) the Z_iᵀX_i, C_ss (p, p) XᵀX, ``units``
+    (L, k, k) the E_l, n the number of rows. Depends on the design only. The sums over groups are
+    taken before anything is formed per unit: with T = Σ_i T_i (usable i) and the map
+    Φ(U) = Σ_i F_iUF_iᵀ, Σ_i E[b̂_i b̂_iᵀ] = m'Σ − ΣTᵀ − TΣ + Φ(U(Σ)) + σ² Σ_i(W_i − T_iW_i), and
+    Σ_i tr(Z_iᵀZ_i E[b̂_i b̂_iᵀ]) = tr(Σ Σ_i Z_iᵀZ_i) − tr(Σ Σ_i (T_iᵀZ_iᵀZ_i + Z_iᵀZ_iT_i))
+    + tr(U(Σ) Σ_i F_iᵀZ_iᵀZ_iF_i) + σ²(m'k − tr T) (m' usable groups; Z_iᵀZ_iW_i = I).
+
+    Example (a balanced one-way layout, 3 groups of 2 around one mean: E[Σ_i b̂_i²] = 2σ²_a + σ²,
+    the m − 1 = 2 degrees of freedom of the group means, and E[SSE_w] = 3σ²):
+        >>> import torch
+        >>> A, W = moment_equations(torch.full((3, 1, 1), 2.0, dtype=torch.float64),
+        ...                         torch.full((3, 1, 1), 2.0, dtype=torch.float64),
+        ...                         torch.tensor([[6.0]], dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64), 6)
+        >>> [[round(v, 12) + 0.0 for v in row] for row in A.tolist()]
+        [[2.0, 1.0], [0.0, 3.0]]
+    """
+    W, usable = _usable_inverses(C_bb)
+    m, k, p = C_bs.shape
+    dtype, device = C_bb.dtype, C_bb.device
+    eye_k = torch.eye(k, dtype=dtype, device=device)
+    K = torch.cholesky_inverse(torch.linalg.cholesky(C_ss))
+    F = (W @ C_bs) @ K  # (m, k, p); 0 for groups left out
+    T_each = F @ C_bs.mT  # (m, k, k)
+    T = T_each.sum(0)
+    used = usable.to(dtype).sum()
+    # The linear maps on row-major vec(Σ): Σ ↦ U(Σ) (p² × k²), U ↦ Σ_i F_iUF_iᵀ (k² × p²) and
+    # Σ ↦ ΣTᵀ + TΣ (k² × k²), all from Kronecker-form Gram matrices over the groups.
+    design = C_bs.reshape(m, k * p)
+    to_u = (design.mT @ design).reshape(k, p, k, p).permute(1, 3, 0, 2).reshape(p * p, k * k)
+    coefficients = F.reshape(m, k * p)
+    from_u = (coefficients.mT @ coefficients).reshape(k, p, k, p).permute(0, 2, 1, 3).reshape(k * k, p * p)
+    sandwich = torch.kron(T, eye_k) + torch.kron(eye_k, T)
+    operator = used * torch.eye(k * k, dtype=dtype, device=device) - sandwich + from_u @ to_u
+    flat = units.reshape(-1, k * k)  # (L, k²)
+    per_sigma2 = (W - T_each @ W).sum(0)  # Σ_i E[b̂_i b̂_iᵀ] per unit of σ²
+    rows = torch.cat([flat @ operator @ flat.mT, (flat @ per_sigma2.reshape(-1)).unsqueeze(-1)], dim=-1)
+    # E[SSE_w]: tr(Σ(Σ_h Z_hᵀZ_h − Σ_usable Z_iᵀZ_i + Σ_i(T_iᵀZ_iᵀZ_i + Z_iᵀZ_iT_i))) − tr(U(Σ)(K + Σ_i F_iᵀZ_iᵀZ_iF_i)).
+    left_out = (C_bb * (~usable).to(dtype)[:, None, None]).sum(0)
+    crossed = T_each.mT @ C_bb
+    coupled = (crossed + crossed.mT).sum(0)
+    spread = F.reshape(m * k, p).mT @ (C_bb @ F).reshape(m * k, p)  # Σ_i F_iᵀ Z_iᵀZ_i F_i
+    sse_units = flat @ (left_out + coupled).reshape(-1) - (flat @ to_u.mT) @ (K + spread).reshape(-1)
+    sse_sigma2 = (n - p) - (used * k - torch.diagonal(T).sum())
+    last = torch.cat([sse_units, sse_sigma2.reshape(1)]).unsqueeze(0)
+    return torch.cat([rows, last]), W
+
+
+def moment_estimates(
+    C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, c_b: Tensor, yy: Tensor, units: Tensor, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Σ̂'s natural parameters a (L,), σ̂² () and whether the equations could be solved (), for a
+    model of one Grouped term and a Scalar residual. Pure and vmappable.
+
+    The design's cross products (:func:`moment_equations`) and the least-squares residual's,
+    c_b (m, k) the Z_iᵀe and yy = eᵀe (as :func:`~reml_fn.reml.mme.statistics` prepares them).
+    The equations are inverted once per design: under ``vmap`` over responses only the
+    statistics are per dataset.
+
+    Example (balanced one-way, the ANOVA estimates: σ̂² = MS_within = 1/3 and
+    σ̂²_a = (MS_between − MS_within)/2 = (97/6 − 1/3)/2 = 95/12):
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn.reml.mme import layout, statistics
+        >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) // 2), e=rf.Scalar(6))
+        >>> y = torch.tensor([1.0, 2.0, 5.0, 6.0, 7.0, 7.0], dtype=torch.float64)
+        >>> st = statistics(layout(s), y, torch.ones(6, 1, dtype=y.dtype))
+        >>> a, sigma2, ok = moment_estimates(st.C_bb, st.C_bs, st.C_ss, st.c_b, st.yy, torch.ones(1, 1, 1, dtype=y.dtype), 6)
+        >>> [round(v, 12) for v in (float(a[0]) * 12, float(sigma2) * 3)], bool(ok)
+        ([95.0, 1.0], True)
+    """
+    A, W = moment_equations(C_bb, C_bs, C_ss, units, n)
+    inverse, info = torch.linalg.inv_ex(A)
+    b = (W @ c_b.unsqueeze(-1)).squeeze(-1)  # (m, k); 0 for groups left out
+    spread = b.mT @ b  # Σ_i b̂_i b̂_iᵀ
+    within = yy - (c_b * b).sum()
+    observed = torch.cat([(units * spread).sum((-1, -2)), within.reshape(1)])
+    solution = inverse @ observed
+    ok = (info == 0) & torch.isfinite(solution).all()
+    return solution[:-1], solution[-1], ok
+
+
+class _Factor(NamedTuple):
+    """The random term of a one-factor model, read from the structure alone."""
+
+    term: object  # the Grouped or Propagate term
+    cov: object  # Σ (k×k), whose natural parameters are a
+    prefix: str  # the path of Σ's parameters in the structure's parameter tree
+    units: object  # callable(dtype, device) → the E_l (L, k, k)
+    k: int  # effects per group
+    residual: tuple  # (path, Scalar)
+
+
+def _linear_units(cov):
+    names = param_names(cov)
+
+    def units(dtype, device):
+        zero = torch.zeros((), dtype=dtype, device=device)
+        unit_of = cov._natural_jacobian(dict.fromkeys(names, zero), names)
+        return torch.stack([unit_of[name].to(dtype) for name in names])
+
+    return units
+
+
+def _may_be_identity(structure) -> bool:
+    """An ``Identity``, or a square ``Fixed`` matrix (whether it is I_m is a tensor test)."""
+    if isinstance(structure, Identity):
+        return True
+    return isinstance(structure, Fixed) and structure.matrix.shape[-1] == structure.matrix.shape[-2]
+
+
+def _unit_variance(dtype, device) -> Tensor:
+    return torch.ones(1, 1, 1, dtype=dtype, device=device)  # σ² of σ²I_m, one effect per group
+
+
+def _one_factor(s) -> _Factor | None:
+    """The random term when ``s`` is a Sum of one random-effects term and one Scalar residual,
+    every parameter free; the term ``Grouped`` with a linear covariance Σ, or a ``Propagate`` with
+    a Fixed Z and G = Scalar(m) (σ²I_m, a random intercept for Z's m columns) or
+    Kronecker(Identity(m), Σ) (Σ linear). None otherwise. Reads no tensor values, so that a fit
+    and a batch with per-dataset Z decide alike; whether Z really is a group-indicator design is
+    a tensor test (:func:`_grouped_design`)."""
+    if not isinstance(s, Sum):
+        return None
+    terms = [(path, term) for path, term, _ in mme_leaves(s, {})]
+    residual = [pair for pair in terms if isinstance(pair[1], Scalar)]
+    random = [pair for pair in terms if not isinstance(pair[1], Scalar)]
+    if len(terms) != 2 or len(residual) != 1 or len(random) != 1:
+        return None
+    path, term = random[0]
+    if isinstance(term, Grouped):
+        found = _Factor(term, term.cov, f"{path}/cov", _linear_units(term.cov), term.k, residual[0])
+    elif isinstance(term, Propagate) and isinstance(term.children[0], Fixed):
+        g, g_name = term.children[1], term.names[1]
+        if isinstance(g, Scalar):
+            found = _Factor(term, g, f"{path}/{g_name}", _unit_variance, 1, residual[0])
+        elif isinstance(g, Kronecker) and _may_be_identity(g.children[0]):
+            cov = g.children[1]
+            found = _Factor(term, cov, f"{path}/{g_name}/{g.names[1]}", _linear_units(cov), cov.shape[0], residual[0])
+        else:
+            return None
+    else:
+        return None
+    if not isinstance(found.cov, LINEAR_COVARIANCES):
+        return None
+    specs = [spec for _, spec in param_specs(found.cov)] + [spec for _, spec in param_specs(residual[0][1])]
+    return None if any(spec.fixed for spec in specs) else found
+
+
+def _grouped_design(factor: _Factor, dtype) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Group codes (n,), covariates (n, k), m, and whether every row of the design lies in one
+    group (): always for a Grouped term; for a Propagate term's Z (n, m·k), a test on its values
+    (the row's nonzeros within one block of k columns, as grouped_form's) and, for a Kronecker G
+    with a Fixed first factor, on that factor being I_m: by tensor operations."""
+    term = factor.term
+    if isinstance(term, Grouped):
+        columns = mme_columns(term, dtype)
+        return columns.codes, columns.x, columns.m, torch.ones((), dtype=torch.bool, device=columns.x.device)
+    Z = term.children[0].matrix.to(dtype)
+    k = factor.k
+    m = Z.shape[-1] // k  # Propagate has checked that G, m·k × m·k, matches Z
+    blocks = Z.reshape(*Z.shape[:-1], m, k)
+    used = (blocks != 0).any(-1)  # (n, m)
+    codes = used.to(torch.int64).argmax(-1)
+    covariates = torch.take_along_dim(blocks, codes[:, None, None], dim=-2).squeeze(-2)
+    grouped = (used.sum(-1) <= 1).all()
+    g = term.children[1]
+    if isinstance(g, Kronecker) and isinstance(g.children[0], Fixed):
+        left = g.children[0].matrix
+        grouped = grouped & (left == torch.eye(left.shape[-1], dtype=left.dtype, device=left.device)).all()
+    return codes, covariates, m, grouped
+
+
+def moment_start(s, y: Tensor, X: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The raw parameter vector (k,) of the moment estimates (module docstring) and whether to
+    start there (): the equations solved, σ̂² > 0, every variance at least
+    :data:`MIN_VARIANCE_SHARE` of σ̂² on the average diagonal of V and Σ̂'s correlation matrix's
+    eigenvalues at least :data:`MIN_CORRELATION_EIGENVALUE`. None for a model it does not serve
+    (a decision on the structure alone). Pure and vmappable over y and X; under ``vmap`` over
+    responses the design's part is formed once.
+
+    Example (sleepstudy: lme4's REML estimates, Σ̂ = [[612.09, 9.60], [9.60, 35.07]], σ̂² = 654.94):
+        >>> import torch, reml_fn as rf
+        >>> from reml_fn import datasets
+        >>> from reml_fn.design import design_matrix, indicator_codes
+        >>> d = datasets.load("sleepstudy")
+        >>> X = design_matrix(d["Days"], intercept=True)
+        >>> s = rf.Sum(Subject=rf.Grouped(indicator_codes(d["Subject"])[0], covariates=X), residual=rf.Scalar(180))
+        >>> theta, ok = moment_start(s, d["Reaction"], X)
+        >>> natural = rf.params.constrain(s, rf.unflatten_params(s, theta))
+        >>> [round(float(v), 2) for v in rf.flatten_params(s, natural)], bool(ok)
+        ([612.09, 9.6, 35.07, 654.94], True)
+    """
+    factor = _one_factor(s)
+    if factor is None:
+        return None
+    dtype, device, n = X.dtype, X.device, y.shape[-1]
+    codes, covariates, m, grouped = _grouped_design(factor, dtype)
+    # The least-squares residual e and the cross products: those of the design do not involve y,
+    # so under vmap over responses they are formed once.
+    gram = X.mT @ X
+    factor_x = torch.linalg.cholesky_ex(gram)[0]
+    e = y - X @ torch.cholesky_solve((X.mT @ y).unsqueeze(-1), factor_x).squeeze(-1)
+    C_bb = segment_sum(codes, covariates.unsqueeze(-1) * covariates.unsqueeze(-2), m)
+    C_bs = segment_sum(codes, covariates.unsqueeze(-1) * X.unsqueeze(-2), m)
+    c_b = segment_sum(codes, covariates * e.unsqueeze(-1), m)
+    units = factor.units(dtype, device)
+    a, sigma2, ok = moment_estimates(C_bb, C_bs, gram, c_b, e @ e, units, n)
+    sigma = (a[:, None, None] * units).sum(0)
+    variances = torch.diagonal(sigma)
+    # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
+    per_unit = torch.diagonal(C_bb.sum(0)) / n
+    inside = (sigma2 > 0) & (variances * per_unit >= MIN_VARIANCE_SHARE * sigma2).all()
+    if sigma.shape[-1] > 1:
+        scale = variances.clamp(min=torch.finfo(dtype).tiny).rsqrt()
+        correlation = sigma * scale[:, None] * scale[None, :]
+        # Its smallest eigenvalue is at least c exactly when correlation − c·I has a Cholesky factor.
+        shifted = correlation - MIN_CORRELATION_EIGENVALUE * torch.eye(sigma.shape[-1], dtype=dtype, device=device)
+        inside = inside & (torch.linalg.cholesky_ex(shifted)[1] == 0)
+    cov_specs = [spec for _, spec in param_specs(factor.cov)]
+    raw = {
+        f"{factor.prefix}/{name}": spec.transform.inverse(value)
+        for name, spec, value in zip(param_names(factor.cov), cov_specs, a)
+    }
+    residual_path, residual = factor.residual
+    raw[f"{residual_path}/{param_names(residual)[0]}"] = residual.specs[0].transform.inverse(sigma2)
+    theta = torch.stack([raw[name] for name in param_names(s)])
+    ok = ok & grouped & inside & torch.isfinite(theta).all()
+    return torch.where(ok, theta, 0.0), ok

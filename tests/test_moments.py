@@ -1,0 +1,225 @@
+"""The one-factor moment start (reml_fn.reml.moments): its equations are the exact expectations of
+its statistics (dense linear algebra), it is the ANOVA estimator on a balanced one-way layout and
+lme4's REML estimate on balanced designs, and fits start there only where it is well inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import reml_fn as rf
+from reml_fn import datasets
+from reml_fn.datasets.models import model
+from reml_fn.design import design_matrix, indicator_codes
+from reml_fn.fit.start import default_init
+from reml_fn.reml.moments import moment_equations, moment_start
+
+
+def natural_values(s, theta: torch.Tensor) -> list[float]:
+    return rf.flatten_params(s, rf.params.constrain(s, rf.unflatten_params(s, theta))).tolist()
+
+
+def sleepstudy():
+    d = datasets.load("sleepstudy")
+    X = design_matrix(d["Days"], intercept=True).double()
+    codes, _ = indicator_codes(d["Subject"])
+    return d["Reaction"].double(), X, codes
+
+
+# ---------------------------------------------------------------------------------- the equations
+
+
+@st.composite
+def designs(draw):
+    """An unbalanced grouped design: m groups of k effects, group sizes 0…6 (so some groups have
+    fewer rows than effects, or none), X with an intercept, a within-group covariate and, drawn,
+    a group-level covariate."""
+    m = draw(st.integers(2, 6))
+    k = draw(st.integers(1, 3))
+    sizes = draw(st.lists(st.integers(0, 6), min_size=m, max_size=m))
+    seed = draw(st.integers(0, 2**31 - 1))
+    group_level = draw(st.booleans())
+    n = sum(sizes)
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.repeat_interleave(torch.arange(m), torch.tensor(sizes))
+    x = torch.randn(n, k - 1, generator=generator, dtype=torch.float64)
+    covariates = torch.cat([torch.ones(n, 1, dtype=torch.float64), x], 1)
+    columns = [torch.ones(n, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)]
+    if group_level:
+        columns.append(torch.randn(m, generator=generator, dtype=torch.float64)[codes])
+    X = torch.stack(columns, 1)
+    usable = [size >= k for size in sizes]
+    if n <= X.shape[1] + sum(k for u in usable if u) or sum(usable) < 2:
+        return None  # no within-group degrees of freedom: nothing to test
+    if int(torch.linalg.matrix_rank(X)) < X.shape[1]:
+        return None
+    return codes, covariates, X, m, usable, generator
+
+
+def dense_expectations(codes, covariates, X, m, usable, sigma, sigma2):
+    """E[⟨E_j, Σ_i b̂_i b̂_iᵀ⟩] in matrix form and E[SSE_w] by n×n algebra (no shortcut)."""
+    n, k = covariates.shape
+    Z = torch.zeros(n, m * k, dtype=torch.float64)
+    for row in range(n):
+        g = int(codes[row])
+        Z[row, g * k : (g + 1) * k] = covariates[row]
+    V = Z @ torch.kron(torch.eye(m, dtype=torch.float64), sigma) @ Z.T + sigma2 * torch.eye(n, dtype=torch.float64)
+    Q = torch.eye(n, dtype=torch.float64) - X @ torch.linalg.solve(X.T @ X, X.T)
+    spread = torch.zeros(k, k, dtype=torch.float64)
+    within = torch.eye(n, dtype=torch.float64)
+    for g in range(m):
+        if not usable[g]:
+            continue
+        rows = codes == g
+        S = torch.eye(n, dtype=torch.float64)[rows]  # selects group g's rows
+        Zg = covariates[rows]
+        A = torch.linalg.solve(Zg.T @ Zg, Zg.T @ S)  # b̂_g = A Q y
+        spread += A @ Q @ V @ Q @ A.T
+        within -= S.T @ Zg @ A  # I − Σ_g P_g on the usable groups' rows
+    return spread, torch.trace(Q @ within @ Q @ V)
+
+
+@settings(max_examples=60, deadline=None)
+@given(designs())
+def test_moment_equations_are_the_expectations_of_the_statistics(drawn):
+    assume(drawn is not None)
+    codes, covariates, X, m, usable, generator = drawn
+    k = covariates.shape[1]
+    root = torch.randn(k, k, generator=generator, dtype=torch.float64)
+    sigma = root @ root.T + 0.5 * torch.eye(k, dtype=torch.float64)
+    sigma2 = 0.7
+    C_bb = torch.zeros(m, k, k, dtype=torch.float64).index_add(0, codes, covariates[:, :, None] * covariates[:, None, :])
+    C_bs = torch.zeros(m, k, X.shape[1], dtype=torch.float64).index_add(0, codes, covariates[:, :, None] * X[:, None, :])
+    structure = rf.Unstructured(k)
+    names = rf.param_names(structure)
+    units = torch.stack(list(structure._natural_jacobian(dict.fromkeys(names, torch.zeros(())), names).values()))
+    units = units.double()
+    A, W = moment_equations(C_bb, C_bs, X.T @ X, units, X.shape[0])
+    # Σ in Unstructured's natural parameters: the lower triangle, row by row.
+    a = torch.stack([sigma[i, j] for i in range(k) for j in range(i + 1)])
+    spread, within = dense_expectations(codes, covariates, X, m, usable, sigma, sigma2)
+    expected = torch.cat([(units * spread).sum((-1, -2)), within.reshape(1)])
+    torch.testing.assert_close(A @ torch.cat([a, torch.tensor([sigma2], dtype=torch.float64)]), expected, rtol=1e-9, atol=1e-9)
+    # The groups left out are those with fewer rows than effects (or none).
+    assert [bool((W[g] != 0).any()) for g in range(m)] == usable
+
+
+def test_balanced_one_way_layout_gives_the_anova_estimates():
+    generator = torch.Generator().manual_seed(3)
+    m, size = 7, 5
+    codes = torch.arange(m).repeat_interleave(size)
+    y = 3.0 * torch.randn(m, generator=generator, dtype=torch.float64)[codes] + torch.randn(m * size, generator=generator, dtype=torch.float64)
+    means = torch.zeros(m, dtype=torch.float64).index_add(0, codes, y) / size
+    within = float(((y - means[codes]) ** 2).sum()) / (m * (size - 1))
+    between = size * float(((means - y.mean()) ** 2).sum()) / (m - 1)
+    s = rf.Sum(g=rf.Grouped(codes), residual=rf.Scalar(m * size))
+    theta, ok = moment_start(s, y, torch.ones(m * size, 1, dtype=torch.float64))
+    assert bool(ok)
+    assert natural_values(s, theta) == pytest.approx([(between - within) / size, within], rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_balanced_sleepstudy_models_give_lme4s_reml_estimates(variant):
+    """(1|Subject), Days + (1|Subject), Days + (Days|Subject): every subject has the same design, so
+    the moments are the REML estimates (lme4's saved fits, σ² and Σ from θ and sigmaREML)."""
+    reference = datasets.references("sleepstudy")["lme4_saved_fits"][f"fit_sleepstudy_{variant}"]
+    y, X, codes = sleepstudy()
+    covariates = X if variant == 2 else X[:, :1]
+    fixed = X[:, :1] if variant == 0 else X
+    s = rf.Sum(Subject=rf.Grouped(codes, covariates=covariates), residual=rf.Scalar(180))
+    theta, ok = moment_start(s, y, fixed)
+    assert bool(ok)
+    cov = torch.tensor(reference["derived_re"][0]["cov"], dtype=torch.float64)
+    expected = [cov[i, j] for i in range(cov.shape[0]) for j in range(i + 1)] + [reference["sigmaREML"] ** 2]
+    assert natural_values(s, theta) == pytest.approx([float(v) for v in expected], rel=2e-5)
+
+
+# ------------------------------------------------------------------------------------ the fits
+
+
+@pytest.mark.parametrize("name", ["sleepstudy_2", "Dyestuff", "Rail"])
+def test_fit_starts_at_the_moments_and_converges_there(name):
+    """Propagate spellings (a Kronecker G with a Fixed identity; a Scalar G) start there too."""
+    m = model(name)
+    result = rf.fit(m.structure, m.y, m.X)
+    theta, ok = moment_start(m.structure, m.y, m.X)
+    assert bool(ok)
+    torch.testing.assert_close(result.history["params"][0], theta)
+    assert bool(result.converged) and int(result.n_iter) == 0
+    # …at the optimum: the score there is zero to round-off of ℓ.
+    assert float(result.score.abs().max()) < 1e-5
+
+
+def test_fit_keeps_the_default_start_where_a_variance_estimate_is_not_positive():
+    """Dyestuff2: the moment estimate of the batch variance is negative (lme4: 0, singular)."""
+    m = model("Dyestuff2")
+    theta, ok = moment_start(m.structure, m.y, m.X)
+    assert not bool(ok)
+    result = rf.fit(m.structure, m.y, m.X)
+    torch.testing.assert_close(result.history["params"][0], default_init(m.structure, m.y, m.X))
+    assert bool(result.converged)
+
+
+def test_variance_floors_stay_on_the_default_starts_scale():
+    """The start moves; the floor a variance may reach does not (it is set by the default start)."""
+    y, X, codes = sleepstudy()
+    s = rf.Sum(Subject=rf.Grouped(codes), residual=rf.Scalar(180))
+    from reml_fn.fit.start import raw_bounds
+
+    reference = default_init(s, y, X)
+    theta, ok = moment_start(s, y, X)
+    assert bool(ok) and not torch.allclose(theta, reference)
+    lower, _ = raw_bounds(s, reference, theta)
+    torch.testing.assert_close(lower, raw_bounds(s, reference)[0])
+
+
+def test_vmap_over_responses_equals_one_by_one():
+    y, X, codes = sleepstudy()
+    s = rf.Sum(Subject=rf.Grouped(codes, covariates=X), residual=rf.Scalar(180))
+    generator = torch.Generator().manual_seed(11)
+    noise = torch.randn(4, 180, generator=generator, dtype=torch.float64)
+    # The last response has no subject effects: its start stays the default one (ok False).
+    Y = torch.stack([y, y + 20 * noise[0], y.flip(0), X @ torch.tensor([250.0, 10.0], dtype=torch.float64) + 25 * noise[1]])
+    theta, ok = torch.func.vmap(lambda response: moment_start(s, response, X))(Y)
+    for b in range(Y.shape[0]):
+        alone, alone_ok = moment_start(s, Y[b], X)
+        assert bool(ok[b]) == bool(alone_ok)
+        torch.testing.assert_close(theta[b], alone)
+    assert ok.tolist() == [True, True, True, False]
+
+
+def test_float32_fit_starts_at_the_moments():
+    y, X, codes = sleepstudy()
+    s = rf.Sum(Subject=rf.Grouped(codes, covariates=X.float()), residual=rf.Scalar(180))
+    theta, ok = moment_start(s, y.float(), X.float())
+    assert bool(ok) and theta.dtype == torch.float32
+    result = rf.fit(s, y.float(), X.float())
+    assert bool(result.converged) and int(result.n_iter) <= 1
+    assert float(result.loglik) == pytest.approx(-871.8141359792, abs=1e-3)
+
+
+def test_models_it_does_not_serve():
+    y, X, codes = sleepstudy()
+    n = 180
+    days = torch.arange(n) % 10
+    cases = {
+        "AR1 + noise": rf.Sum(ar=rf.AR1(n), noise=rf.Scalar(n)),
+        "two random terms": rf.Sum(a=rf.Grouped(codes), b=rf.Grouped(days), residual=rf.Scalar(n)),
+        "a Diagonal residual": rf.Sum(a=rf.Grouped(codes), residual=rf.Diagonal(n)),
+        "a fixed variance": rf.fix(rf.Sum(a=rf.Grouped(codes), residual=rf.Scalar(n)), "residual/sigma^2", 1.0),
+        "compound symmetry": rf.Sum(a=rf.Grouped(codes, covariates=X, cov=rf.CompoundSymmetric(2)), residual=rf.Scalar(n)),
+    }
+    for label, s in cases.items():
+        assert moment_start(s, y, X) is None, label
+
+
+def test_a_propagate_design_that_is_not_grouped_is_not_used():
+    """A Z whose rows touch two groups' columns: not a grouped design, so no moment start."""
+    y, X, codes = sleepstudy()
+    Z = torch.nn.functional.one_hot(codes, 18).double()
+    Z[:, 0] = 1.0
+    s = rf.Sum(u=rf.Propagate(Z=Z, G=rf.Scalar(18)), residual=rf.Scalar(180))
+    theta, ok = moment_start(s, y, X)
+    assert not bool(ok)
