@@ -36,8 +36,6 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Kronecker, Propagate, Sum
 from reml_fn.params import param_names, param_specs
-from reml_fn.reml.covariance_blocks import unrolled_cholesky
-from reml_fn.reml.mme import UNROLLED_CHOLESKY_MAX_SIZE
 from reml_fn.reml.mme import _columns as mme_columns
 from reml_fn.reml.mme import _leaves as mme_leaves
 from reml_fn.reml.mme import _segment_sum as segment_sum
@@ -67,21 +65,14 @@ for k = 2), for the same reason."""
 
 def _usable_inverses(C_bb: Tensor) -> tuple[Tensor, Tensor]:
     """W_i = (Z_iᵀZ_i)⁻¹ (m, k, k) for the groups whose Z_iᵀZ_i has every Cholesky pivot above √ε
-    of its diagonal entry, 0 for the others, and that mask (m,). Small blocks by the unrolled
-    recurrences (a batch of datasets × groups in a few elementwise operations), larger by LAPACK."""
-    k = C_bb.shape[-1]
-    eye = torch.eye(k, dtype=C_bb.dtype, device=C_bb.device)
-    if k <= UNROLLED_CHOLESKY_MAX_SIZE:
-        factor, inverse_factor, factored = unrolled_cholesky(C_bb)
-    else:
-        factor, info = torch.linalg.cholesky_ex(C_bb)
-        factored = info == 0
-        factor = torch.where(factored[..., None, None], factor, eye)
-        inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(C_bb), upper=False)
+    of its diagonal entry, 0 for the others, and that mask (m,). (One batched LAPACK call: under
+    vmap over responses the design's blocks are not batched, so it runs once per design.)"""
+    eye = torch.eye(C_bb.shape[-1], dtype=C_bb.dtype, device=C_bb.device)
+    factor, info = torch.linalg.cholesky_ex(C_bb)
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
     scale = torch.diagonal(C_bb, dim1=-2, dim2=-1)
-    usable = factored & (pivots > torch.finfo(C_bb.dtype).eps ** 0.5 * scale).all(-1)
-    inverse = inverse_factor.mT @ inverse_factor
+    usable = (info == 0) & (pivots > torch.finfo(C_bb.dtype).eps ** 0.5 * scale).all(-1)
+    inverse = torch.cholesky_inverse(torch.where(usable[..., None, None], factor, eye))
     return torch.where(usable[..., None, None], inverse, 0.0), usable
 
 
