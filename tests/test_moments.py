@@ -90,18 +90,24 @@ def test_moment_equations_are_the_expectations_of_the_statistics(drawn):
     root = torch.randn(k, k, generator=generator, dtype=torch.float64)
     sigma = root @ root.T + 0.5 * torch.eye(k, dtype=torch.float64)
     sigma2 = 0.7
-    C_bb = torch.zeros(m, k, k, dtype=torch.float64).index_add(0, codes, covariates[:, :, None] * covariates[:, None, :])
-    C_bs = torch.zeros(m, k, X.shape[1], dtype=torch.float64).index_add(0, codes, covariates[:, :, None] * X[:, None, :])
+    C_bb = torch.zeros(m, k, k, dtype=torch.float64).index_add(
+        0, codes, covariates[:, :, None] * covariates[:, None, :]
+    )
+    C_bs = torch.zeros(m, k, X.shape[1], dtype=torch.float64).index_add(
+        0, codes, covariates[:, :, None] * X[:, None, :]
+    )
     structure = rf.Unstructured(k)
     names = rf.param_names(structure)
     units = torch.stack(list(structure._natural_jacobian(dict.fromkeys(names, torch.zeros(())), names).values()))
     units = units.double()
-    A, W = moment_equations(C_bb, C_bs, X.T @ X, units, X.shape[0])
+    A, W = moment_equations(C_bb, C_bs, torch.linalg.inv(X.T @ X), units, X.shape[0])
     # Σ in Unstructured's natural parameters: the lower triangle, row by row.
     a = torch.stack([sigma[i, j] for i in range(k) for j in range(i + 1)])
     spread, within = dense_expectations(codes, covariates, X, m, usable, sigma, sigma2)
     expected = torch.cat([(units * spread).sum((-1, -2)), within.reshape(1)])
-    torch.testing.assert_close(A @ torch.cat([a, torch.tensor([sigma2], dtype=torch.float64)]), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        A @ torch.cat([a, torch.tensor([sigma2], dtype=torch.float64)]), expected, rtol=1e-9, atol=1e-9
+    )
     # The groups left out are those with fewer rows than effects (or none).
     assert [bool((W[g] != 0).any()) for g in range(m)] == usable
 
@@ -110,7 +116,9 @@ def test_balanced_one_way_layout_gives_the_anova_estimates():
     generator = torch.Generator().manual_seed(3)
     m, size = 7, 5
     codes = torch.arange(m).repeat_interleave(size)
-    y = 3.0 * torch.randn(m, generator=generator, dtype=torch.float64)[codes] + torch.randn(m * size, generator=generator, dtype=torch.float64)
+    y = 3.0 * torch.randn(m, generator=generator, dtype=torch.float64)[codes] + torch.randn(
+        m * size, generator=generator, dtype=torch.float64
+    )
     means = torch.zeros(m, dtype=torch.float64).index_add(0, codes, y) / size
     within = float(((y - means[codes]) ** 2).sum()) / (m * (size - 1))
     between = size * float(((means - y.mean()) ** 2).sum()) / (m - 1)
@@ -181,7 +189,9 @@ def test_vmap_over_responses_equals_one_by_one():
     generator = torch.Generator().manual_seed(11)
     noise = torch.randn(4, 180, generator=generator, dtype=torch.float64)
     # The last response has no subject effects: its start stays the default one (ok False).
-    Y = torch.stack([y, y + 20 * noise[0], y.flip(0), X @ torch.tensor([250.0, 10.0], dtype=torch.float64) + 25 * noise[1]])
+    Y = torch.stack(
+        [y, y + 20 * noise[0], y.flip(0), X @ torch.tensor([250.0, 10.0], dtype=torch.float64) + 25 * noise[1]]
+    )
     theta, ok = torch.func.vmap(lambda response: moment_start(s, response, X))(Y)
     for b in range(Y.shape[0]):
         alone, alone_ok = moment_start(s, Y[b], X)
@@ -209,7 +219,9 @@ def test_models_it_does_not_serve():
         "two random terms": rf.Sum(a=rf.Grouped(codes), b=rf.Grouped(days), residual=rf.Scalar(n)),
         "a Diagonal residual": rf.Sum(a=rf.Grouped(codes), residual=rf.Diagonal(n)),
         "a fixed variance": rf.fix(rf.Sum(a=rf.Grouped(codes), residual=rf.Scalar(n)), "residual/sigma^2", 1.0),
-        "compound symmetry": rf.Sum(a=rf.Grouped(codes, covariates=X, cov=rf.CompoundSymmetric(2)), residual=rf.Scalar(n)),
+        "compound symmetry": rf.Sum(
+            a=rf.Grouped(codes, covariates=X, cov=rf.CompoundSymmetric(2)), residual=rf.Scalar(n)
+        ),
     }
     for label, s in cases.items():
         assert moment_start(s, y, X) is None, label

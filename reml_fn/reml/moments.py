@@ -76,12 +76,12 @@ def _usable_inverses(C_bb: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(usable[..., None, None], inverse, 0.0), usable
 
 
-def moment_equations(C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, units: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def moment_equations(C_bb: Tensor, C_bs: Tensor, K: Tensor, units: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The coefficients A ((L+1) × (L+1)) of the moment equations of the module docstring, E[s] =
     A [a; σ²] for the statistics s = [⟨E_1, Σ_i b̂_i b̂_iᵀ⟩, …, ⟨E_L, ·⟩, SSE_w], and the W_i
     (m, k, k) that form them (0 for groups left out).
 
-    Shapes: C_bb (m, k, k) the Z_iᵀZ_i, C_bs (m, k, p) the Z_iᵀX_i, C_ss (p, p) XᵀX, ``units``
+    Shapes: C_bb (m, k, k) the Z_iᵀZ_i, C_bs (m, k, p) the Z_iᵀX_i, K (p, p) = (XᵀX)⁻¹, ``units``
     (L, k, k) the E_l, n the number of rows. Depends on the design only. The sums over groups are
     taken before anything is formed per unit: with T = Σ_i T_i (usable i) and the map
     Φ(U) = Σ_i F_iUF_iᵀ, Σ_i E[b̂_i b̂_iᵀ] = m'Σ − ΣTᵀ − TΣ + Φ(U(Σ)) + σ² Σ_i(W_i − T_iW_i), and
@@ -93,7 +93,7 @@ def moment_equations(C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, units: Tensor, n:
         >>> import torch
         >>> A, W = moment_equations(torch.full((3, 1, 1), 2.0, dtype=torch.float64),
         ...                         torch.full((3, 1, 1), 2.0, dtype=torch.float64),
-        ...                         torch.tensor([[6.0]], dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64), 6)
+        ...                         torch.tensor([[1 / 6]], dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64), 6)
         >>> [[round(v, 12) + 0.0 for v in row] for row in A.tolist()]
         [[2.0, 1.0], [0.0, 3.0]]
     """
@@ -101,7 +101,6 @@ def moment_equations(C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, units: Tensor, n:
     m, k, p = C_bs.shape
     dtype, device = C_bb.dtype, C_bb.device
     eye_k = torch.eye(k, dtype=dtype, device=device)
-    K = torch.cholesky_inverse(torch.linalg.cholesky(C_ss))
     F = (W @ C_bs) @ K  # (m, k, p); 0 for groups left out
     T_each = F @ C_bs.mT  # (m, k, k)
     T = T_each.sum(0)
@@ -129,12 +128,12 @@ def moment_equations(C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, units: Tensor, n:
 
 
 def moment_estimates(
-    C_bb: Tensor, C_bs: Tensor, C_ss: Tensor, c_b: Tensor, yy: Tensor, units: Tensor, n: int
+    C_bb: Tensor, C_bs: Tensor, K: Tensor, c_b: Tensor, yy: Tensor, units: Tensor, n: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Σ̂'s natural parameters a (L,), σ̂² () and whether the equations could be solved (), for a
     model of one Grouped term and a Scalar residual. Pure and vmappable.
 
-    The design's cross products (:func:`moment_equations`) and the least-squares residual's,
+    The design's cross products and (XᵀX)⁻¹ (:func:`moment_equations`) and the least-squares residual's,
     c_b (m, k) the Z_iᵀe and yy = eᵀe (as :func:`~reml_fn.reml.mme.statistics` prepares them).
     The equations are inverted once per design: under ``vmap`` over responses only the
     statistics are per dataset.
@@ -146,11 +145,12 @@ def moment_estimates(
         >>> s = rf.Sum(g=rf.Grouped(torch.arange(6) // 2), e=rf.Scalar(6))
         >>> y = torch.tensor([1.0, 2.0, 5.0, 6.0, 7.0, 7.0], dtype=torch.float64)
         >>> st = statistics(layout(s), y, torch.ones(6, 1, dtype=y.dtype))
-        >>> a, sigma2, ok = moment_estimates(st.C_bb, st.C_bs, st.C_ss, st.c_b, st.yy, torch.ones(1, 1, 1, dtype=y.dtype), 6)
+        >>> K = torch.linalg.inv(st.C_ss)
+        >>> a, sigma2, ok = moment_estimates(st.C_bb, st.C_bs, K, st.c_b, st.yy, torch.ones(1, 1, 1, dtype=y.dtype), 6)
         >>> [round(v, 12) for v in (float(a[0]) * 12, float(sigma2) * 3)], bool(ok)
         ([95.0, 1.0], True)
     """
-    A, W = moment_equations(C_bb, C_bs, C_ss, units, n)
+    A, W = moment_equations(C_bb, C_bs, K, units, n)
     inverse, info = torch.linalg.inv_ex(A)
     b = (W @ c_b.unsqueeze(-1)).squeeze(-1)  # (m, k); 0 for groups left out
     spread = b.mT @ b  # Σ_i b̂_i b̂_iᵀ
@@ -279,14 +279,13 @@ def moment_start(s, y: Tensor, X: Tensor) -> tuple[Tensor, Tensor] | None:
     codes, covariates, m, grouped = _grouped_design(factor, dtype)
     # The least-squares residual e and the cross products: those of the design do not involve y,
     # so under vmap over responses they are formed once.
-    gram = X.mT @ X
-    factor_x = torch.linalg.cholesky_ex(gram)[0]
-    e = y - X @ torch.cholesky_solve((X.mT @ y).unsqueeze(-1), factor_x).squeeze(-1)
+    K = torch.cholesky_inverse(torch.linalg.cholesky_ex(X.mT @ X)[0])  # (XᵀX)⁻¹
+    e = y - X @ (K @ (X.mT @ y))
     C_bb = segment_sum(codes, covariates.unsqueeze(-1) * covariates.unsqueeze(-2), m)
     C_bs = segment_sum(codes, covariates.unsqueeze(-1) * X.unsqueeze(-2), m)
     c_b = segment_sum(codes, covariates * e.unsqueeze(-1), m)
     units = factor.units(dtype, device)
-    a, sigma2, ok = moment_estimates(C_bb, C_bs, gram, c_b, e @ e, units, n)
+    a, sigma2, ok = moment_estimates(C_bb, C_bs, K, c_b, e @ e, units, n)
     sigma = (a[:, None, None] * units).sum(0)
     variances = torch.diagonal(sigma)
     # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
