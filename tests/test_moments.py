@@ -123,7 +123,7 @@ def test_balanced_one_way_layout_gives_the_anova_estimates():
     within = float(((y - means[codes]) ** 2).sum()) / (m * (size - 1))
     between = size * float(((means - y.mean()) ** 2).sum()) / (m - 1)
     s = rf.Sum(g=rf.Grouped(codes), residual=rf.Scalar(m * size))
-    theta, ok = moment_start(s, y, torch.ones(m * size, 1, dtype=torch.float64))
+    theta, ok, _ = moment_start(s, y, torch.ones(m * size, 1, dtype=torch.float64))
     assert bool(ok)
     assert natural_values(s, theta) == pytest.approx([(between - within) / size, within], rel=1e-12)
 
@@ -137,7 +137,7 @@ def test_balanced_sleepstudy_models_give_lme4s_reml_estimates(variant):
     covariates = X if variant == 2 else X[:, :1]
     fixed = X[:, :1] if variant == 0 else X
     s = rf.Sum(Subject=rf.Grouped(codes, covariates=covariates), residual=rf.Scalar(180))
-    theta, ok = moment_start(s, y, fixed)
+    theta, ok, _ = moment_start(s, y, fixed)
     assert bool(ok)
     cov = torch.tensor(reference["derived_re"][0]["cov"], dtype=torch.float64)
     expected = [cov[i, j] for i in range(cov.shape[0]) for j in range(i + 1)] + [reference["sigmaREML"] ** 2]
@@ -152,7 +152,7 @@ def test_fit_starts_at_the_moments_and_converges_there(name):
     """Propagate spellings (a Kronecker G with a Fixed identity; a Scalar G) start there too."""
     m = model(name)
     result = rf.fit(m.structure, m.y, m.X)
-    theta, ok = moment_start(m.structure, m.y, m.X)
+    theta, ok, _ = moment_start(m.structure, m.y, m.X)
     assert bool(ok)
     torch.testing.assert_close(result.history["params"][0], theta)
     assert bool(result.converged) and int(result.n_iter) == 0
@@ -163,7 +163,7 @@ def test_fit_starts_at_the_moments_and_converges_there(name):
 def test_fit_keeps_the_default_start_where_a_variance_estimate_is_not_positive():
     """Dyestuff2: the moment estimate of the batch variance is negative (lme4: 0, singular)."""
     m = model("Dyestuff2")
-    theta, ok = moment_start(m.structure, m.y, m.X)
+    theta, ok, _ = moment_start(m.structure, m.y, m.X)
     assert not bool(ok)
     result = rf.fit(m.structure, m.y, m.X)
     torch.testing.assert_close(result.history["params"][0], default_init(m.structure, m.y, m.X))
@@ -177,7 +177,7 @@ def test_variance_floors_stay_on_the_default_starts_scale():
     from reml_fn.fit.start import raw_bounds
 
     reference = default_init(s, y, X)
-    theta, ok = moment_start(s, y, X)
+    theta, ok, _ = moment_start(s, y, X)
     assert bool(ok) and not torch.allclose(theta, reference)
     lower, _ = raw_bounds(s, reference, theta)
     torch.testing.assert_close(lower, raw_bounds(s, reference)[0])
@@ -192,9 +192,9 @@ def test_vmap_over_responses_equals_one_by_one():
     Y = torch.stack(
         [y, y + 20 * noise[0], y.flip(0), X @ torch.tensor([250.0, 10.0], dtype=torch.float64) + 25 * noise[1]]
     )
-    theta, ok = torch.func.vmap(lambda response: moment_start(s, response, X))(Y)
+    theta, ok, _ = torch.func.vmap(lambda response: moment_start(s, response, X))(Y)
     for b in range(Y.shape[0]):
-        alone, alone_ok = moment_start(s, Y[b], X)
+        alone, alone_ok, _ = moment_start(s, Y[b], X)
         assert bool(ok[b]) == bool(alone_ok)
         torch.testing.assert_close(theta[b], alone)
     assert ok.tolist() == [True, True, True, False]
@@ -203,7 +203,7 @@ def test_vmap_over_responses_equals_one_by_one():
 def test_float32_fit_starts_at_the_moments():
     y, X, codes = sleepstudy()
     s = rf.Sum(Subject=rf.Grouped(codes, covariates=X.float()), residual=rf.Scalar(180))
-    theta, ok = moment_start(s, y.float(), X.float())
+    theta, ok, _ = moment_start(s, y.float(), X.float())
     assert bool(ok) and theta.dtype == torch.float32
     result = rf.fit(s, y.float(), X.float())
     assert bool(result.converged) and int(result.n_iter) <= 1
@@ -233,5 +233,18 @@ def test_a_propagate_design_that_is_not_grouped_is_not_used():
     Z = torch.nn.functional.one_hot(codes, 18).double()
     Z[:, 0] = 1.0
     s = rf.Sum(u=rf.Propagate(Z=Z, G=rf.Scalar(18)), residual=rf.Scalar(180))
-    theta, ok = moment_start(s, y, X)
+    theta, ok, _ = moment_start(s, y, X)
     assert not bool(ok)
+
+
+@pytest.mark.parametrize("name", ["sleepstudy_2", "Dyestuff", "Orthodont"])
+def test_the_equal_share_start_from_the_moment_traces_is_the_engines(name):
+    """default_init with the moment start's per-unit traces = default_init with the engine's."""
+    m = model(name)
+    traces = moment_start(m.structure, m.y, m.X).unit_traces
+    torch.testing.assert_close(
+        default_init(m.structure, m.y, m.X, unit_traces=traces),
+        default_init(m.structure, m.y, m.X),
+        rtol=1e-12,
+        atol=1e-12,
+    )

@@ -514,12 +514,12 @@ class EngineCalls(NamedTuple):
         also sets the variance floors) and the point a fit without ``init`` starts from: the moment
         estimates of a one-factor model where they lie well inside the parameter space
         (:func:`~reml_fn.reml.moments.moment_start`), the default start elsewhere."""
-        reference = default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
         moments = moment_start(s, y, X)
+        traces = None if moments is None else moments.unit_traces
+        reference = default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance, traces)
         if moments is None:
             return reference, reference
-        theta, inside = moments
-        return reference, torch.where(inside, theta, reference)
+        return reference, torch.where(moments.inside, moments.theta, reference)
 
     def bounds(self, s, y, X, prepared, reference, theta):
         return raw_bounds(s, reference, theta)

@@ -152,27 +152,38 @@ def exact_linear_response(y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def default_init(
-    s, y: Tensor, X: Tensor, jacobian: str = "closed", engine: str = "auto", residual_variance: Tensor | None = None
+    s,
+    y: Tensor,
+    X: Tensor,
+    jacobian: str = "closed",
+    engine: str = "auto",
+    residual_variance: Tensor | None = None,
+    unit_traces: Tensor | None = None,
 ) -> Tensor:
     """The default raw starting vector (flat, in ``param_names(s)`` order); see the module doc.
 
-    ``residual_variance``: s² when the caller already has it (:func:`ols_residual_variance`).
-    Pure and vmappable over y and X (used per dataset by batched fits).
+    ``residual_variance``: s² when the caller already has it (:func:`ols_residual_variance`);
+    ``unit_traces``: tr(∂V/∂x_k) (k,) per natural unit x_k of each parameter when the caller has
+    them (:func:`~reml_fn.reml.moments.moment_start` does), instead of the engine's traces at the
+    raw defaults. Pure and vmappable over y and X (used per dataset by batched fits).
     """
     specs = _free_specs(s)
     if not specs:
         return y.new_zeros(0)
     theta = torch.tensor([spec.default for spec in specs], dtype=y.dtype, device=y.device)
     s2 = ols_residual_variance(y, X) if residual_variance is None else residual_variance
-    # tr(∂V/∂θ_k) at the defaults, from the engine (the MME engine needs no n×n matrix).
-    traces = select_engine(s, engine).jacobian_traces(s, tree_from_names(param_names(s), theta), jacobian)
     n = y.shape[-1]
     variance = [k for k, spec in enumerate(specs) if is_variance(spec.transform)]
     if variance:
         index = torch.tensor(variance, device=y.device)
-        slopes = torch.stack([specs[k].transform.derivative(theta[k]) for k in variance])
         # a_k = tr(∂V/∂σ²_k)/n: what one natural unit of σ²_k adds to the average diagonal of V.
-        scale = traces.index_select(-1, index) / (n * slopes)
+        if unit_traces is None:
+            # tr(∂V/∂θ_k) at the defaults, from the engine (the MME engine needs no n×n matrix).
+            traces = select_engine(s, engine).jacobian_traces(s, tree_from_names(param_names(s), theta), jacobian)
+            slopes = torch.stack([specs[k].transform.derivative(theta[k]) for k in variance])
+            scale = traces.index_select(-1, index) / (n * slopes)
+        else:
+            scale = unit_traces.index_select(-1, index) / n
         usable = scale > 0
         share = s2.unsqueeze(-1) / (
             usable.sum(-1, keepdim=True).clamp(min=1) * scale.clamp(min=torch.finfo(y.dtype).tiny)

@@ -42,6 +42,7 @@ from reml_fn.reml.mme import _segment_sum as segment_sum
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar, Unstructured
 
 __all__ = [
+    "MomentStart",
     "LINEAR_COVARIANCES",
     "MIN_VARIANCE_SHARE",
     "MIN_CORRELATION_EIGENVALUE",
@@ -252,9 +253,19 @@ def _grouped_design(factor: _Factor, dtype) -> tuple[Tensor, Tensor, int, Tensor
     return codes, covariates, m, grouped
 
 
-def moment_start(s, y: Tensor, X: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The raw parameter vector (k,) of the moment estimates (module docstring) and whether to
-    start there (): the equations solved, σ̂² > 0, every variance at least
+class MomentStart(NamedTuple):
+    """:func:`moment_start`'s answer."""
+
+    theta: Tensor  # (k,) raw parameters of the moment estimates (0 where not ``inside``)
+    inside: Tensor  # () whether a fit starts there
+    unit_traces: Tensor  # (k,) tr(∂V/∂x_j) per natural unit x_j of each parameter (default_init's)
+
+
+def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
+    """The raw parameter vector (k,) of the moment estimates (module docstring), whether to start
+    there (), and tr(∂V/∂x_j) (k,) for the natural value x_j of each parameter (the design's
+    ⟨E_l, Σ_i Z_iᵀZ_i⟩, and n for σ²: what the equal-share start needs). A fit starts there where
+    the equations are solved, σ̂² > 0, every variance at least
     :data:`MIN_VARIANCE_SHARE` of σ̂² on the average diagonal of V and Σ̂'s correlation matrix's
     eigenvalues at least :data:`MIN_CORRELATION_EIGENVALUE`. None for a model it does not serve
     (a decision on the structure alone). Pure and vmappable over y and X; under ``vmap`` over
@@ -267,7 +278,7 @@ def moment_start(s, y: Tensor, X: Tensor) -> tuple[Tensor, Tensor] | None:
         >>> d = datasets.load("sleepstudy")
         >>> X = design_matrix(d["Days"], intercept=True)
         >>> s = rf.Sum(Subject=rf.Grouped(indicator_codes(d["Subject"])[0], covariates=X), residual=rf.Scalar(180))
-        >>> theta, ok = moment_start(s, d["Reaction"], X)
+        >>> theta, ok, _ = moment_start(s, d["Reaction"], X)
         >>> natural = rf.params.constrain(s, rf.unflatten_params(s, theta))
         >>> [round(float(v), 2) for v in rf.flatten_params(s, natural)], bool(ok)
         ([612.09, 9.6, 35.07, 654.94], True)
@@ -281,15 +292,17 @@ def moment_start(s, y: Tensor, X: Tensor) -> tuple[Tensor, Tensor] | None:
     # so under vmap over responses they are formed once.
     K = torch.cholesky_inverse(torch.linalg.cholesky_ex(X.mT @ X)[0])  # (XᵀX)⁻¹
     e = y - X @ (K @ (X.mT @ y))
-    C_bb = segment_sum(codes, covariates.unsqueeze(-1) * covariates.unsqueeze(-2), m)
-    C_bs = segment_sum(codes, covariates.unsqueeze(-1) * X.unsqueeze(-2), m)
+    k = covariates.shape[-1]
+    C_bt = segment_sum(codes, covariates.unsqueeze(-1) * torch.cat([covariates, X], -1).unsqueeze(-2), m)
+    C_bb, C_bs = C_bt[..., :k], C_bt[..., k:]  # Z_iᵀZ_i and Z_iᵀX_i
     c_b = segment_sum(codes, covariates * e.unsqueeze(-1), m)
     units = factor.units(dtype, device)
     a, sigma2, ok = moment_estimates(C_bb, C_bs, K, c_b, e @ e, units, n)
     sigma = (a[:, None, None] * units).sum(0)
     variances = torch.diagonal(sigma)
+    gram = C_bb.sum(0)  # Σ_i Z_iᵀZ_i: tr(Z (I ⊗ E_l) Zᵀ) = ⟨E_l, gram⟩
     # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
-    per_unit = torch.diagonal(C_bb.sum(0)) / n
+    per_unit = torch.diagonal(gram) / n
     inside = (sigma2 > 0) & (variances * per_unit >= MIN_VARIANCE_SHARE * sigma2).all()
     if sigma.shape[-1] > 1:
         scale = variances.clamp(min=torch.finfo(dtype).tiny).rsqrt()
@@ -303,7 +316,11 @@ def moment_start(s, y: Tensor, X: Tensor) -> tuple[Tensor, Tensor] | None:
         for name, spec, value in zip(param_names(factor.cov), cov_specs, a)
     }
     residual_path, residual = factor.residual
-    raw[f"{residual_path}/{param_names(residual)[0]}"] = residual.specs[0].transform.inverse(sigma2)
-    theta = torch.stack([raw[name] for name in param_names(s)])
+    residual_name = f"{residual_path}/{param_names(residual)[0]}"
+    raw[residual_name] = residual.specs[0].transform.inverse(sigma2)
+    names = param_names(s)
+    theta = torch.stack([raw[name] for name in names])
     ok = ok & grouped & inside & torch.isfinite(theta).all()
-    return torch.where(ok, theta, 0.0), ok
+    traces = dict(zip(raw, (units * gram).sum((-1, -2)).unbind(0)))
+    traces[residual_name] = torch.tensor(float(n), dtype=dtype, device=device)
+    return MomentStart(torch.where(ok, theta, 0.0), ok, torch.stack([traces[name] for name in names]))
