@@ -82,13 +82,17 @@ def dense_expectations(codes, covariates, X, m, usable, sigma, sigma2):
 
 
 @settings(max_examples=60, deadline=None)
-@given(designs())
-def test_moment_equations_are_the_expectations_of_the_statistics(drawn):
+@given(designs(), st.sampled_from(["Unstructured", "Diagonal", "Scalar"]))
+def test_moment_equations_are_the_expectations_of_the_statistics(drawn, kind):
     assume(drawn is not None)
     codes, covariates, X, m, usable, generator = drawn
     k = covariates.shape[1]
     root = torch.randn(k, k, generator=generator, dtype=torch.float64)
     sigma = root @ root.T + 0.5 * torch.eye(k, dtype=torch.float64)
+    if kind == "Diagonal":
+        sigma = torch.diag(torch.diagonal(sigma))
+    elif kind == "Scalar":
+        sigma = sigma[0, 0] * torch.eye(k, dtype=torch.float64)
     sigma2 = 0.7
     C_bb = torch.zeros(m, k, k, dtype=torch.float64).index_add(
         0, codes, covariates[:, :, None] * covariates[:, None, :]
@@ -96,13 +100,19 @@ def test_moment_equations_are_the_expectations_of_the_statistics(drawn):
     C_bs = torch.zeros(m, k, X.shape[1], dtype=torch.float64).index_add(
         0, codes, covariates[:, :, None] * X[:, None, :]
     )
-    structure = rf.Unstructured(k)
+    structure = getattr(rf, kind)(k)
     names = rf.param_names(structure)
     units = torch.stack(list(structure._natural_jacobian(dict.fromkeys(names, torch.zeros(())), names).values()))
     units = units.double()
     A, W = moment_equations(C_bb, C_bs, torch.linalg.inv(X.T @ X), units, X.shape[0])
-    # Σ in Unstructured's natural parameters: the lower triangle, row by row.
-    a = torch.stack([sigma[i, j] for i in range(k) for j in range(i + 1)])
+    # Σ in the structure's natural parameters: Unstructured's lower triangle row by row, Diagonal's
+    # variances, Scalar's σ².
+    if kind == "Unstructured":
+        a = torch.stack([sigma[i, j] for i in range(k) for j in range(i + 1)])
+    elif kind == "Diagonal":
+        a = torch.diagonal(sigma)
+    else:
+        a = sigma[0, 0].reshape(1)
     spread, within = dense_expectations(codes, covariates, X, m, usable, sigma, sigma2)
     expected = torch.cat([(units * spread).sum((-1, -2)), within.reshape(1)])
     torch.testing.assert_close(
