@@ -43,6 +43,7 @@ from reml_fn.structures import Diagonal, Fixed, Identity, Scalar, Unstructured
 
 __all__ = [
     "MomentStart",
+    "mivque0_equations",
     "LINEAR_COVARIANCES",
     "MIN_VARIANCE_SHARE",
     "MIN_CORRELATION_EIGENVALUE",
@@ -163,14 +164,13 @@ def moment_estimates(
 
 
 class _Factor(NamedTuple):
-    """The random term of a one-factor model, read from the structure alone."""
+    """A random-effects term of grouped shape, read from the structure alone."""
 
     term: object  # the Grouped or Propagate term
     cov: object  # Σ (k×k), whose natural parameters are a
     prefix: str  # the path of Σ's parameters in the structure's parameter tree
     units: object  # callable(dtype, device) → the E_l (L, k, k)
     k: int  # effects per group
-    residual: tuple  # (path, Scalar)
 
 
 def _linear_units(cov):
@@ -195,38 +195,43 @@ def _unit_variance(dtype, device) -> Tensor:
     return torch.ones(1, 1, 1, dtype=dtype, device=device)  # σ² of σ²I_m, one effect per group
 
 
-def _one_factor(s) -> _Factor | None:
-    """The random term when ``s`` is a Sum of one random-effects term and one Scalar residual,
-    every parameter free; the term ``Grouped`` with a linear covariance Σ, or a ``Propagate`` with
-    a Fixed Z and G = Scalar(m) (σ²I_m, a random intercept for Z's m columns) or
-    Kronecker(Identity(m), Σ) (Σ linear). None otherwise. Reads no tensor values, so that a fit
-    and a batch with per-dataset Z decide alike; whether Z really is a group-indicator design is
-    a tensor test (:func:`_grouped_design`)."""
-    if not isinstance(s, Sum):
-        return None
-    terms = [(path, term) for path, term, _ in mme_leaves(s, {})]
-    residual = [pair for pair in terms if isinstance(pair[1], Scalar)]
-    random = [pair for pair in terms if not isinstance(pair[1], Scalar)]
-    if len(terms) != 2 or len(residual) != 1 or len(random) != 1:
-        return None
-    path, term = random[0]
+def _factor(path: str, term) -> _Factor | None:
+    """A ``Grouped`` term with a linear Σ, or a ``Propagate`` with a Fixed Z and G = Scalar(m)
+    (σ²I_m, a random intercept for Z's m columns) or Kronecker(Identity(m), Σ) (Σ linear), with
+    every parameter free; None for anything else."""
     if isinstance(term, Grouped):
-        found = _Factor(term, term.cov, f"{path}/cov", _linear_units(term.cov), term.k, residual[0])
+        found = _Factor(term, term.cov, f"{path}/cov", _linear_units(term.cov), term.k)
     elif isinstance(term, Propagate) and isinstance(term.children[0], Fixed):
         g, g_name = term.children[1], term.names[1]
         if isinstance(g, Scalar):
-            found = _Factor(term, g, f"{path}/{g_name}", _unit_variance, 1, residual[0])
+            found = _Factor(term, g, f"{path}/{g_name}", _unit_variance, 1)
         elif isinstance(g, Kronecker) and _may_be_identity(g.children[0]):
             cov = g.children[1]
-            found = _Factor(term, cov, f"{path}/{g_name}/{g.names[1]}", _linear_units(cov), cov.shape[0], residual[0])
+            found = _Factor(term, cov, f"{path}/{g_name}/{g.names[1]}", _linear_units(cov), cov.shape[0])
         else:
             return None
     else:
         return None
-    if not isinstance(found.cov, LINEAR_COVARIANCES):
+    if not isinstance(found.cov, LINEAR_COVARIANCES) or any(spec.fixed for _, spec in param_specs(found.cov)):
         return None
-    specs = [spec for _, spec in param_specs(found.cov)] + [spec for _, spec in param_specs(residual[0][1])]
-    return None if any(spec.fixed for spec in specs) else found
+    return found
+
+
+def _random_terms(s) -> tuple[list[_Factor], tuple] | None:
+    """The random terms and the ``(path, Scalar)`` residual when ``s`` is a Sum of random-effects
+    terms of grouped shape (:func:`_factor`) and one free Scalar residual; None otherwise. Reads
+    no tensor values, so that a fit and a batch with per-dataset Z decide alike; whether a
+    Propagate Z really is a group-indicator design is a tensor test (:func:`_grouped_design`)."""
+    if not isinstance(s, Sum):
+        return None
+    terms = [(path, term) for path, term, _ in mme_leaves(s, {})]
+    residual = [pair for pair in terms if isinstance(pair[1], Scalar)]
+    if len(residual) != 1 or any(spec.fixed for _, spec in param_specs(residual[0][1])):
+        return None
+    factors = [_factor(path, term) for path, term in terms if not isinstance(term, Scalar)]
+    if not factors or any(factor is None for factor in factors):
+        return None
+    return factors, residual[0]
 
 
 def _grouped_design(factor: _Factor, dtype) -> tuple[Tensor, Tensor, int, Tensor]:
@@ -253,6 +258,57 @@ def _grouped_design(factor: _Factor, dtype) -> tuple[Tensor, Tensor, int, Tensor
     return codes, covariates, m, grouped
 
 
+def _crossed_square(codes_a: Tensor, weights_a: Tensor, codes_c: Tensor, weights_c: Tensor, size_c: int) -> Tensor:
+    """‖Z_aᵀZ_c‖²_F for two grouped designs (rows: one group each, with a weight): the squared
+    sums of w_a·w_c over the rows of each (g, h) pair of levels, by one sort of the pair keys
+    (O(n log n), no m_a × m_c table; vmappable)."""
+    keys, order = torch.sort(codes_a * size_c + codes_c)
+    weights = (weights_a * weights_c)[order]
+    first = torch.ones_like(keys[:1], dtype=torch.bool)
+    segment = torch.cumsum(torch.cat([first, keys[1:] != keys[:-1]]).to(torch.long), 0) - 1
+    return (segment_sum(segment, weights, keys.shape[-1]) ** 2).sum()
+
+
+def mivque0_equations(codes: list[Tensor], weights: list[Tensor], sizes: list[int], X: Tensor, K: Tensor) -> Tensor:
+    """The coefficients A ((T+1) × (T+1)) of MIVQUE(0) for V = Σ_a σ²_a Z_aZ_aᵀ + σ²I with T
+    grouped designs Z_a of one effect per group (row r has weight w_a,r in column codes_a,r):
+    A_ab = tr(QV_aQV_b) with V_a = Z_aZ_aᵀ, V_{T+1} = I and Q = I − XKXᵀ, K = (XᵀX)⁻¹, so that
+    E[yᵀQV_aQy] = Σ_b A_ab σ²_b. With P_a = Z_aᵀX:
+
+        tr(QV_aQV_b) = ‖Z_aᵀZ_b‖² − 2 Σ_r w_a,r w_b,r (P_aK)_(a_r)·(P_b)_(b_r) + tr(KP_aᵀP_aKP_bᵀP_b),
+        tr(QV_aQ) = Σ_r w_a,r² − tr(KP_aᵀP_a),   tr(QQ) = n − p.
+
+    O(n·p²) and one sort per pair of terms; depends on the design only.
+
+    Example (a balanced two-way crossed layout, 3 × 2 cells of one row, mean only:
+    E[‖Z_Aᵀe‖²] = 4σ²_A + 2σ², the a − 1 = 2 degrees of freedom of A's means weighed by b = 2):
+        >>> import torch
+        >>> a, b = torch.arange(6) // 2, torch.arange(6) % 2
+        >>> ones = torch.ones(6, dtype=torch.float64)
+        >>> A = mivque0_equations([a, b], [ones, ones], [3, 2], ones[:, None], torch.tensor([[1 / 6]], dtype=torch.float64))
+        >>> [round(v, 12) + 0.0 for v in A[0].tolist()]  # tr(QV_AQV_A), tr(QV_AQV_B), tr(QV_AQ)
+        [8.0, 0.0, 4.0]
+    """
+    n, p = X.shape[-2:]
+    projected = [segment_sum(g, w.unsqueeze(-1) * X, m) for g, w, m in zip(codes, weights, sizes)]  # P_a
+    grams = [P.mT @ P for P in projected]
+    T = len(codes)
+    entries = [[X.new_zeros(())] * (T + 1) for _ in range(T + 1)]
+    for a in range(T):
+        left = projected[a] @ K
+        for c in range(a, T):
+            if a == c:  # Z_aᵀZ_a is diagonal: the groups' sums of w²
+                square = (segment_sum(codes[a], weights[a] * weights[a], sizes[a]) ** 2).sum()
+            else:
+                square = _crossed_square(codes[a], weights[a], codes[c], weights[c], sizes[c])
+            cross = ((left[codes[a]] * projected[c][codes[c]]).sum(-1) * weights[a] * weights[c]).sum()
+            both = (K @ grams[a] @ K * grams[c]).sum()
+            entries[a][c] = entries[c][a] = square - 2 * cross + both
+        entries[a][T] = entries[T][a] = (weights[a] ** 2).sum() - (K * grams[a]).sum()
+    entries[T][T] = X.new_tensor(float(n - p))
+    return torch.stack([torch.stack(row) for row in entries])
+
+
 class MomentStart(NamedTuple):
     """:func:`moment_start`'s answer."""
 
@@ -262,14 +318,20 @@ class MomentStart(NamedTuple):
 
 
 def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
-    """The raw parameter vector (k,) of the moment estimates (module docstring), whether to start
-    there (), and tr(∂V/∂x_j) (k,) for the natural value x_j of each parameter (the design's
-    ⟨E_l, Σ_i Z_iᵀZ_i⟩, and n for σ²: what the equal-share start needs). A fit starts there where
-    the equations are solved, σ̂² > 0, every variance at least
-    :data:`MIN_VARIANCE_SHARE` of σ̂² on the average diagonal of V and Σ̂'s correlation matrix's
-    eigenvalues at least :data:`MIN_CORRELATION_EIGENVALUE`. None for a model it does not serve
-    (a decision on the structure alone). Pure and vmappable over y and X; under ``vmap`` over
-    responses the design's part is formed once.
+    """The raw parameter vector (k,) of the moment estimates, whether to start there (), and
+    tr(∂V/∂x_j) (k,) for the natural value x_j of each parameter (what the equal-share start
+    needs). None for a model it does not serve (a decision on the structure alone):
+
+    * one random term (any k, a linear Σ): the moments of the module docstring;
+    * several random terms of one effect per group each (random intercepts, or one slope each;
+      crossed or nested): MIVQUE(0), Rao's minimum-variance quadratic unbiased estimates with the
+      prior V₀ = I (SAS PROC MIXED's default start): A [σ²_1 … σ²_T, σ²] = [‖Z_aᵀe‖², eᵀe] with
+      A from :func:`mivque0_equations`.
+
+    A fit starts there where the equations are solved, σ̂² > 0, every variance adds at least
+    :data:`MIN_VARIANCE_SHARE` of σ̂² to the average diagonal of V and Σ̂'s correlation matrix has
+    eigenvalues at least :data:`MIN_CORRELATION_EIGENVALUE`. Pure and vmappable over y and X;
+    under ``vmap`` over responses the design's part is formed once.
 
     Example (sleepstudy: lme4's REML estimates, Σ̂ = [[612.09, 9.60], [9.60, 35.07]], σ̂² = 654.94):
         >>> import torch, reml_fn as rf
@@ -283,45 +345,62 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
         >>> [round(float(v), 2) for v in rf.flatten_params(s, natural)], bool(ok)
         ([612.09, 9.6, 35.07, 654.94], True)
     """
-    factor = _one_factor(s)
-    if factor is None:
+    found = _random_terms(s)
+    if found is None:
+        return None
+    factors, (residual_path, residual) = found
+    several = len(factors) > 1
+    if several and not all(factor.k == 1 and len(param_names(factor.cov)) == 1 for factor in factors):
         return None
     dtype, device, n = X.dtype, X.device, y.shape[-1]
-    codes, covariates, m, grouped = _grouped_design(factor, dtype)
-    # The least-squares residual e and the cross products: those of the design do not involve y,
-    # so under vmap over responses they are formed once.
+    designs = [_grouped_design(factor, dtype) for factor in factors]  # (codes, covariates, m, grouped)
+    grouped = torch.stack([design[3] for design in designs]).all()
+    # The least-squares residual e; what involves only the design is formed once under vmap.
     K = torch.cholesky_inverse(torch.linalg.cholesky_ex(X.mT @ X)[0])  # (XᵀX)⁻¹
     e = y - X @ (K @ (X.mT @ y))
-    k = covariates.shape[-1]
-    C_bt = segment_sum(codes, covariates.unsqueeze(-1) * torch.cat([covariates, X], -1).unsqueeze(-2), m)
-    C_bb, C_bs = C_bt[..., :k], C_bt[..., k:]  # Z_iᵀZ_i and Z_iᵀX_i
-    c_b = segment_sum(codes, covariates * e.unsqueeze(-1), m)
-    units = factor.units(dtype, device)
-    a, sigma2, ok = moment_estimates(C_bb, C_bs, K, c_b, e @ e, units, n)
-    sigma = (a[:, None, None] * units).sum(0)
-    variances = torch.diagonal(sigma)
-    gram = C_bb.sum(0)  # Σ_i Z_iᵀZ_i: tr(Z (I ⊗ E_l) Zᵀ) = ⟨E_l, gram⟩
-    # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
-    per_unit = torch.diagonal(gram) / n
-    inside = (sigma2 > 0) & (variances * per_unit >= MIN_VARIANCE_SHARE * sigma2).all()
-    if sigma.shape[-1] > 1:
-        scale = variances.clamp(min=torch.finfo(dtype).tiny).rsqrt()
-        correlation = sigma * scale[:, None] * scale[None, :]
-        # Its smallest eigenvalue is at least c exactly when correlation − c·I has a Cholesky factor.
-        shifted = correlation - MIN_CORRELATION_EIGENVALUE * torch.eye(sigma.shape[-1], dtype=dtype, device=device)
-        inside = inside & (torch.linalg.cholesky_ex(shifted)[1] == 0)
-    cov_specs = [spec for _, spec in param_specs(factor.cov)]
-    raw = {
-        f"{factor.prefix}/{name}": spec.transform.inverse(value)
-        for name, spec, value in zip(param_names(factor.cov), cov_specs, a)
-    }
-    residual_path, residual = factor.residual
+    if several:
+        codes, weights, sizes = [d[0] for d in designs], [d[1][:, 0] for d in designs], [d[2] for d in designs]
+        A = mivque0_equations(codes, weights, sizes, X, K)
+        inverse, info = torch.linalg.inv_ex(A)
+        sums = [segment_sum(g, w * e, m) for g, w, m in zip(codes, weights, sizes)]  # Z_aᵀe
+        solution = inverse @ torch.stack([(z * z).sum() for z in sums] + [e @ e])
+        ok = (info == 0) & torch.isfinite(solution).all()
+        values, sigma2 = [solution[a : a + 1] for a in range(len(factors))], solution[-1]
+        per_unit = [(w * w).sum().reshape(1) for w in weights]  # tr(Z_aZ_aᵀ) per unit of σ²_a
+        inside = sigma2 > 0
+        for value, trace in zip(values, per_unit):
+            inside = inside & (value * trace / n >= MIN_VARIANCE_SHARE * sigma2).all()
+    else:
+        (factor,), (codes, covariates, m, _) = factors, designs[0]
+        k = covariates.shape[-1]
+        C_bt = segment_sum(codes, covariates.unsqueeze(-1) * torch.cat([covariates, X], -1).unsqueeze(-2), m)
+        C_bb, C_bs = C_bt[..., :k], C_bt[..., k:]  # Z_iᵀZ_i and Z_iᵀX_i
+        c_b = segment_sum(codes, covariates * e.unsqueeze(-1), m)
+        units = factor.units(dtype, device)
+        a, sigma2, ok = moment_estimates(C_bb, C_bs, K, c_b, e @ e, units, n)
+        sigma = (a[:, None, None] * units).sum(0)
+        variances = torch.diagonal(sigma)
+        gram = C_bb.sum(0)  # Σ_i Z_iᵀZ_i: tr(Z (I ⊗ E_l) Zᵀ) = ⟨E_l, gram⟩
+        # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
+        inside = (sigma2 > 0) & (variances * torch.diagonal(gram) / n >= MIN_VARIANCE_SHARE * sigma2).all()
+        if sigma.shape[-1] > 1:
+            scale = variances.clamp(min=torch.finfo(dtype).tiny).rsqrt()
+            correlation = sigma * scale[:, None] * scale[None, :]
+            # Its smallest eigenvalue is at least c exactly when correlation − c·I has a Cholesky factor.
+            eye = torch.eye(sigma.shape[-1], dtype=dtype, device=device)
+            inside = inside & (torch.linalg.cholesky_ex(correlation - MIN_CORRELATION_EIGENVALUE * eye)[1] == 0)
+        values, per_unit = [a], [(units * gram).sum((-1, -2))]
+    raw, traces = {}, {}
+    for factor, value, trace in zip(factors, values, per_unit):
+        specs = [spec for _, spec in param_specs(factor.cov)]
+        for name, spec, x, unit_trace in zip(param_names(factor.cov), specs, value, trace):
+            raw[f"{factor.prefix}/{name}"] = spec.transform.inverse(x)
+            traces[f"{factor.prefix}/{name}"] = unit_trace
     residual_name = f"{residual_path}/{param_names(residual)[0]}"
     raw[residual_name] = residual.specs[0].transform.inverse(sigma2)
+    traces[residual_name] = torch.tensor(float(n), dtype=dtype, device=device)
     names = param_names(s)
     theta = torch.stack([raw[name] for name in names])
     # (Finite wherever inside: its variances are positive, the rest finite with the solution.)
     ok = ok & grouped & inside
-    traces = dict(zip(raw, (units * gram).sum((-1, -2)).unbind(0)))
-    traces[residual_name] = torch.tensor(float(n), dtype=dtype, device=device)
     return MomentStart(torch.where(ok, theta, 0.0), ok, torch.stack([traces[name] for name in names]))
