@@ -90,8 +90,8 @@ def fit_batched(
             otherwise) or (B, n, p) per dataset (a dataset with NaN or a rank-deficient X is
             flagged, not an error).
         init: raw starts: a flat tensor (k,) or (B, k) in ``param_names(s)`` order, or a parameter
-            tree with 0-d or (B,) leaves; default: per dataset, as ``fit``'s (the moment estimates
-            of a one-factor model where they lie well inside, :func:`~reml_fn.fit.start.default_init`
+            tree with 0-d or (B,) leaves; default: per dataset, as ``fit``'s (moment estimates of a
+            grouped model where they lie well inside, :func:`~reml_fn.fit.start.default_init`
             otherwise).
         in_dims: which data leaves of ``s`` are per dataset, as ``torch.func.vmap``'s in_dims for
             ``s``: None (all shared), an int (every leaf batched along that dimension) or a tree

@@ -11,10 +11,11 @@ Default start (no hand-tuning needed for real models):
   Scalar, so the AI matrix of AR1 + noise is singular there by symmetry;
 * everything else (covariances, Cholesky entries, user parameters) keeps its raw default.
 
-A fit without ``init`` of a one-factor model (one Grouped term, or a Propagate term of that shape,
-with a linear covariance and a Scalar residual) starts at its moment estimates instead, where they
-lie well inside the parameter space (:func:`reml_fn.reml.moments.moment_start`); the variance
-floors below are set by this default start all the same.
+A fit without ``init`` of a grouped model with a Scalar residual starts at moment estimates
+instead, where they lie well inside the parameter space (:func:`reml_fn.reml.moments.moment_start`):
+the ANOVA-type moments of one random term (a Grouped term, or a Propagate term of that shape, with a
+linear covariance), or MIVQUE(0) for several terms of one effect per group. The variance floors
+below are set by this default start all the same.
 
 Bounds: a variance may shrink to 100·ε (2e-14 in float64) of its default start (an equal share of the OLS residual
 variance, so the floor is on the scale of the data whatever ``init`` is) (REML boundary fits such as Dyestuff2 stop
