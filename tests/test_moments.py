@@ -14,7 +14,7 @@ from reml_fn import datasets
 from reml_fn.datasets.models import model
 from reml_fn.design import design_matrix, indicator_codes
 from reml_fn.fit.start import default_init
-from reml_fn.reml.moments import mivque0_equations, moment_equations, moment_start
+from reml_fn.reml.moments import GroupedDesign, mivque0_equations, mivque0_statistics, moment_start
 
 
 def natural_values(s, theta: torch.Tensor) -> list[float]:
@@ -32,94 +32,62 @@ def sleepstudy():
 
 
 @st.composite
-def designs(draw):
-    """An unbalanced grouped design: m groups of k effects, group sizes 0…6 (so some groups have
-    fewer rows than effects, or none), X with an intercept, a within-group covariate and, drawn,
-    a group-level covariate."""
-    m = draw(st.integers(2, 6))
-    k = draw(st.integers(1, 3))
-    sizes = draw(st.lists(st.integers(0, 6), min_size=m, max_size=m))
+def grouped_models(draw):
+    """One to three random terms of grouped shape, crossed or nested, each with k = 1–3 covariates
+    (an intercept and random columns) and Σ Unstructured, Diagonal or Scalar; unbalanced group sizes
+    (levels may be empty); X of an intercept, a covariate and optionally a group-level column."""
     seed = draw(st.integers(0, 2**31 - 1))
-    group_level = draw(st.booleans())
-    n = sum(sizes)
+    n = draw(st.integers(10, 30))
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.repeat_interleave(torch.arange(m), torch.tensor(sizes))
-    x = torch.randn(n, k - 1, generator=generator, dtype=torch.float64)
-    covariates = torch.cat([torch.ones(n, 1, dtype=torch.float64), x], 1)
+    designs = []
+    for _ in range(draw(st.integers(1, 3))):
+        m = draw(st.integers(2, 6))
+        k = draw(st.integers(1, 3))
+        kind = draw(st.sampled_from(["Unstructured", "Diagonal", "Scalar"]))
+        codes = torch.randint(0, m, (n,), generator=generator)
+        covariates = torch.cat(
+            [torch.ones(n, 1, dtype=torch.float64), torch.randn(n, k - 1, generator=generator, dtype=torch.float64)], 1
+        )
+        structure = getattr(rf, kind)(k)
+        names = rf.param_names(structure)
+        units = torch.stack(list(structure._natural_jacobian(dict.fromkeys(names, torch.zeros(())), names).values()))
+        designs.append(GroupedDesign(codes, covariates, m, units.double()))
     columns = [torch.ones(n, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)]
-    if group_level:
-        columns.append(torch.randn(m, generator=generator, dtype=torch.float64)[codes])
+    if draw(st.booleans()):
+        columns.append(torch.randn(designs[0].size, generator=generator, dtype=torch.float64)[designs[0].codes])
     X = torch.stack(columns, 1)
-    usable = [size >= k for size in sizes]
-    if n <= X.shape[1] + sum(k for u in usable if u) or sum(usable) < 2:
-        return None  # no within-group degrees of freedom: nothing to test
-    if int(torch.linalg.matrix_rank(X)) < X.shape[1]:
-        return None
-    return codes, covariates, X, m, usable, generator
+    # Well conditioned: the traces' X corrections cancel, to round-off of size cond(X)²·ε.
+    assume(float(torch.linalg.cond(X)) < 100)
+    return designs, X, torch.randn(n, generator=generator, dtype=torch.float64)
 
 
-def dense_expectations(codes, covariates, X, m, usable, sigma, sigma2):
-    """E[⟨E_j, Σ_i b̂_i b̂_iᵀ⟩] in matrix form and E[SSE_w] by n×n algebra (no shortcut)."""
-    n, k = covariates.shape
-    Z = torch.zeros(n, m * k, dtype=torch.float64)
-    for row in range(n):
-        g = int(codes[row])
-        Z[row, g * k : (g + 1) * k] = covariates[row]
-    V = Z @ torch.kron(torch.eye(m, dtype=torch.float64), sigma) @ Z.T + sigma2 * torch.eye(n, dtype=torch.float64)
-    Q = torch.eye(n, dtype=torch.float64) - X @ torch.linalg.solve(X.T @ X, X.T)
-    spread = torch.zeros(k, k, dtype=torch.float64)
-    within = torch.eye(n, dtype=torch.float64)
-    for g in range(m):
-        if not usable[g]:
-            continue
-        rows = codes == g
-        S = torch.eye(n, dtype=torch.float64)[rows]  # selects group g's rows
-        Zg = covariates[rows]
-        A = torch.linalg.solve(Zg.T @ Zg, Zg.T @ S)  # b̂_g = A Q y
-        spread += A @ Q @ V @ Q @ A.T
-        within -= S.T @ Zg @ A  # I − Σ_g P_g on the usable groups' rows
-    return spread, torch.trace(Q @ within @ Q @ V)
+def dense_parameter_matrices(designs, n):
+    """V_j = Z_a (I ⊗ E_al) Z_aᵀ for every term and unit, then I, by n×n algebra."""
+    matrices = []
+    for d in designs:
+        k = d.covariates.shape[1]
+        Z = torch.zeros(n, d.size * k, dtype=torch.float64)
+        for row in range(n):
+            g = int(d.codes[row])
+            Z[row, g * k : (g + 1) * k] = d.covariates[row]
+        matrices += [Z @ torch.kron(torch.eye(d.size, dtype=torch.float64), E) @ Z.T for E in d.units]
+    return matrices + [torch.eye(n, dtype=torch.float64)]
 
 
-@settings(max_examples=60, deadline=None)
-@given(designs(), st.sampled_from(["Unstructured", "Diagonal", "Scalar"]))
-def test_moment_equations_are_the_expectations_of_the_statistics(drawn, kind):
-    assume(drawn is not None)
-    codes, covariates, X, m, usable, generator = drawn
-    k = covariates.shape[1]
-    root = torch.randn(k, k, generator=generator, dtype=torch.float64)
-    sigma = root @ root.T + 0.5 * torch.eye(k, dtype=torch.float64)
-    if kind == "Diagonal":
-        sigma = torch.diag(torch.diagonal(sigma))
-    elif kind == "Scalar":
-        sigma = sigma[0, 0] * torch.eye(k, dtype=torch.float64)
-    sigma2 = 0.7
-    C_bb = torch.zeros(m, k, k, dtype=torch.float64).index_add(
-        0, codes, covariates[:, :, None] * covariates[:, None, :]
-    )
-    C_bs = torch.zeros(m, k, X.shape[1], dtype=torch.float64).index_add(
-        0, codes, covariates[:, :, None] * X[:, None, :]
-    )
-    structure = getattr(rf, kind)(k)
-    names = rf.param_names(structure)
-    units = torch.stack(list(structure._natural_jacobian(dict.fromkeys(names, torch.zeros(())), names).values()))
-    units = units.double()
-    A, W = moment_equations(C_bb, C_bs, torch.linalg.inv(X.T @ X), units, X.shape[0])
-    # Σ in the structure's natural parameters: Unstructured's lower triangle row by row, Diagonal's
-    # variances, Scalar's σ².
-    if kind == "Unstructured":
-        a = torch.stack([sigma[i, j] for i in range(k) for j in range(i + 1)])
-    elif kind == "Diagonal":
-        a = torch.diagonal(sigma)
-    else:
-        a = sigma[0, 0].reshape(1)
-    spread, within = dense_expectations(codes, covariates, X, m, usable, sigma, sigma2)
-    expected = torch.cat([(units * spread).sum((-1, -2)), within.reshape(1)])
+@settings(max_examples=80, deadline=None)
+@given(grouped_models())
+def test_mivque0_equations_and_statistics_are_the_dense_traces_and_forms(drawn):
+    designs, X, y = drawn
+    n = X.shape[0]
+    K = torch.linalg.inv(X.T @ X)
+    Q = torch.eye(n, dtype=torch.float64) - X @ K @ X.T
+    V = dense_parameter_matrices(designs, n)
+    expected = torch.stack([torch.stack([torch.trace(Q @ Vi @ Q @ Vj) for Vj in V]) for Vi in V])
+    torch.testing.assert_close(mivque0_equations(designs, X, K), expected, rtol=1e-10, atol=1e-9)
+    e = Q @ y
     torch.testing.assert_close(
-        A @ torch.cat([a, torch.tensor([sigma2], dtype=torch.float64)]), expected, rtol=1e-9, atol=1e-9
+        mivque0_statistics(designs, e), torch.stack([e @ Vi @ e for Vi in V]), rtol=1e-10, atol=1e-9
     )
-    # The groups left out are those with fewer rows than effects (or none).
-    assert [bool((W[g] != 0).any()) for g in range(m)] == usable
 
 
 def test_balanced_one_way_layout_gives_the_anova_estimates():
@@ -223,11 +191,10 @@ def test_float32_fit_starts_at_the_moments():
 def test_models_it_does_not_serve():
     y, X, codes = sleepstudy()
     n = 180
-    days = torch.arange(n) % 10
     cases = {
         "AR1 + noise": rf.Sum(ar=rf.AR1(n), noise=rf.Scalar(n)),
-        "a random slope next to another term": rf.Sum(
-            a=rf.Grouped(codes, covariates=X), b=rf.Grouped(days), residual=rf.Scalar(n)
+        "a Propagate term with a general G": rf.Sum(
+            a=rf.Propagate(Z=torch.nn.functional.one_hot(codes).double(), G=rf.Unstructured(18)), residual=rf.Scalar(n)
         ),
         "a Diagonal residual": rf.Sum(a=rf.Grouped(codes), residual=rf.Diagonal(n)),
         "a fixed variance": rf.fix(rf.Sum(a=rf.Grouped(codes), residual=rf.Scalar(n)), "residual/sigma^2", 1.0),
@@ -263,47 +230,6 @@ def test_the_equal_share_start_from_the_moment_traces_is_the_engines(name):
 
 
 # ------------------------------------------------------------------- several terms: MIVQUE(0)
-
-
-@st.composite
-def crossed_designs(draw):
-    """Two or three grouped terms of one effect per group (a random intercept, or a slope on a
-    drawn covariate), crossed or nested, unbalanced, with X of an intercept and a covariate."""
-    seed = draw(st.integers(0, 2**31 - 1))
-    n = draw(st.integers(8, 30))
-    T = draw(st.integers(2, 3))
-    generator = torch.Generator().manual_seed(seed)
-    codes, weights, sizes = [], [], []
-    for _ in range(T):
-        m = draw(st.integers(2, 6))
-        codes.append(torch.randint(0, m, (n,), generator=generator))
-        slope = draw(st.booleans())
-        weights.append(
-            torch.randn(n, generator=generator, dtype=torch.float64) if slope else torch.ones(n, dtype=torch.float64)
-        )
-        sizes.append(m)
-    X = torch.stack([torch.ones(n, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)], 1)
-    return codes, weights, sizes, X
-
-
-def dense_design(codes, weights, size):
-    Z = torch.zeros(codes.shape[0], size, dtype=torch.float64)
-    Z[torch.arange(codes.shape[0]), codes] = weights
-    return Z
-
-
-@settings(max_examples=60, deadline=None)
-@given(crossed_designs())
-def test_mivque0_equations_are_traces_of_the_dense_matrices(drawn):
-    codes, weights, sizes, X = drawn
-    n = X.shape[0]
-    K = torch.linalg.inv(X.T @ X)
-    A = mivque0_equations(codes, weights, sizes, X, K)
-    Q = torch.eye(n, dtype=torch.float64) - X @ K @ X.T
-    V = [dense_design(g, w, m) @ dense_design(g, w, m).T for g, w, m in zip(codes, weights, sizes)]
-    V.append(torch.eye(n, dtype=torch.float64))
-    expected = torch.stack([torch.stack([torch.trace(Q @ Va @ Q @ Vb) for Vb in V]) for Va in V])
-    torch.testing.assert_close(A, expected, rtol=1e-10, atol=1e-9)
 
 
 def test_balanced_two_way_crossed_layout_gives_the_anova_estimates():
