@@ -45,9 +45,9 @@ def fit(
         y: response (n,). X: fixed-effects design (n, p), full column rank.
         init: raw starting parameters (tree or flat tensor); default: variance components at
             equal shares of the OLS residual variance, correlations at 0.1 (``fit.start``); for
-            grouped models with a Scalar residual, moment estimates where they lie well inside the
-            parameter space (``reml.moments``: ANOVA-type for one grouping factor, the REML
-            estimates on a balanced design; MIVQUE(0) for several terms of one effect per group).
+            grouped models with a Scalar residual, their MIVQUE(0) moment estimates where they lie
+            well inside the parameter space (``reml.moments``; on balanced data the ANOVA
+            estimates, and sleepstudy's REML estimates).
         x_names: names of X's columns for the summary (default ``x0, x1, …``).
         jacobian: ``"closed"`` (default), ``"fwd"`` or ``"rev"`` derivatives of V.
         engine: ``"auto"``, ``"dense"``, ``"mme"``, …

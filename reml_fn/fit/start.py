@@ -11,10 +11,10 @@ Default start (no hand-tuning needed for real models):
   Scalar, so the AI matrix of AR1 + noise is singular there by symmetry;
 * everything else (covariances, Cholesky entries, user parameters) keeps its raw default.
 
-A fit without ``init`` of a grouped model with a Scalar residual starts at moment estimates
-instead, where they lie well inside the parameter space (:func:`reml_fn.reml.moments.moment_start`):
-the ANOVA-type moments of one random term (a Grouped term, or a Propagate term of that shape, with a
-linear covariance), or MIVQUE(0) for several terms of one effect per group. The variance floors
+A fit without ``init`` of a grouped model with a Scalar residual starts at its MIVQUE(0) moment
+estimates instead, where they lie well inside the parameter space
+(:func:`reml_fn.reml.moments.moment_start`: Grouped terms, or Propagate terms of that shape, with
+linear covariances, crossed or nested). The variance floors
 below are set by this default start all the same.
 
 Bounds: a variance may shrink to 100·ε (2e-14 in float64) of its default start (an equal share of the OLS residual
