@@ -4,6 +4,8 @@ lme4's REML estimate on balanced designs, and fits start there only where it is 
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -14,6 +16,7 @@ from reml_fn import datasets
 from reml_fn.datasets.models import model
 from reml_fn.design import design_matrix, indicator_codes
 from reml_fn.fit.start import default_init
+from reml_fn.reml import moments
 from reml_fn.reml.moments import GroupedDesign, mivque0_equations, mivque0_statistics, moment_start
 
 
@@ -84,6 +87,8 @@ def test_mivque0_equations_and_statistics_are_the_dense_traces_and_forms(drawn):
     V = dense_parameter_matrices(designs, n)
     expected = torch.stack([torch.stack([torch.trace(Q @ Vi @ Q @ Vj) for Vj in V]) for Vi in V])
     torch.testing.assert_close(mivque0_equations(designs, X, K), expected, rtol=1e-10, atol=1e-9)
+    with unittest.mock.patch.object(moments, "ROW_CHUNK_ELEMENTS", 7):  # rows a few at a time
+        torch.testing.assert_close(mivque0_equations(designs, X, K), expected, rtol=1e-10, atol=1e-9)
     e = Q @ y
     torch.testing.assert_close(
         mivque0_statistics(designs, e), torch.stack([e @ Vi @ e for Vi in V]), rtol=1e-10, atol=1e-9

@@ -46,6 +46,7 @@ from reml_fn.structures import Diagonal, Fixed, Identity, Scalar, Unstructured
 
 __all__ = [
     "LINEAR_COVARIANCES",
+    "ROW_CHUNK_ELEMENTS",
     "MIN_VARIANCE_SHARE",
     "MIN_CORRELATION_EIGENVALUE",
     "GroupedDesign",
@@ -89,12 +90,41 @@ def _pair_blocks(a: GroupedDesign, b: GroupedDesign) -> Tensor:
     return segment_sum(segment, outer, keys.shape[-1])
 
 
+ROW_CHUNK_ELEMENTS = 1 << 22
+"""The per-row weights w_l,r (L × rows × p per term) of :func:`mivque0_equations` are formed for at
+most this many values per term at a time (32 MiB in float64), so the start's memory stays
+bounded whatever n, L and p."""
+
+
+def _row_crosses(designs: list[GroupedDesign], projected: list[Tensor], K: Tensor) -> list[list[Tensor]]:
+    """Σ_r w_al,rᵀ K w_bl',r (L_a × L_b) for every pair of terms a ≤ b, with the per-row weights
+    w_al,r = P_a[g_a,r]ᵀ E_al x_a,r, summed over chunks of rows."""
+    n, p = designs[0].covariates.shape[0], K.shape[-1]
+    widest = max(d.units.shape[0] for d in designs) * max(p, 1)
+    step = max(1, ROW_CHUNK_ELEMENTS // widest)
+    T = len(designs)
+    totals: list[list[Tensor]] = [[K.new_zeros(0)] * T for _ in range(T)]
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        weights = [
+            ((d.covariates[rows] @ d.units.mT).unsqueeze(-2) @ P[d.codes[rows]]).squeeze(-2).flatten(1)
+            for P, d in zip(projected, designs)
+        ]  # (L, chunk·p) each
+        for a in range(T):
+            left = (weights[a].unflatten(-1, (-1, p)) @ K).flatten(1) if p else weights[a]
+            for b in range(a, T):
+                part = left @ weights[b].mT
+                totals[a][b] = part if start == 0 else totals[a][b] + part
+    return totals
+
+
 def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Tensor:
     """The coefficients A (P × P, P = Σ_a L_a + 1) of MIVQUE(0) (module docstring):
     A_ij = tr(QV_iQV_j) over the parameters of every term in order, then σ² (V = I), so that
     E[eᵀV_i e] = Σ_j A_ij θ_j. X (n, p), K = (XᵀX)⁻¹. Depends on the design only: under vmap
-    over responses it is formed once. O(n·(L·p + k²) + m·k²·p²) arithmetic, one sort per pair of
-    terms, and (L, n, p) memory per term.
+    over responses it is formed once. O(n·(L·p + k²) + m·k²·p²) arithmetic and one sort per pair of
+    terms; the per-row products run over chunks of rows of at most :data:`ROW_CHUNK_ELEMENTS`
+    values per term.
 
     Example (a balanced two-way crossed layout, 3 × 2 cells of one row, mean only: the row
     factor's equation is E[eᵀZ_AZ_Aᵀe] = 8σ²_A + 0σ²_B + 4σ², its a − 1 = 2 degrees of
@@ -109,15 +139,15 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
     """
     n, p = X.shape[-2:]
     projected = [segment_sum(d.codes, d.covariates.unsqueeze(-1) * X.unsqueeze(-2), d.size) for d in designs]  # P_a
-    # Per term: S_l = P_aᵀD_al P_a (L, p, p), KS_lK flattened (L, p²), and per row
-    # w_l,r = U_a[g_r]ᵀ E_l x_a,r (L, n, p), so that the traces below are products of flat matrices.
-    sandwiches, weighted, rows = [], [], []
+    # Per term: S_l = P_aᵀD_al P_a (L, p, p) and KS_lK flattened (L, p²), so that the traces below
+    # are products of flat matrices.
+    sandwiches, weighted = [], []
     for P, d in zip(projected, designs):
         S = (P.mT.unsqueeze(0) @ (d.units.unsqueeze(1) @ P.unsqueeze(0))).sum(1)
         sandwiches.append(S)
         weighted.append((K @ S @ K).flatten(-2))
-        rows.append(((d.covariates @ d.units.mT).unsqueeze(-2) @ P[d.codes]).squeeze(-2))  # (L, n, p)
     T = len(designs)
+    crosses = _row_crosses(designs, projected, K)
     blocks: list[list[Tensor | None]] = [[None] * T for _ in range(T)]
     for a in range(T):
         for b in range(a, T):
@@ -130,7 +160,7 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
             left = (da.units.unsqueeze(1) @ N).flatten(1)
             right = (db.units.unsqueeze(1) @ N.mT).mT.flatten(1)
             square = left @ right.mT
-            cross = (rows[a] @ K).flatten(1) @ rows[b].flatten(1).mT
+            cross = crosses[a][b]
             both = weighted[a] @ sandwiches[b].flatten(-2).mT
             blocks[a][b] = square - 2 * cross + both
             blocks[b][a] = blocks[a][b].mT
