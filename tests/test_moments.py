@@ -1,6 +1,6 @@
-"""The one-factor moment start (reml_fn.reml.moments): its equations are the exact expectations of
-its statistics (dense linear algebra), it is the ANOVA estimator on a balanced one-way layout and
-lme4's REML estimate on balanced designs, and fits start there only where it is well inside."""
+"""The MIVQUE(0) start (reml_fn.reml.moments): its equations and statistics are the dense traces
+and quadratic forms, it is the ANOVA estimator on balanced one- and two-way layouts and lme4's REML
+estimate on balanced sleepstudy designs, and fits start there only where it is well inside."""
 
 from __future__ import annotations
 

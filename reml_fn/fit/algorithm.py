@@ -454,7 +454,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         options = _lookahead_within_memory(options, batch, engine.chosen.name)
         sub = batch.take(good)
         # The default start is on the data's scale: it sets the variance floors whatever init is.
-        # Without init a fit starts there or, for a one-factor model, at its moment estimates.
+        # Without init a fit starts there or, for a grouped model, at its MIVQUE(0) estimates.
         reference, moments = sub.map(engine.start, residual_variance[good])
         start = moments if init_flat is None else init_flat[good]
         low, up = sub.map(engine.bounds, reference, start)

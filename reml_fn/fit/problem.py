@@ -511,8 +511,8 @@ class EngineCalls(NamedTuple):
 
     def start(self, s, y, X, prepared, residual_variance):
         """The default start on the data's scale (:func:`~reml_fn.fit.start.default_init`, which
-        also sets the variance floors) and the point a fit without ``init`` starts from: the moment
-        estimates of a one-factor model where they lie well inside the parameter space
+        also sets the variance floors) and the point a fit without ``init`` starts from: the MIVQUE(0)
+        estimates of a grouped model where they lie well inside the parameter space
         (:func:`~reml_fn.reml.moments.moment_start`), the default start elsewhere."""
         moments = moment_start(s, y, X)
         traces = None if moments is None else moments.unit_traces
