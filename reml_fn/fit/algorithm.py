@@ -446,22 +446,26 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         return torch.full((C, *shape), math.nan, dtype=dtype, device=device)
 
     status, residual_variance = screen(batch, torch.full((C,), RUNNING, dtype=torch.long, device=device))
-    state = {"theta": filled(k), "lower": filled(k), "upper": filled(k), "loglik": filled(), "score": filled(k)}
-    state |= {"ai": filled(k, k), "beta": filled(p), "vcov": filled(p, p)}
     good = torch.nonzero(status == RUNNING).flatten()
+    everyone = good.numel() == C  # the usual case: whole arrays, no filling or indexing
+    state = {}
+    if not everyone:
+        state = {"theta": filled(k), "lower": filled(k), "upper": filled(k), "loglik": filled(), "score": filled(k)}
+        state |= {"ai": filled(k, k), "beta": filled(p), "vcov": filled(p, p)}
     if good.numel():
         batch = batch.prepare(engine)
         options = _lookahead_within_memory(options, batch, engine.chosen.name)
-        sub = batch.take(good)
+        sub = batch if everyone else batch.take(good)
         # The default start is on the data's scale: it sets the variance floors whatever init is.
         # Without init a fit starts there or, for a grouped model, at its MIVQUE(0) estimates.
-        reference, moments = sub.map(engine.start, residual_variance[good])
-        start = moments if init_flat is None else init_flat[good]
+        reference, moments = sub.map(engine.start, residual_variance if everyone else residual_variance[good])
+        start = moments if init_flat is None else (init_flat if everyone else init_flat[good])
         low, up = sub.map(engine.bounds, reference, start)
         first = sub.map(engine.terms, start)
+        started = torch.where(torch.isfinite(first.loglik), RUNNING, 3)
         for key, value in (("theta", start), ("lower", low), ("upper", up), *zip(Terms._fields, first)):
-            state[key] = put(state[key], good, value)
-        status = put(status, good, torch.where(torch.isfinite(first.loglik), RUNNING, 3))
+            state[key] = value if everyone else put(state[key], good, value)
+        status = started if everyone else put(status, good, started)
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
     state["scaled"] = torch.isfinite(state["lower"]) | torch.isfinite(state["upper"])  # log/logit scale
     pairs = pair_index(correlation_pairs(template), k, device, dtype)
@@ -530,14 +534,12 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
     fitted = (status <= 2) | (status == 5) | (status == OVERFLOW)
     beta = torch.where(fitted.unsqueeze(-1), state["beta"], math.nan)
     vcov = torch.where(fitted.unsqueeze(-1).unsqueeze(-1), state["vcov"], math.nan)
-    params, natural = {}, {}  # a structure without free parameters
+    natural = theta  # (C, 0): a structure without free parameters
     if k:
-        names = param_names(template)
         transforms = [spec.transform for _, spec in param_specs(template) if not spec.fixed]
-        params = tree_from_names(names, theta.unbind(-1))
-        natural = tree_from_names(names, [t.forward(column) for t, column in zip(transforms, theta.unbind(-1))])
+        natural = torch.stack([t.forward(column) for t, column in zip(transforms, theta.unbind(-1))], -1)
     return {
-        "params": params,
+        "theta": theta,
         "natural": natural,
         "beta": beta,
         "vcov_beta": vcov,
@@ -650,4 +652,7 @@ def solve(
         out = _concatenate(parts)
     # Out of inference mode (and, for a single fit, off the batch axis) in one copy.
     out = map_tensors(lambda leaf: (leaf[0] if single else leaf).clone(), out)
+    # The parameter trees from the flat (…, k) values: views of the two copies made above.
+    out["params"] = tree_from_names(names, out.pop("theta").unbind(-1)) if names else {}
+    out["natural"] = tree_from_names(names, out["natural"].unbind(-1)) if names else {}
     return build_result(out, names, x_names, chosen.name, n, p, Y.dtype, reml)

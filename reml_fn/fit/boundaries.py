@@ -19,6 +19,7 @@ from reml_fn.transforms import Identity as IdentityTransform
 
 __all__ = [
     "CORRELATION_LIMIT",
+    "like",
     "Working",
     "active_bounds",
     "working_system",
@@ -52,6 +53,21 @@ CORRELATION_LIMIT = 1.0 - 1e-10
 # |ρ| at least this is at the limit, up to the round-off of c = ρ·e^{θ_i + θ_j}.
 LIMIT_REACHED = CORRELATION_LIMIT * (1.0 - 1e-12)
 _COVARIANCE_NAME = re.compile(r"sigma\^2_(\d+)_(\d+)$")
+
+
+def like(tensor: Tensor, reference: Tensor) -> Tensor:
+    """``tensor`` on ``reference``'s device in its dtype, without the (not free) conversion call
+    when it is there already.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(2, dtype=torch.float64)
+        >>> like(x, torch.ones(1, dtype=torch.float64)) is x, like(x, torch.ones(1, dtype=torch.float32)).dtype
+        (True, torch.float32)
+    """
+    if tensor.dtype == reference.dtype and tensor.device == reference.device:
+        return tensor
+    return tensor.to(device=reference.device, dtype=reference.dtype)
 
 
 def correlation_pairs(s) -> Tensor:
@@ -138,8 +154,7 @@ def at_correlation_limit(theta: Tensor, pairs: Tensor | Pairs) -> Tensor:
         return flags
     i, j, c = pairs.i, pairs.j, pairs.c
     reached = theta[..., c].abs() >= LIMIT_REACHED * torch.exp(theta[..., i] + theta[..., j])
-    columns = torch.arange(theta.shape[-1], device=theta.device) == c.unsqueeze(-1)
-    return flags | (reached.unsqueeze(-1) & columns).any(-2)
+    return flags.index_copy(-1, c, reached)  # each covariance is in one pair
 
 
 class Working(NamedTuple):
@@ -194,11 +209,11 @@ def working_system(theta: Tensor, score: Tensor, ai: Tensor, lower: Tensor, uppe
     # ∂c/∂θ_i = ∂c/∂θ_j = c and ∂c/∂ρ = e^{θ_i + θ_j} (placed by one product, no indexed write).
     k = theta.shape[-1]
     values = torch.cat([covariance, covariance, scale], -1)
-    J = pairs.base.to(theta.dtype) + (values @ pairs.placement.to(theta.dtype)).unflatten(-1, (k, k))
+    J = like(pairs.base, theta) + (values @ like(pairs.placement, theta)).unflatten(-1, (k, k))
     working_score = (score.unsqueeze(-2) @ J).squeeze(-2)
     working_ai = J.mT @ ai @ J
     # Raw covariances are unbounded (Identity transform): the working box there is |ρ| ≤ limit.
-    floor = pairs.lower.to(theta.dtype)
+    floor = like(pairs.lower, theta)
     return Working(
         theta.index_copy(-1, c, rho),
         working_score,
@@ -247,7 +262,7 @@ def negligible_to_floor(system: Working, rates: Tensor, resolution: Tensor, max_
         >>> negligible_to_floor(system, torch.tensor([2.0, 2.0]), torch.tensor(1e-12), 3.0).tolist()
         [True, False]
     """
-    rates = rates.to(device=system.theta.device, dtype=system.theta.dtype)
+    rates = like(rates, system.theta)
     variance = rates > 0
     safe = rates.masked_fill(~variance, 1.0)
     above = system.theta > system.lower
@@ -282,7 +297,7 @@ def information_scale(theta: Tensor, lower: Tensor, rates: Tensor, floor: float)
         >>> float(information_scale(torch.tensor([-5.0, 0.0]), lower, torch.tensor([2.0, 2.0]), floor)[0])  # e¹⁰
         22026.46...
     """
-    rates = rates.to(device=theta.device, dtype=theta.dtype)
+    rates = like(rates, theta)
     log_relative = rates * (lower - theta) - math.log(floor)  # log(x_ref / x) for a variance
     # Below x_ref/10³ only: above it w² < 10⁶ cannot move information across the 10³ε threshold
     # of newton_direction for a variance the data inform (its AI_kk is then ≥ 10⁻⁶ of its size
@@ -310,7 +325,7 @@ def silent_at_floor(
         >>> silent_at_floor(lower.clone(), ai, lower, torch.tensor([2.0, 2.0]), floor).tolist()
         [True, False]
     """
-    rates = rates.to(device=theta.device, dtype=theta.dtype)
+    rates = like(rates, theta)
     variance = rates > 0
     at_floor = variance & (theta <= lower)
     if snapped is not None:  # going to the floor this iteration (:func:`negligible_to_floor`)

@@ -125,7 +125,7 @@ class Batch(NamedTuple):
 
     def prepare(self, engine: EngineCalls) -> Batch:
         """The batch with the engine's per-dataset preparation (:meth:`EngineCalls.prepare`) attached."""
-        first = self.take(torch.zeros(1, dtype=torch.long, device=self.Y.device))
+        first = self if self.size == 1 else self.take(torch.zeros(1, dtype=torch.long, device=self.Y.device))
         probe = prepared_data(
             engine.chosen,
             first.s if first.s_in_dims is None else dataset_structure(first.s, first.s_in_dims, 0),
@@ -439,6 +439,9 @@ def screen(batch: Batch, status: Tensor) -> tuple[Tensor, Tensor]:
         status = torch.where((status == RUNNING) & ~full_rank, 7, status)
     ok = status == RUNNING
     index = torch.nonzero(ok).flatten()
+    if index.numel() == status.shape[0]:  # the usual case: every dataset, no indexing
+        degenerate, residual_variance = exact_linear_response(batch.Y, batch.X)
+        return torch.where(degenerate, 6, status), residual_variance
     residual_variance = torch.full(status.shape, math.nan, dtype=batch.Y.dtype, device=batch.Y.device)
     if index.numel():
         sub = batch.take(index)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from reml_fn.fit.boundaries import like
 from reml_fn.params import ParamSpec, param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
@@ -218,7 +219,7 @@ def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None) -> tuple[Tens
     if not specs:
         return theta0.new_zeros(0), theta0.new_zeros(0)
     # For x = c·e^{aθ}, the floor x_ref·floor is θ_ref + log(floor)/a: one vector operation.
-    rates = variance_rates(s).to(device=theta0.device, dtype=theta0.dtype)
+    rates = like(variance_rates(s), theta0)
     variance = rates > 0
     bounded = torch.tensor([is_bounded(spec.transform) for spec in specs], device=theta0.device)
     floor = reference + math.log(variance_floor(reference.dtype)) / torch.where(variance, rates, 1.0)

@@ -97,22 +97,24 @@ bounded whatever n, L and p."""
 
 
 def _row_crosses(designs: list[GroupedDesign], projected: list[Tensor], K: Tensor) -> list[list[Tensor]]:
-    """Σ_r w_al,rᵀ K w_bl',r (L_a × L_b) for every pair of terms a ≤ b, with the per-row weights
-    w_al,r = P_a[g_a,r]ᵀ E_al x_a,r, summed over chunks of rows."""
+    """Σ_r w_al,rᵀ K w_bl',r (L_a × L_b) for every pair of distinct terms a < b, with the per-row
+    weights w_al,r = P_a[g_a,r]ᵀ E_al x_a,r, summed over chunks of rows."""
     n, p = designs[0].covariates.shape[0], K.shape[-1]
-    widest = max(d.units.shape[0] for d in designs) * max(p, 1)
-    step = max(1, ROW_CHUNK_ELEMENTS // widest)
     T = len(designs)
     totals: list[list[Tensor]] = [[K.new_zeros(0)] * T for _ in range(T)]
+    if T == 1:  # no pair of distinct terms
+        return totals
+    widest = max(d.units.shape[0] for d in designs) * max(p, 1)
+    step = max(1, ROW_CHUNK_ELEMENTS // widest)
     for start in range(0, n, step):
         rows = slice(start, start + step)
         weights = [
             ((d.covariates[rows] @ d.units.mT).unsqueeze(-2) @ P[d.codes[rows]]).squeeze(-2).flatten(1)
             for P, d in zip(projected, designs)
         ]  # (L, chunk·p) each
-        for a in range(T):
+        for a in range(T - 1):
             left = (weights[a].unflatten(-1, (-1, p)) @ K).flatten(1) if p else weights[a]
-            for b in range(a, T):
+            for b in range(a + 1, T):
                 part = left @ weights[b].mT
                 totals[a][b] = part if start == 0 else totals[a][b] + part
     return totals
@@ -152,17 +154,20 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
     for a in range(T):
         for b in range(a, T):
             da, db = designs[a], designs[b]
-            if a == b:  # Z_aᵀZ_a is block diagonal: the groups' Σ x xᵀ
+            if a == b:
+                # Z_aᵀZ_a is block diagonal (the groups' N_g = Σ x xᵀ), and so is the cross term's
+                # D N D' P K Pᵀ there: tr(D N D' N) − 2 tr(D N D' P K Pᵀ) = Σ_g tr(E_l N_g E_l' (N_g − 2 P_g K P_gᵀ)).
                 N = segment_sum(da.codes, da.covariates.unsqueeze(-1) * da.covariates.unsqueeze(-2), da.size)
+                P = projected[a]
+                other = N - 2 * (P @ K @ P.mT)
             else:
                 N = _pair_blocks(da, db)
-            # tr(E_l N E_l' Nᵀ) summed over the blocks: ⟨E_l N, (E_l' Nᵀ)ᵀ⟩.
+                other = N
+            # tr(E_l N E_l' Oᵀ) summed over the blocks: ⟨E_l N, (E_l' Oᵀ)ᵀ⟩.
             left = (da.units.unsqueeze(1) @ N).flatten(1)
-            right = (db.units.unsqueeze(1) @ N.mT).mT.flatten(1)
-            square = left @ right.mT
-            cross = crosses[a][b]
+            right = (db.units.unsqueeze(1) @ other.mT).mT.flatten(1)
             both = weighted[a] @ sandwiches[b].flatten(-2).mT
-            blocks[a][b] = square - 2 * cross + both
+            blocks[a][b] = left @ right.mT + both if a == b else left @ right.mT - 2 * crosses[a][b] + both
             blocks[b][a] = blocks[a][b].mT
     residual = torch.cat(
         [
