@@ -425,11 +425,14 @@ def _lookahead_within_memory(options: Options, batch: Batch, engine_name: str) -
     if engine_name == "dense":
         n = batch.Y.shape[-1]
         per_candidate = DENSE_MATRICES_PER_CANDIDATE * n * n * batch.Y.element_size()
-    elif batch.prepared is None:
+    elif batch.prepared is None and batch.single is None:
         return options
     else:
         sizes: list[int] = []
-        map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.prepared)
+        if batch.prepared is not None:
+            map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.prepared)
+        else:  # a batch of one
+            map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.single)
         per_candidate = PREPARED_COPIES_PER_CANDIDATE * sum(sizes) / max(1, batch.size)
     cap = max(1, int(LINE_SEARCH_MEMORY // max(per_candidate, 1.0)))
     return options if cap >= options.lookahead else dataclasses.replace(options, lookahead=cap)

@@ -74,7 +74,7 @@ class Batch(NamedTuple):
     X: Tensor  # (n, p) shared or (C, n, p)
     x_batched: bool
     prepared: Any = None  # the engine's θ-independent data per dataset (leaves (C, …)), or None
-    single: Any = None  # a batch of one: its prepared data without the batch axis (cached)
+    single: Any = None  # a batch of one: its prepared data without the batch axis (then prepared is None)
 
     @property
     def size(self) -> int:
@@ -104,6 +104,8 @@ class Batch(NamedTuple):
         prepared = self.prepared
         if prepared is not None:
             prepared = map_tensors(lambda leaf: leaf.index_select(0, index), prepared)
+        elif self.single is not None:  # a batch of one: its preparation, once per index
+            prepared = map_tensors(lambda leaf: leaf.unsqueeze(0).expand(index.shape[0], *leaf.shape), self.single)
         return self._replace(s=s, Y=self.Y.index_select(0, index), X=X, prepared=prepared, single=None)
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -135,7 +137,7 @@ class Batch(NamedTuple):
         if probe is None:  # this engine prepares nothing for this structure
             return self
         if self.size == 1:  # the probe is this dataset's preparation
-            return self._replace(prepared=map_tensors(lambda leaf: leaf.unsqueeze(0), probe), single=probe)
+            return self._replace(single=probe)
         return self._replace(prepared=self.map(engine.prepare))
 
 

@@ -1298,11 +1298,13 @@ def _residual_parts(pt: _Point, ze: _Split, trace_g: Tensor | None):
     if _spherical(residual):
         # R = σ²I: V_r = e ṙᵀ; tr(P) from tr(PV) = n − p; XᵀR⁻¹V_r = 0 since XᵀPy = 0;
         # e·e = w (yᵀPy − ‖ũ‖²) since yᵀPy = e·r + ‖ũ‖² and e = w r.
-        spherical = pt.u_s[..., : _rest_sizes(pt.rest)]
-        u_squares = (spherical * spherical).sum()
+        u_squares = None  # ‖ũ‖² over the random terms
+        if pt.rest:
+            spherical = pt.u_s[..., : _rest_sizes(pt.rest)]
+            u_squares = (spherical * spherical).sum()
         if pt.blocked is not None:
-            u_squares = u_squares + (pt.u_b * pt.u_b).sum()
-        squares = w * (pt.penalised - u_squares)
+            u_squares = plus(u_squares, (pt.u_b * pt.u_b).sum())
+        squares = w * (pt.penalised if u_squares is None else pt.penalised - u_squares)
         twice_score = slopes * (squares - (n - p - trace_g) * w)
         weighted_slopes = w * slopes
         cross = _Split(

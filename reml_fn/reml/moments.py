@@ -176,7 +176,7 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
         ]
     )
     top = torch.cat([torch.cat(row, -1) for row in blocks], 0)
-    corner = residual.new_tensor([float(n - p)])
+    corner = residual.new_full((1,), float(n - p))
     return torch.cat([torch.cat([top, residual.unsqueeze(-1)], -1), torch.cat([residual, corner]).unsqueeze(0)], 0)
 
 
@@ -194,7 +194,7 @@ def mivque0_statistics(designs: list[GroupedDesign], e: Tensor) -> Tensor:
     forms = []
     for d in designs:
         sums = segment_sum(d.codes, d.covariates * e.unsqueeze(-1), d.size)  # (m, k)
-        forms.append(torch.einsum("gi,lij,gj->l", sums, d.units, sums))
+        forms.append(d.units.flatten(-2) @ (sums.mT @ sums).flatten())  # ⟨E_l, Σ_g c_g c_gᵀ⟩ (no einsum: tiny)
     return torch.cat([*forms, (e @ e).reshape(1)])
 
 
@@ -269,15 +269,15 @@ def _random_terms(s) -> tuple[list[_Factor], tuple] | None:
     return factors, residual[0]
 
 
-def _grouped_design(factor: _Factor, dtype) -> tuple[Tensor, Tensor, int, Tensor]:
+def _grouped_design(factor: _Factor, dtype) -> tuple[Tensor, Tensor, int, Tensor | None]:
     """Group codes (n,), covariates (n, k), m, and whether every row of the design lies in one
-    group (): always for a Grouped term; for a Propagate term's Z (n, m·k), a test on its values
+    group (): None (always) for a Grouped term; for a Propagate term's Z (n, m·k), a test on its values
     (the row's nonzeros within one block of k columns, as grouped_form's) and, for a Kronecker G
     with a Fixed first factor, on that factor being I_m: by tensor operations."""
     term = factor.term
     if isinstance(term, Grouped):
         columns = mme_columns(term, dtype)
-        return columns.codes, columns.x, columns.m, torch.ones((), dtype=torch.bool, device=columns.x.device)
+        return columns.codes, columns.x, columns.m, None
     Z = term.children[0].matrix.to(dtype)
     k = factor.k
     m = Z.shape[-1] // k  # Propagate has checked that G, m·k × m·k, matches Z
@@ -330,23 +330,25 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
         return None
     factors, (residual_path, residual) = found
     dtype, device, n = X.dtype, X.device, y.shape[-1]
-    designs, grouped = [], torch.ones((), dtype=torch.bool, device=device)
+    designs, tests = [], []  # tests: whether each Propagate Z is a group-indicator design
     for factor in factors:
         codes, covariates, size, is_grouped = _grouped_design(factor, dtype)
         designs.append(GroupedDesign(codes, covariates, size, factor.units(dtype, device)))
-        grouped = grouped & is_grouped
+        tests += [] if is_grouped is None else [is_grouped]
     # The least-squares residual; what involves only the design is formed once under vmap.
     K = torch.cholesky_inverse(torch.linalg.cholesky_ex(X.mT @ X)[0])  # (XᵀX)⁻¹
     e = y - X @ (K @ (X.mT @ y))
     inverse, info = torch.linalg.inv_ex(mivque0_equations(designs, X, K))
     solution = inverse @ mivque0_statistics(designs, e)
     sigma2 = solution[-1]
-    ok = (info == 0) & torch.isfinite(solution).all() & (sigma2 > 0) & grouped
+    ok = (info == 0) & torch.isfinite(solution).all() & (sigma2 > 0)
+    for test in tests:
+        ok = ok & test
     raw, traces, offset = {}, {}, 0
     for factor, design in zip(factors, designs):
         values = solution[offset : offset + design.units.shape[0]]
         offset += design.units.shape[0]
-        sigma = (values[:, None, None] * design.units).sum(0)
+        sigma = (values @ design.units.flatten(1)).unflatten(-1, design.units.shape[1:])  # Σ_l θ_l E_l
         variances = torch.diagonal(sigma)
         gram = design.covariates.mT @ design.covariates  # Σ_r x_r x_rᵀ: tr(Z(I ⊗ E)Zᵀ) = ⟨E, gram⟩
         # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
@@ -364,7 +366,7 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
             traces[f"{factor.prefix}/{name}"] = trace
     residual_name = f"{residual_path}/{param_names(residual)[0]}"
     raw[residual_name] = residual.specs[0].transform.inverse(sigma2)
-    traces[residual_name] = torch.tensor(float(n), dtype=dtype, device=device)
+    traces[residual_name] = y.new_full((), float(n), dtype=dtype)
     names = param_names(s)
     theta = torch.stack([raw[name] for name in names])
     # (Finite wherever ok: its variances are positive, the rest finite with the solution.)
