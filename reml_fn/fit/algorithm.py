@@ -46,6 +46,7 @@ from reml_fn.fit.boundaries import (
     at_bounds,
     correlation_pairs,
     information_scale,
+    like,
     negligible_to_floor,
     pair_index,
     propose,
@@ -443,7 +444,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
     final quantities. Returns a dict of per-dataset fields (leading dimension C = batch size)."""
     C, device, dtype = batch.size, batch.Y.device, batch.Y.dtype
     max_iter = options.max_iter
-    k, p = len(param_names(template)), batch.X.shape[-1]
+    k, p = len(engine.names), batch.X.shape[-1]
 
     def filled(*shape):
         return torch.full((C, *shape), math.nan, dtype=dtype, device=device)
@@ -472,7 +473,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
     state["scaled"] = torch.isfinite(state["lower"]) | torch.isfinite(state["upper"])  # log/logit scale
     pairs = pair_index(correlation_pairs(template), k, device, dtype)
-    rates = variance_rates(template).to(device=device, dtype=dtype)
+    rates = like(variance_rates(template) if engine.rates is None else engine.rates, batch.Y)
     state["damping"] = torch.zeros(C, dtype=dtype, device=device)
     state["searched"] = torch.ones(C, dtype=torch.long, device=device)  # line-search length, last iteration
     state["understated"] = torch.zeros(C, dtype=torch.bool, device=device)  # as _Iteration.understated
@@ -535,8 +536,10 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
     # datasets never fitted (screened out, or ℓ not finite at the start) keep NaN estimates.
     theta = state["theta"]
     fitted = (status <= 2) | (status == 5) | (status == OVERFLOW)
-    beta = torch.where(fitted.unsqueeze(-1), state["beta"], math.nan)
-    vcov = torch.where(fitted.unsqueeze(-1).unsqueeze(-1), state["vcov"], math.nan)
+    beta, vcov = state["beta"], state["vcov"]
+    if not bool(fitted.all()):
+        beta = torch.where(fitted.unsqueeze(-1), beta, math.nan)
+        vcov = torch.where(fitted.unsqueeze(-1).unsqueeze(-1), vcov, math.nan)
     natural = theta  # (C, 0): a structure without free parameters
     if k:
         transforms = [spec.transform for _, spec in param_specs(template) if not spec.fixed]
@@ -639,7 +642,7 @@ def solve(
     p = X.shape[-1]
     names = param_names(template)
     chosen = select_engine(template, engine)
-    calls = EngineCalls(chosen, jacobian, tuple(names), reml)
+    calls = EngineCalls(chosen, jacobian, tuple(names), reml, variance_rates(template))
     init_flat = read_init(template, init, B, Y.dtype, Y.device)
     batch = Batch(s, dims, spec, Y, X, X.dim() == 3)
     size = B if chunk_size is None else chunk_size

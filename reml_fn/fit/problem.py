@@ -478,7 +478,8 @@ class Terms(NamedTuple):
 class EngineCalls(NamedTuple):
     """The vmappable per-dataset functions of the chosen engine. ``names``: the free parameters
     of the structure in ``param_names`` order, checked once, so that each call unflattens θ
-    without walking the structure again.
+    without walking the structure again; ``rates``: its :func:`~reml_fn.fit.start.variance_rates`,
+    made once (None: from the structure at each call).
 
     Example:
         >>> import torch, reml_fn as rf
@@ -495,6 +496,7 @@ class EngineCalls(NamedTuple):
     jacobian: str
     names: tuple
     reml: bool = True  # False: the ML log-likelihood and its terms (reml_fn.reml.ml)
+    rates: Tensor | None = None
 
     def _params(self, theta):
         return tree_from_names(self.names, theta.unbind(-1))
@@ -527,4 +529,4 @@ class EngineCalls(NamedTuple):
         return reference, torch.where(moments.inside, moments.theta, reference)
 
     def bounds(self, s, y, X, prepared, reference, theta):
-        return raw_bounds(s, reference, theta)
+        return raw_bounds(s, reference, theta, self.rates)

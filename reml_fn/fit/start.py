@@ -200,13 +200,14 @@ def default_init(
     return theta
 
 
-def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None, rates: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Raw-scale lower and upper bounds (k,) for the free parameters. Pure and vmappable.
 
     ``reference`` (k,): the default start (:func:`default_init`), which is on the scale of the data,
     so a variance's floor is ``VARIANCE_FLOOR`` times its equal share of the OLS residual variance
     whatever the user's ``init``; ``theta0`` (k,): the actual start (default: ``reference``),
-    which the bounds always contain.
+    which the bounds always contain. ``rates``: :func:`variance_rates` of ``s`` when the caller
+    has them (a fit makes them once).
 
     Example:
         >>> import torch, reml_fn as rf
@@ -219,7 +220,7 @@ def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None) -> tuple[Tens
     if not specs:
         return theta0.new_zeros(0), theta0.new_zeros(0)
     # For x = c·e^{aθ}, the floor x_ref·floor is θ_ref + log(floor)/a: one vector operation.
-    rates = like(variance_rates(s), theta0)
+    rates = like(variance_rates(s) if rates is None else rates, theta0)
     variance = rates > 0
     bounded = torch.tensor([is_bounded(spec.transform) for spec in specs], device=theta0.device)
     floor = reference + math.log(variance_floor(reference.dtype)) / torch.where(variance, rates, 1.0)

@@ -338,8 +338,7 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
     # The least-squares residual; what involves only the design is formed once under vmap.
     K = torch.cholesky_inverse(torch.linalg.cholesky_ex(X.mT @ X)[0])  # (XᵀX)⁻¹
     e = y - X @ (K @ (X.mT @ y))
-    inverse, info = torch.linalg.inv_ex(mivque0_equations(designs, X, K))
-    solution = inverse @ mivque0_statistics(designs, e)
+    solution, info = torch.linalg.solve_ex(mivque0_equations(designs, X, K), mivque0_statistics(designs, e))
     sigma2 = solution[-1]
     ok = (info == 0) & torch.isfinite(solution).all() & (sigma2 > 0)
     for test in tests:
