@@ -200,7 +200,9 @@ def default_init(
     return theta
 
 
-def raw_bounds(s, reference: Tensor, theta0: Tensor | None = None, rates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def raw_bounds(
+    s, reference: Tensor, theta0: Tensor | None = None, rates: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Raw-scale lower and upper bounds (k,) for the free parameters. Pure and vmappable.
 
     ``reference`` (k,): the default start (:func:`default_init`), which is on the scale of the data,
