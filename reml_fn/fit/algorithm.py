@@ -518,8 +518,8 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
             status = put(status, running, step.status)
             if record:
                 history["step"].append(put(torch.zeros_like(previous), running, step.theta - previous[running]))
-        status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
-        if record:
+        if record:  # (only datasets that moved have new terms to check)
+            status = torch.where((status == RUNNING) & ~_finite_terms(state), OVERFLOW, status)
             history["loglik"].append(state["loglik"])
             history["params"].append(state["theta"])
         if bar is not None:

@@ -224,15 +224,14 @@ def raw_bounds(
     # For x = c·e^{aθ}, the floor x_ref·floor is θ_ref + log(floor)/a: one vector operation.
     rates = like(variance_rates(s) if rates is None else rates, theta0)
     variance = rates > 0
-    bounded = torch.tensor([is_bounded(spec.transform) for spec in specs], device=theta0.device)
     floor = reference + math.log(variance_floor(reference.dtype)) / torch.where(variance, rates, 1.0)
+    # ±CORRELATION_RAW_LIMIT for a bounded (sigmoid) parameter, unbounded otherwise; a variance
+    # (never bounded) has its floor. Each bound is widened to contain the start.
     limit = CORRELATION_RAW_LIMIT
-    lower = torch.where(
-        variance, torch.minimum(floor, theta0), torch.where(bounded, (-limit) * torch.ones_like(theta0), -math.inf)
-    )
-    lower = torch.where(bounded, torch.minimum(lower, theta0), lower)
-    upper = torch.where(bounded, torch.clamp(theta0, min=limit), math.inf)
-    return lower, upper
+    bounded = [is_bounded(spec.transform) for spec in specs]
+    fixed_lower = torch.tensor([-limit if b else -math.inf for b in bounded], dtype=theta0.dtype, device=theta0.device)
+    fixed_upper = torch.tensor([limit if b else math.inf for b in bounded], dtype=theta0.dtype, device=theta0.device)
+    return torch.minimum(torch.where(variance, floor, fixed_lower), theta0), torch.maximum(fixed_upper, theta0)
 
 
 def dependent_columns(X: Tensor) -> list[int]:
