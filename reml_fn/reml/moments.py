@@ -353,11 +353,11 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
         # What one unit of each variance adds to the average diagonal of V: mean x_j² over the rows.
         ok = ok & (variances * torch.diagonal(gram) / n >= MIN_VARIANCE_SHARE * sigma2).all()
         if design.units.shape[-1] > 1:
-            scale = variances.clamp(min=torch.finfo(dtype).tiny).rsqrt()
-            correlation = sigma * scale[:, None] * scale[None, :]
-            # Its smallest eigenvalue is at least c exactly when correlation − c·I has a Cholesky factor.
-            eye = torch.eye(sigma.shape[-1], dtype=dtype, device=device)
-            ok = ok & (torch.linalg.cholesky_ex(correlation - MIN_CORRELATION_EIGENVALUE * eye)[1] == 0)
+            # The correlation matrix D^{-1/2}ΣD^{-1/2} (D = diag Σ, positive where ok) has eigenvalues
+            # at least c exactly when it less c·I is positive definite, that is (congruence by D^{1/2})
+            # when Σ − c·D has a Cholesky factor.
+            shifted = sigma - MIN_CORRELATION_EIGENVALUE * torch.diag_embed(variances)
+            ok = ok & (torch.linalg.cholesky_ex(shifted)[1] == 0)
         unit_traces = (design.units * gram).sum((-1, -2))
         specs = [spec for _, spec in param_specs(factor.cov)]
         for name, spec, value, trace in zip(param_names(factor.cov), specs, values, unit_traces):
