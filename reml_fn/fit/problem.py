@@ -278,7 +278,12 @@ def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, dat
             raise ValueError(
                 f"in_dims: data leaf {i} has {leaf.shape[d]} entries along its batch dimension {d} but Y has {B} datasets"
             )
-    template = pytree.tree_unflatten([leaf if d is None else leaf.select(d, 0) for leaf, d in zip(leaves, dims)], spec)
+    if all(d is None for d in dims):  # every data leaf shared: dataset 0's structure is s itself
+        template = s
+    else:
+        template = pytree.tree_unflatten(
+            [leaf if d is None else leaf.select(d, 0) for leaf, d in zip(leaves, dims)], spec
+        )
     if not data_checked:  # (fit checks its one dataset itself, in the words of one dataset)
         try:
             check_data(template, Y[0], X[0] if X.dim() == 3 else X)
