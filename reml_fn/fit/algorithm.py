@@ -430,10 +430,8 @@ def _lookahead_within_memory(options: Options, batch: Batch, engine_name: str) -
         return options
     else:
         sizes: list[int] = []
-        if batch.prepared is not None:
-            map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.prepared)
-        else:  # a batch of one
-            map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), batch.single)
+        prepared = batch.prepared if batch.prepared is not None else batch.single  # (a batch of one: single)
+        map_tensors(lambda leaf: sizes.append(leaf.numel() * leaf.element_size()), prepared)
         per_candidate = PREPARED_COPIES_PER_CANDIDATE * sum(sizes) / max(1, batch.size)
     cap = max(1, int(LINE_SEARCH_MEMORY // max(per_candidate, 1.0)))
     return options if cap >= options.lookahead else dataclasses.replace(options, lookahead=cap)

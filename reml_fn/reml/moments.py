@@ -125,8 +125,9 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
     A_ij = tr(QV_iQV_j) over the parameters of every term in order, then σ² (V = I), so that
     E[eᵀV_i e] = Σ_j A_ij θ_j. X (n, p), K = (XᵀX)⁻¹. Depends on the design only: under vmap
     over responses it is formed once. O(n·(L·p + k²) + m·k²·p²) arithmetic and one sort per pair of
-    terms; the per-row products run over chunks of rows of at most :data:`ROW_CHUNK_ELEMENTS`
-    values per term.
+    terms. A term's own block needs only its groups' sums (Z_aᵀZ_a and the cross term are block
+    diagonal); the per-row products of two distinct terms run over chunks of rows of at most
+    :data:`ROW_CHUNK_ELEMENTS` values per term.
 
     Example (a balanced two-way crossed layout, 3 × 2 cells of one row, mean only: the row
     factor's equation is E[eᵀZ_AZ_Aᵀe] = 8σ²_A + 0σ²_B + 4σ², its a − 1 = 2 degrees of
