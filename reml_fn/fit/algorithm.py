@@ -460,9 +460,13 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         sub = batch if everyone else batch.take(good)
         # The default start is on the data's scale: it sets the variance floors whatever init is.
         # Without init a fit starts there or, for a grouped model, at its MIVQUE(0) estimates.
-        reference, moments = sub.map(engine.start, residual_variance if everyone else residual_variance[good])
-        start = moments if init_flat is None else (init_flat if everyone else init_flat[good])
-        low, up = sub.map(engine.bounds, reference, start)
+        variance = residual_variance if everyone else residual_variance[good]
+        if init_flat is None:
+            reference, start, low, up = sub.map(engine.start_and_bounds, variance)
+        else:
+            reference, _ = sub.map(engine.start, variance)
+            start = init_flat if everyone else init_flat[good]
+            low, up = sub.map(engine.bounds, reference, start)
         first = sub.map(engine.terms, start)
         started = torch.where(torch.isfinite(first.loglik), RUNNING, 3)
         for key, value in (("theta", start), ("lower", low), ("upper", up), *zip(Terms._fields, first)):
@@ -568,7 +572,7 @@ def _at_boundary(theta: Tensor, state: dict, pairs, rates: Tensor) -> Tensor:
 
 def _finite_terms(state: dict) -> Tensor:
     """(C,) whether each dataset's score and AI matrix are finite (they overflow before ℓ does)."""
-    return torch.isfinite(state["score"]).all(-1) & torch.isfinite(state["ai"]).flatten(1).all(-1)
+    return torch.isfinite(torch.cat([state["score"], state["ai"].flatten(1)], -1)).all(-1)
 
 
 def _progress_line(iteration: int, counts: dict, state: dict) -> str:

@@ -535,3 +535,8 @@ class EngineCalls(NamedTuple):
 
     def bounds(self, s, y, X, prepared, reference, theta):
         return raw_bounds(s, reference, theta, self.rates)
+
+    def start_and_bounds(self, s, y, X, prepared, residual_variance):
+        """:meth:`start` and :meth:`bounds` at that start, in one call (a fit without ``init``)."""
+        reference, start = self.start(s, y, X, prepared, residual_variance)
+        return reference, start, *self.bounds(s, y, X, prepared, reference, start)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Kronecker, Propagate, Sum
 from reml_fn.params import param_names, param_specs
+from reml_fn.reml.covariance_blocks import cast
 from reml_fn.reml.mme import _columns as mme_columns
 from reml_fn.reml.mme import _leaves as mme_leaves
 from reml_fn.reml.mme import _segment_sum as segment_sum
@@ -215,7 +216,7 @@ def _linear_units(cov):
     def units(dtype, device):
         zero = torch.zeros((), dtype=dtype, device=device)
         unit_of = cov._natural_jacobian(dict.fromkeys(names, zero), names)
-        return torch.stack([unit_of[name].to(dtype) for name in names])
+        return torch.stack([cast(unit_of[name], dtype) for name in names])
 
     return units
 
