@@ -190,7 +190,11 @@ def default_init(
         share = s2.unsqueeze(-1) / (
             usable.sum(-1, keepdim=True).clamp(min=1) * scale.clamp(min=torch.finfo(y.dtype).tiny)
         )
-        values = torch.stack([specs[k].transform.inverse(share[..., j]) for j, k in enumerate(variance)], dim=-1)
+        transforms = [specs[k].transform for k in variance]
+        if all(t == transforms[0] for t in transforms):  # the usual case: one transform for the vector
+            values = transforms[0].inverse(share)
+        else:
+            values = torch.stack([t.inverse(share[..., j]) for j, t in enumerate(transforms)], dim=-1)
         theta = theta.index_copy(-1, index, torch.where(usable, values, theta.index_select(-1, index)))
     for k, spec in enumerate(specs):
         if spec.name == "rho" and is_bounded(spec.transform):
