@@ -462,9 +462,9 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         # Without init a fit starts there or, for a grouped model, at its MIVQUE(0) estimates.
         variance = residual_variance if everyone else residual_variance[good]
         if init_flat is None:
-            reference, start, low, up = sub.map(engine.start_and_bounds, variance)
-        else:
-            reference, _ = sub.map(engine.start, variance)
+            reference, start, low, up = sub.map(engine.start, variance)
+        else:  # (no moment start to compute: the user's init is where the fit starts)
+            reference = sub.map(engine.reference, variance)
             start = init_flat if everyone else init_flat[good]
             low, up = sub.map(engine.bounds, reference, start)
         first = sub.map(engine.terms, start)

@@ -521,22 +521,22 @@ class EngineCalls(NamedTuple):
             return ml_loglik_from_reml(self.chosen, s, self._params(theta), y, X, prepared)
         return self.chosen.loglik(s, self._params(theta), y, X, **prepared_keyword(prepared))
 
+    def reference(self, s, y, X, prepared, residual_variance):
+        """The default start on the data's scale (:func:`~reml_fn.fit.start.default_init`): it sets
+        the variance floors whatever the point a fit starts from (a fit with ``init``)."""
+        return default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance)
+
     def start(self, s, y, X, prepared, residual_variance):
-        """The default start on the data's scale (:func:`~reml_fn.fit.start.default_init`, which
-        also sets the variance floors) and the point a fit without ``init`` starts from: the MIVQUE(0)
-        estimates of a grouped model where they lie well inside the parameter space
-        (:func:`~reml_fn.reml.moments.moment_start`), the default start elsewhere."""
+        """A fit without ``init``: ``(reference, start, lower, upper)``, the default start
+        (:meth:`reference`), the point the fit starts from, and :meth:`bounds` there. The start is
+        the MIVQUE(0) estimates of a grouped model where they lie well inside the parameter space
+        (:func:`~reml_fn.reml.moments.moment_start`, whose per-unit traces the default start
+        takes), the default start elsewhere."""
         moments = moment_start(s, y, X)
         traces = None if moments is None else moments.unit_traces
         reference = default_init(s, y, X, self.jacobian, self.chosen.name, residual_variance, traces)
-        if moments is None:
-            return reference, reference
-        return reference, torch.where(moments.inside, moments.theta, reference)
+        start = reference if moments is None else torch.where(moments.inside, moments.theta, reference)
+        return reference, start, *self.bounds(s, y, X, prepared, reference, start)
 
     def bounds(self, s, y, X, prepared, reference, theta):
         return raw_bounds(s, reference, theta, self.rates)
-
-    def start_and_bounds(self, s, y, X, prepared, residual_variance):
-        """:meth:`start` and :meth:`bounds` at that start, in one call (a fit without ``init``)."""
-        reference, start = self.start(s, y, X, prepared, residual_variance)
-        return reference, start, *self.bounds(s, y, X, prepared, reference, start)
