@@ -1050,15 +1050,21 @@ def _p_gram(fac: _Point, gram: Tensor, cross: _Split) -> Tensor:
 # Traces of P V̇ and the AI matrix
 
 
+def _pair_weights(inverse: Tensor, pairs: Tensor) -> Tensor:
+    """S⁻¹'s entry for each column pair (i, j, out) of :func:`column_pairs` (i ≤ j), doubled where
+    i < j: a pair stands for both orders."""
+    first, second, out = pairs.unbind(0)
+    return inverse.reshape(-1)[out] * torch.where(first == second, 1.0, 2.0).to(inverse.dtype)
+
+
 def _pair_form(rows: Tensor, fac: _Point) -> Tensor:
     """Σ_g R_g S⁻¹ R_gᵀ (k×k) for R (m, k, d) with the column pattern of :func:`column_pairs`,
     S⁻¹ = (L_ss L_ssᵀ)⁻¹: one pass over the pairs i ≤ j (those with i < j count twice; the result
     is symmetrised)."""
     inverse = torch.cholesky_inverse(fac.L_ss)
     compact = rows[fac.entries[0], :, fac.entries[1]]  # (nnz, k)
-    first, second, out = fac.pairs.unbind(0)
-    weights = inverse.reshape(-1)[out] * torch.where(first == second, 1.0, 2.0).to(rows.dtype)
-    half = (compact[first] * weights.unsqueeze(-1)).mT @ compact[second]
+    first, second, _ = fac.pairs.unbind(0)
+    half = (compact[first] * _pair_weights(inverse, fac.pairs).unsqueeze(-1)).mT @ compact[second]
     return 0.5 * (half + half.mT)
 
 
@@ -1216,8 +1222,8 @@ def _coupled_traces(fac: _Point, coupled: list[tuple[Tensor, Tensor]], inverse_s
     if fac.pairs.numel():
         groups, columns = fac.entries
         E = (left[groups] @ fac.F[groups, :, columns].unsqueeze(-1)).squeeze(-1)  # (nnz, k)
-        first, second, out = fac.pairs.unbind(0)
-        weights = inverse_s.reshape(-1)[out] * torch.where(first == second, 0.5, 1.0).to(E.dtype)
+        first, second, _ = fac.pairs.unbind(0)
+        weights = 0.5 * _pair_weights(inverse_s, fac.pairs)  # both orders are summed below
         values = []
         for A_gg, A_gs in coupled:
             V = (A_gg[groups] @ E.unsqueeze(-1)).squeeze(-1) - 2.0 * A_gs[groups, :, columns]
