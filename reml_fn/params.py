@@ -109,9 +109,22 @@ def _spec_tree(s) -> Mapping[str, Any]:
     return s.param_specs_tree()
 
 
+_SPECS_ATTRIBUTE = "_reml_fn_param_specs"
+
+
 def param_specs(s) -> list[tuple[str, ParamSpec]]:
-    """All parameters of ``s`` (free and fixed) as ``(path, ParamSpec)`` pairs, in order."""
-    return list(_spec_items(_spec_tree(s)))
+    """All parameters of ``s`` (free and fixed) as ``(path, ParamSpec)`` pairs, in order.
+
+    The specs are static fields of an immutable structure, so the walk of its spec tree is made
+    once per structure object and kept on it (a fit asks a dozen times; ``replace``, ``fix`` and
+    pytree unflattening make new objects, which walk their own tree).
+    """
+    cached = getattr(s, "__dict__", {}).get(_SPECS_ATTRIBUTE)
+    if cached is None:
+        cached = tuple(_spec_items(_spec_tree(s)))
+        if hasattr(s, "__dict__"):
+            s.__dict__[_SPECS_ATTRIBUTE] = cached  # bypasses a frozen dataclass's __setattr__
+    return list(cached)
 
 
 def param_names(s) -> list[str]:

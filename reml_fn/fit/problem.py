@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from reml_fn.fit.start import check_design, default_init, exact_linear_response, raw_bounds
+from reml_fn.fit.start import all_finite, check_design, default_init, exact_linear_response, raw_bounds
 from reml_fn.params import param_names, tree_from_names
 from reml_fn.reml.engines import prepared_data, prepared_keyword, terms_and_vcov
 from reml_fn.reml.likelihood import check_data
@@ -296,7 +296,7 @@ def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, dat
         # Shared X: a value problem concerns every dataset, so it is an error (checked once).
         check_design(X, x_names)
     for i, (leaf, d) in enumerate(zip(leaves, dims)):
-        if d is None and isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+        if d is None and isinstance(leaf, Tensor) and leaf.is_floating_point() and not all_finite(leaf):
             rows = torch.nonzero(~torch.isfinite(leaf), as_tuple=True)[0].unique()[:10].tolist()
             raise ValueError(
                 f"the structure's data {_leaf_path(s, i)} (shape {tuple(leaf.shape)}) contains NaN or inf "

@@ -37,6 +37,7 @@ from reml_fn.reml.engines import select_engine
 from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
 
 __all__ = [
+    "all_finite",
     "is_variance",
     "is_bounded",
     "variance_rates",
@@ -240,7 +241,10 @@ def raw_bounds(
 
 def dependent_columns(X: Tensor) -> list[int]:
     """Indices of columns of X that are linear combinations of the columns before them."""
-    if int(torch.linalg.matrix_rank(X)) == X.shape[1]:  # the usual case: one decomposition
+    # The usual case, full rank, in one decomposition: matrix_rank's own test (σ_min above
+    # max(n, p)·ε·σ_max) on the singular values, read on the host.
+    values = torch.linalg.svdvals(X).tolist()
+    if not values or values[-1] > max(X.shape) * torch.finfo(X.dtype).eps * values[0]:
         return []
     dependent = []
     rank = 0
@@ -252,9 +256,24 @@ def dependent_columns(X: Tensor) -> list[int]:
     return dependent
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite, read on the host.
+
+    A NaN or ±inf entry makes the sum NaN or ±inf, so a finite sum answers in one reduction; only
+    a non-finite sum (such an entry, or finite entries whose sum overflows) is checked entry by entry.
+
+    Example:
+        >>> import torch
+        >>> big = torch.tensor([1e308, 1e308], dtype=torch.float64)  # a sum that overflows
+        >>> all_finite(big), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+    """
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_design(X: Tensor, x_names: Sequence[str] | None = None) -> None:
     """X must be finite and of full column rank (the dependent columns are named)."""
-    if not bool(torch.isfinite(X).all()):
+    if not all_finite(X):
         rows, cols = torch.nonzero(~torch.isfinite(X), as_tuple=True)
         raise ValueError(f"X contains NaN or inf (rows {rows[:10].tolist()}, columns {sorted(set(cols.tolist()))})")
     dependent = dependent_columns(X)
