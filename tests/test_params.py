@@ -131,6 +131,23 @@ def test_fix_is_pure():
     assert rf.param_names(s) == ["sigma^2", "rho"]
 
 
+def test_specs_kept_on_a_structure_follow_fix_unfix_and_pytree_rebuilds():
+    # param_specs keeps each object's walk of its spec tree: a fixed, unfixed or unflattened copy
+    # must read its own specs, and a caller's edits to the returned list must not reach the next.
+    s = _sum()
+    assert rf.param_names(s) == ["time/sigma^2", "time/rho", "noise/sigma^2"]  # walked and kept
+    fixed = rf.fix(s, "time/rho", 0.3)
+    assert rf.param_names(fixed) == ["time/sigma^2", "noise/sigma^2"]
+    assert rf.param_names(rf.unfix(fixed, "time/rho")) == ["time/sigma^2", "time/rho", "noise/sigma^2"]
+    leaves, spec = torch.utils._pytree.tree_flatten(fixed)
+    rebuilt = torch.utils._pytree.tree_unflatten(leaves, spec)
+    assert rebuilt is not fixed and rf.param_names(rebuilt) == ["time/sigma^2", "noise/sigma^2"]
+    specs = rf.params.param_specs(s)
+    specs.clear()
+    assert [path for path, _ in rf.params.param_specs(s)] == ["time/sigma^2", "time/rho", "noise/sigma^2"]
+    assert repr(s) == repr(_sum())  # the kept walk is not a field
+
+
 def test_unfix():
     s = rf.fix(_sum(), "time/", 0.2, scale="raw")
     back = rf.unfix(s, "time/rho")
