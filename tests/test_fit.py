@@ -12,7 +12,7 @@ import torch.utils._pytree as torch_pytree
 import reml_fn as rf
 from reml_fn import datasets
 from reml_fn.design import indicator_matrix
-from reml_fn.fit.start import exact_linear_response
+from reml_fn.fit.start import dependent_columns, exact_linear_response
 
 
 def peer_sim():
@@ -87,6 +87,22 @@ def test_iteration_limit_is_reported():
     result = rf.fit(s, y, X, max_iter=1)
     assert not bool(result.converged) and int(result.status) == 1
     assert "iteration limit" in result.message and int(result.n_iter) == 1
+
+
+@pytest.mark.parametrize("shift", [1e-2, 1e-9, 1e-13, 3e-15, 0.0])
+def test_full_rank_test_is_matrix_ranks(shift):
+    # dependent_columns' one-decomposition test reads the singular values itself; it must draw
+    # the line where torch.linalg.matrix_rank does (σ_min > max(n, p)·ε·σ_max), up to a column
+    # that differs from another by round-off.
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(40, dtype=torch.float64, generator=generator)
+    X = torch.stack(
+        [torch.ones(40, dtype=torch.float64), x, x + shift * torch.randn(40, dtype=torch.float64, generator=generator)],
+        1,
+    )
+    full_rank = int(torch.linalg.matrix_rank(X)) == 3
+    assert (dependent_columns(X) == []) == full_rank
+    assert full_rank == (shift >= 1e-13)  # both sides of the line are exercised
 
 
 @pytest.mark.parametrize(
