@@ -35,6 +35,20 @@ def test_partially_fixed_structures_keep_exact_jacobians(pair):
     assert sorted(rf.params.param_names(s)) == sorted(_paths(rf.jacobian(s, params)))
 
 
+@given(base_structures().flatmap(fix_some).flatmap(lambda s: raw_params(s).map(lambda params: (s, params))))
+def test_matrix_and_derivatives_from_one_pass_equal_the_separate_calls(pair):
+    # The engines build Σ and its Jacobian from one evaluation of the natural values
+    # (matrix_and_derivative_stack); it must give exactly what build and jacobian give apart.
+    from reml_fn.reml.covariance_blocks import derivative_stack, matrix_and_derivative_stack
+
+    s, params = pair
+    G, names, D = matrix_and_derivative_stack(s, params, "cov", "closed", torch.float64)
+    expected_names, expected_D = derivative_stack(s, params, "cov", "closed", torch.float64)
+    assert torch.equal(G, s.build(params).to(torch.float64))
+    assert names == expected_names
+    assert (D is None and expected_D is None) or torch.equal(D, expected_D)
+
+
 def _paths(tree, prefix=""):
     out = []
     for key, value in tree.items():

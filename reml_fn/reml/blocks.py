@@ -32,7 +32,7 @@ from torch import Tensor
 
 from reml_fn.combinators import Grouped, Sum
 from reml_fn.params import param_names, subtree
-from reml_fn.reml.covariance_blocks import derivative_stack
+from reml_fn.reml.covariance_blocks import matrix_and_derivative_stack
 from reml_fn.reml.dense import AITerms, inverse_from_cholesky
 from reml_fn.reml.engines import register_engine, term_effects, term_fitted
 from reml_fn.reml.residual_blocks import groups_nested, residual_buckets, residual_matrices
@@ -99,11 +99,11 @@ def _matrix_and_derivatives(model: _Model, params: Mapping, blocks: Blocks, deri
     pieces = {}
     for (name, term), basis in zip(model.terms, blocks.bases):
         term_params = params.get(name, {}).get("cov", {})
-        sigma = term.cov._build(term_params).to(dtype)
+        method = jacobian if derivatives else None
+        sigma, names, D = matrix_and_derivative_stack(term.cov, term_params, f"{name}/cov", method, dtype)
         flat = basis.flatten(0, 1).flatten(1)  # (k², m·a·a)
         V = V + (sigma.flatten() @ flat).view(V.shape)
         if derivatives:
-            names, D = derivative_stack(term.cov, term_params, f"{name}/cov", jacobian, dtype)
             if names:
                 for path, block in zip(names, (D.flatten(1) @ flat).view(len(names), *V.shape)):
                     pieces[path] = block

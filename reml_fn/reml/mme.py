@@ -145,6 +145,7 @@ from reml_fn.reml.covariance_blocks import (
     concat,
     derivative_stack,
     group_inner,
+    matrix_and_derivative_stack,
     plus,
     psd_cholesky,
     residual_variance,
@@ -668,10 +669,8 @@ def _covariance_of(path: str, term, params: Mapping) -> tuple:
 
 
 def _term(path: str, term, params: Mapping, dtype, method: str | None) -> _Term:
-    child, child_params, prefix = _covariance_of(path, term, params)
-    block = cast(child._build(child_params), dtype)
+    block, names, derivatives = matrix_and_derivative_stack(*_covariance_of(path, term, params), method, dtype)
     lam, ok = _factor_block(block)
-    names, derivatives = derivative_stack(child, child_params, prefix, method, dtype)
     return _Term(path, isinstance(term, Grouped), _columns(term, dtype), block, lam, ok, names, derivatives)
 
 

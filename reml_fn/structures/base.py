@@ -88,6 +88,10 @@ class Structure:
         """Closed-form Jacobian; structures without one fall back to forward-mode autodiff."""
         return torch.func.jacfwd(self._build)(dict(params))
 
+    def _build_and_jacobian(self, params: Mapping) -> tuple[Tensor, dict]:
+        """``(_build(params), _jacobian(params))``; a structure whose two share work overrides it."""
+        return self._build(params), self._jacobian(params)
+
     # -- public, generic ----------------------------------------------------------------------
     def init_params(self, dtype: torch.dtype | None = None, device=None) -> dict:
         """Raw defaults of the free parameters, a nested dict of 0-d tensors."""
@@ -177,10 +181,18 @@ class Parametric(Structure):
         return self._build_natural(self._natural(params))
 
     def _jacobian(self, params: Mapping) -> dict:
+        return self._jacobian_at(params, self._natural(params))
+
+    def _build_and_jacobian(self, params: Mapping) -> tuple[Tensor, dict]:
+        # The natural values once for both (an evaluation of the likelihood needs both).
+        natural = self._natural(params)
+        return self._build_natural(natural), self._jacobian_at(params, natural)
+
+    def _jacobian_at(self, params: Mapping, natural: dict[str, Tensor]) -> dict:
+        """dV/dθ of the free parameters, given the natural values ``natural`` = ``_natural(params)``."""
         free = [spec for spec in self.specs if not spec.fixed]
         if not free:
             return {}
-        natural = self._natural(params)
         d_natural = self._natural_jacobian(natural, [spec.name for spec in free])
         out = {}
         for spec in free:
