@@ -596,6 +596,25 @@ def test_working_coordinates_round_trip_and_keep_the_decrement():
     assert float(working_decrement) == pytest.approx(float(raw_decrement), rel=1e-9)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_working_jacobian_is_the_derivative_of_the_raw_parameters(k):
+    # working_system's J (from pair_index's base and placement) must be ∂θ_raw/∂θ_working, the
+    # derivative of raw_parameters, for 0, 1 and 3 correlation pairs (Unstructured(1), (2), (3)).
+    s = rf.Sum(
+        g=rf.Grouped(torch.arange(12) % 3, covariates=torch.ones(12, k), cov=rf.Unstructured(k)), e=rf.Scalar(12)
+    )
+    pairs = correlation_pairs(s)
+    p = len(rf.param_names(s))
+    assert pairs.shape == (k * (k - 1) // 2, 3)
+    theta = torch.linspace(-0.4, 0.3, p, dtype=torch.float64)
+    bounds = torch.full((p,), math.inf, dtype=torch.float64)
+    score = torch.ones(p, dtype=torch.float64)
+    system = working_system(theta, score, torch.eye(p, dtype=torch.float64), -bounds, bounds, bounds > 0, pairs)
+    J = torch.func.jacfwd(lambda w: raw_parameters(w, pairs))(system.theta)
+    assert torch.allclose(system.score, J.mT @ score, atol=1e-14)
+    assert torch.allclose(system.ai, J.mT @ J, atol=1e-14)
+
+
 def test_proposals_stay_in_the_box_and_the_correlation_cone():
     s, pairs, theta = unstructured_point()
     system = working_system(

@@ -128,15 +128,24 @@ def pair_index(pairs: Tensor | Pairs, k: int, device, dtype: torch.dtype | None 
     if isinstance(pairs, Pairs):
         return pairs
     dtype = dtype or torch.get_default_dtype()
-    pairs = pairs.to(device)
-    i, j, c = pairs.unbind(-1)
-    m = c.shape[0]
-    columns = torch.zeros(k, dtype=torch.bool, device=device).index_fill(0, c, True)
-    base = torch.eye(k, dtype=dtype, device=device).index_put((c, c), torch.zeros(m, dtype=dtype, device=device))
-    entries = torch.cat([c, c, c]) * k + torch.cat([i, j, c])
-    placement = torch.zeros(3 * m, k * k, dtype=dtype, device=device)
-    placement[torch.arange(3 * m, device=device), entries] = 1.0
-    lower = torch.full((k,), -math.inf, dtype=dtype, device=device).masked_fill(columns, -CORRELATION_LIMIT)
+    # Built on the host from the few index triples (static data of the structure): one tensor
+    # made from a list each, not a chain of indexed writes.
+    triples = [tuple(row) for row in pairs.tolist()]
+    i, j, c = ([t[n] for t in triples] for n in range(3))
+    columns = [False] * k
+    for index in c:
+        columns[index] = True
+    base = [[float(r == q and not columns[r]) for q in range(k)] for r in range(k)]
+    entries = [x * k + y for x, y in zip(c * 3, i + j + c)]
+    placement = [[float(e == q) for q in range(k * k)] for e in entries]
+    lower = [-CORRELATION_LIMIT if flag else -math.inf for flag in columns]
+
+    def tensor(values, kind=dtype):
+        return torch.tensor(values, dtype=kind, device=device)
+
+    i, j, c = tensor(i, torch.long), tensor(j, torch.long), tensor(c, torch.long)
+    columns, base, lower = tensor(columns, torch.bool), tensor(base).reshape(k, k), tensor(lower)
+    placement = tensor(placement).reshape(len(entries), k * k)
     return Pairs(i, j, c, columns, base, placement, lower)
 
 
