@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from reml_fn.transforms import Transform
+from reml_fn.tree import derived
 
 __all__ = [
     "ParamSpec",
@@ -109,22 +110,13 @@ def _spec_tree(s) -> Mapping[str, Any]:
     return s.param_specs_tree()
 
 
-_SPECS_ATTRIBUTE = "_reml_fn_param_specs"
-
-
 def param_specs(s) -> list[tuple[str, ParamSpec]]:
     """All parameters of ``s`` (free and fixed) as ``(path, ParamSpec)`` pairs, in order.
 
-    The specs are static fields of an immutable structure, so the walk of its spec tree is made
-    once per structure object and kept on it (a fit asks a dozen times; ``replace``, ``fix`` and
-    pytree unflattening make new objects, which walk their own tree).
+    The specs are static fields of an immutable structure: the walk of its spec tree is made
+    once per structure object (:func:`~reml_fn.tree.derived`; a fit asks a dozen times).
     """
-    cached = getattr(s, "__dict__", {}).get(_SPECS_ATTRIBUTE)
-    if cached is None:
-        cached = tuple(_spec_items(_spec_tree(s)))
-        if hasattr(s, "__dict__"):
-            s.__dict__[_SPECS_ATTRIBUTE] = cached  # bypasses a frozen dataclass's __setattr__
-    return list(cached)
+    return list(derived(s, "param_specs", lambda: tuple(_spec_items(_spec_tree(s)))))
 
 
 def param_names(s) -> list[str]:

@@ -38,7 +38,7 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
-__all__ = ["structure", "static", "replace", "NAMESPACE", "is_structure"]
+__all__ = ["structure", "static", "replace", "derived", "NAMESPACE", "is_structure"]
 
 NAMESPACE = "reml_fn"
 
@@ -129,6 +129,29 @@ def structure(cls: type[T]) -> type[T]:
 def is_structure(obj: Any) -> bool:
     """True for instances of ``@structure`` classes."""
     return getattr(type(obj), "_is_reml_fn_structure", False)
+
+
+def derived(obj: Any, key: str, compute):
+    """``compute()``, kept on ``obj`` under ``key`` after the first call: for data derived from an
+    immutable structure's static fields alone (its parameter specs, its parameters' unit matrices,
+    which terms a model has), which a fit asks for many times. ``replace``, ``fix`` and pytree
+    unflattening make new objects, which compute their own. The value must not refer back to
+    ``obj`` (no reference cycle) and must not be mutated by callers; objects without a
+    ``__dict__`` compute it every time.
+
+    Example:
+        >>> import reml_fn as rf
+        >>> s = rf.Scalar(3)
+        >>> derived(s, "_example", lambda: ["computed once"]) is derived(s, "_example", list)
+        True
+    """
+    store = getattr(obj, "__dict__", None)
+    if store is None:
+        return compute()
+    name = f"_reml_fn_{key}"
+    if name not in store:
+        store[name] = compute()  # bypasses a frozen dataclass's __setattr__; not a field
+    return store[name]
 
 
 def replace(obj: T, **changes: Any) -> T:

@@ -44,6 +44,7 @@ from reml_fn.reml.mme import _columns as mme_columns
 from reml_fn.reml.mme import _leaves as mme_leaves
 from reml_fn.reml.mme import _segment_sum as segment_sum
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar, Unstructured
+from reml_fn.tree import derived
 
 __all__ = [
     "LINEAR_COVARIANCES",
@@ -211,12 +212,16 @@ class _Factor(NamedTuple):
 
 
 def _linear_units(cov):
-    names = param_names(cov)
+    def host_units() -> list:
+        # The E_l are constants of the structure (0s and 1s: exact in every dtype), so they are
+        # read once per structure object, on the host, and made into one tensor per call.
+        names = param_names(cov)
+        zero = torch.zeros((), dtype=torch.float64)
+        unit_of = cov._natural_jacobian(dict.fromkeys(names, zero), names)
+        return torch.stack([cast(unit_of[name], torch.float64) for name in names]).tolist()
 
     def units(dtype, device):
-        zero = torch.zeros((), dtype=dtype, device=device)
-        unit_of = cov._natural_jacobian(dict.fromkeys(names, zero), names)
-        return torch.stack([cast(unit_of[name], dtype) for name in names])
+        return torch.tensor(derived(cov, "linear_units", host_units), dtype=dtype, device=device)
 
     return units
 
@@ -257,8 +262,13 @@ def _factor(path: str, term) -> _Factor | None:
 def _random_terms(s) -> tuple[list[_Factor], tuple] | None:
     """The random terms and the ``(path, Scalar)`` residual when ``s`` is a Sum of random-effects
     terms of grouped shape (:func:`_factor`) and one free Scalar residual; None otherwise. Reads
-    no tensor values, so that a fit and a batch with per-dataset Z decide alike; whether a
-    Propagate Z really is a group-indicator design is a tensor test (:func:`_grouped_design`)."""
+    no tensor values, so that a fit and a batch with per-dataset Z decide alike (and the answer
+    is kept on ``s``: :func:`~reml_fn.tree.derived`); whether a Propagate Z really is a
+    group-indicator design is a tensor test (:func:`_grouped_design`)."""
+    return derived(s, "moment_terms", lambda: _find_random_terms(s))
+
+
+def _find_random_terms(s) -> tuple[list[_Factor], tuple] | None:
     if not isinstance(s, Sum):
         return None
     terms = [(path, term) for path, term, _ in mme_leaves(s, {})]
