@@ -143,7 +143,13 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
         [8.0, 0.0, 4.0]
     """
     n, p = X.shape[-2:]
-    projected = [segment_sum(d.codes, d.covariates.unsqueeze(-1) * X.unsqueeze(-2), d.size) for d in designs]  # P_a
+    # One pass per term for P_a = Z_aᵀX and its own N_aa = Z_aᵀZ_a (block diagonal): the group sums
+    # of x_a,r [X_r, x_a,r]ᵀ.
+    joint = [
+        segment_sum(d.codes, d.covariates.unsqueeze(-1) * torch.cat([X, d.covariates], -1).unsqueeze(-2), d.size)
+        for d in designs
+    ]
+    projected = [sums[..., :p] for sums in joint]  # P_a (m_a, k_a, p)
     # Per term: S_l = P_aᵀD_al P_a (L, p, p) and KS_lK flattened (L, p²), so that the traces below
     # are products of flat matrices.
     sandwiches, weighted = [], []
@@ -160,7 +166,7 @@ def mivque0_equations(designs: list[GroupedDesign], X: Tensor, K: Tensor) -> Ten
             if a == b:
                 # Z_aᵀZ_a is block diagonal (the groups' N_g = Σ x xᵀ), and so is the cross term's
                 # D N D' P K Pᵀ there: tr(D N D' N) − 2 tr(D N D' P K Pᵀ) = Σ_g tr(E_l N_g E_l' (N_g − 2 P_g K P_gᵀ)).
-                N = segment_sum(da.codes, da.covariates.unsqueeze(-1) * da.covariates.unsqueeze(-2), da.size)
+                N = joint[a][..., p:]
                 P = projected[a]
                 other = N - 2 * (P @ K @ P.mT)
             else:
