@@ -265,3 +265,25 @@ def test_beta_and_its_covariance_belong_to_the_returned_parameters(engine, monke
     theta = rf.flatten_params(s, result.params)
     torch.testing.assert_close(result.beta, rf.blue(s, theta, y, X, engine="dense"), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(result.vcov_beta, rf.vcov_beta(s, theta, y, X, engine="dense"), rtol=1e-9, atol=1e-12)
+
+
+def test_what_a_fit_keeps_on_a_structure_does_not_keep_it_alive():
+    # param_specs, the MME layout and the moment start's terms are kept on the structure object
+    # (reml_fn.tree.derived); none may refer back to it, or a large model's data would wait for
+    # the cyclic garbage collector instead of going with the last reference.
+    import gc
+    import weakref
+
+    d = datasets.load("sleepstudy")
+    g = torch.unique(d["Subject"], return_inverse=True)[1]
+    X = torch.stack([torch.ones(180, dtype=torch.float64), d["Days"]], 1)
+    s = rf.Sum(Subject=rf.Grouped(g, covariates=X, cov=rf.Unstructured(2)), residual=rf.Scalar(180))
+    rf.fit(s, d["Reaction"], X)
+    assert any(key.startswith("_reml_fn_") for key in vars(s))  # something was kept
+    alive = weakref.ref(s)
+    gc.disable()
+    try:
+        del s
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -164,6 +164,7 @@ from reml_fn.reml.residual_blocks import (
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar
 from reml_fn.structures.base import first_leaf, values_readable
 from reml_fn.structures.within_group import WithinGroup
+from reml_fn.tree import derived
 
 __all__ = [
     "MMEEngine",
@@ -316,7 +317,23 @@ def layout(s) -> Layout | None:
         ('b', ['a'], True)
         >>> layout(rf.Sum(a=rf.AR1(12), residual=rf.Scalar(12))) is None
         True
+
+    It reads the structure (and, through :func:`grouped_form`, whether its data are readable)
+    only, so it is found once per structure object and kept there (:func:`~reml_fn.tree.derived`;
+    a fit asks three times), without its reference to ``s`` itself.
     """
+    kept = derived(s, "mme_layout", lambda: _detached(_find_layout(s), s))
+    if kept is None or kept.structure is not None:
+        return kept
+    return kept._replace(structure=s)
+
+
+def _detached(model: Layout | None, s) -> Layout | None:
+    """``model`` with ``structure`` None where it is ``s`` (kept on ``s``: no reference cycle)."""
+    return model._replace(structure=None) if model is not None and model.structure is s else model
+
+
+def _find_layout(s) -> Layout | None:
     structure, converted = grouped_form(s)
     if not isinstance(structure, Sum):
         return None
