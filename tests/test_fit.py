@@ -287,3 +287,16 @@ def test_what_a_fit_keeps_on_a_structure_does_not_keep_it_alive():
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_value_in_a_structures_shared_data_is_named(bad):
+    g = torch.arange(12) % 3
+    covariates = torch.stack([torch.ones(12, dtype=torch.float64), torch.arange(12, dtype=torch.float64)], 1)
+    covariates[5, 1] = bad
+    s = rf.Sum(g=rf.Grouped(g, covariates=covariates, cov=rf.Unstructured(2)), residual=rf.Scalar(12))
+    y = torch.linspace(0.0, 1.0, 12, dtype=torch.float64).sin()
+    with pytest.raises(
+        ValueError, match=r"the structure's data g\.covariates \(shape \(12, 2\)\) contains NaN or inf \(rows \[5\]\)"
+    ):
+        rf.fit(s, y, torch.ones(12, 1, dtype=torch.float64))

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import optree
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
@@ -20,6 +21,7 @@ from reml_fn.reml.likelihood import check_data
 from reml_fn.reml.ml import ml_loglik_from_reml, ml_terms_and_vcov
 from reml_fn.reml.moments import moment_start
 from reml_fn.structures.base import Structure
+from reml_fn.tree import NAMESPACE
 
 __all__ = [
     "Batch",
@@ -222,7 +224,8 @@ def _leaf_dims(s, in_dims, leaves, spec) -> tuple:
 
 def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, data_checked: bool = False):
     """Shapes, types and shared data checked once before any work (errors, never flags); returns
-    the structure of dataset 0 (``template``), the in_dim of each data leaf and the pytree spec.
+    the structure of dataset 0 (``template``), the in_dim of each data leaf and the pytree spec
+    (None when ``in_dims`` is None: every leaf shared, nothing to unflatten).
 
     Example:
         >>> import torch, reml_fn as rf
@@ -263,7 +266,10 @@ def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, dat
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
-    leaves, spec = pytree.tree_flatten(s)
+    if in_dims is None:  # the usual case, every data leaf shared: the leaves only (C++ flattening), no spec
+        leaves, spec = optree.tree_leaves(s, namespace=NAMESPACE), None
+    else:
+        leaves, spec = pytree.tree_flatten(s)
     dims = _leaf_dims(s, in_dims, leaves, spec)
     for i, (leaf, d) in enumerate(zip(leaves, dims)):
         if d is None:
@@ -435,9 +441,10 @@ def screen(batch: Batch, status: Tensor) -> tuple[Tensor, Tensor]:
     finite = torch.isfinite(batch.Y).all(-1)
     if batch.x_batched:
         finite = finite & torch.isfinite(batch.X).all(-1).all(-1)
-    for leaf, d in zip(pytree.tree_leaves(batch.s), batch.leaf_dims):
-        if d is not None and leaf.is_floating_point():
-            finite = finite & torch.isfinite(leaf.movedim(d, 0)).flatten(1).all(-1)
+    if any(d is not None for d in batch.leaf_dims):
+        for leaf, d in zip(pytree.tree_leaves(batch.s), batch.leaf_dims):
+            if d is not None and leaf.is_floating_point():
+                finite = finite & torch.isfinite(leaf.movedim(d, 0)).flatten(1).all(-1)
     status = torch.where(finite, status, 4)
     if batch.x_batched:
         p = batch.X.shape[-1]
