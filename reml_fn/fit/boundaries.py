@@ -16,6 +16,7 @@ from reml_fn.fit.step import PIVOT_TOLERANCE
 from reml_fn.params import param_specs
 from reml_fn.transforms import ExpPow2
 from reml_fn.transforms import Identity as IdentityTransform
+from reml_fn.tree import derived
 
 __all__ = [
     "CORRELATION_LIMIT",
@@ -82,6 +83,13 @@ def correlation_pairs(s) -> Tensor:
         >>> correlation_pairs(s).tolist()  # σ²_11 (2), σ²_00 (0) and their covariance σ_10 (1)
         [[2, 0, 1]]
     """
+    return torch.tensor(derived(s, "correlation_pairs", lambda: _correlation_triples(s)), dtype=torch.long).reshape(
+        -1, 3
+    )
+
+
+def _correlation_triples(s) -> tuple[tuple[int, int, int], ...]:
+    """:func:`correlation_pairs` as host triples (read from the names and transforms once per structure)."""
     specs = {path: spec for path, spec in param_specs(s) if not spec.fixed}
     index = {name: k for k, name in enumerate(specs)}
     pairs = []
@@ -93,7 +101,7 @@ def correlation_pairs(s) -> Tensor:
         a, b = (f"{prefix}sigma^2_{g}_{g}" for g in match.groups())
         if all(v in specs and isinstance(specs[v].transform, ExpPow2) for v in (a, b)):
             pairs.append((index[a], index[b], index[name]))
-    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 3)
+    return tuple(pairs)
 
 
 class Pairs(NamedTuple):

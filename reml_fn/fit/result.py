@@ -262,6 +262,7 @@ def build_result(
     """
     loglik, status, vcov = out["loglik"], out["status"], out["vcov_beta"]
     k = len(names)
+    deviance = -2.0 * loglik
     return FitResult(
         params=out["params"],
         natural=out["natural"],
@@ -271,9 +272,9 @@ def build_result(
         score=out["score"],
         ai=out["ai"],
         loglik=loglik,
-        reml_criterion=-2.0 * loglik,
-        aic=-2.0 * loglik + 2.0 * (p + k),
-        bic=-2.0 * loglik + (p + k) * math.log(n),
+        reml_criterion=deviance,
+        aic=deviance + 2.0 * (p + k),
+        bic=deviance + (p + k) * math.log(n),
         converged=status == 0,
         status=status,
         at_boundary=out["at_boundary"],
