@@ -329,3 +329,37 @@ def test_crossed_fits_batched_equal_one_by_one(per_dataset_codes, slope):
         assert float(batched.loglik[b]) == pytest.approx(float(alone.loglik), abs=1e-9)
         if bool(starts[b].inside):
             torch.testing.assert_close(alone.history["params"][0], starts[b].theta)
+
+
+def test_the_moment_start_follows_the_structures_parameter_order():
+    # The estimates come out of the equations term by term, σ² last; the start is in param_names
+    # order, whatever order the Sum lists its terms in.
+    d = datasets.load("sleepstudy")
+    g = torch.unique(d["Subject"], return_inverse=True)[1]
+    X = torch.stack([torch.ones(180, dtype=torch.float64), d["Days"]], 1)
+    h = torch.arange(180) % 6
+    y = d["Reaction"] + 30 * torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)[h]
+    slope = rf.Grouped(g, covariates=X, cov=rf.Unstructured(2))
+    orders = [
+        rf.Sum(a=slope, b=rf.Grouped(h), residual=rf.Scalar(180)),
+        rf.Sum(residual=rf.Scalar(180), b=rf.Grouped(h), a=slope),
+    ]
+    starts = [moment_start(s, y, X) for s in orders]
+    assert all(bool(start.inside) for start in starts)
+    by_name = [
+        dict(zip(rf.param_names(s), zip(start.theta.tolist(), start.unit_traces.tolist())))
+        for s, start in zip(orders, starts)
+    ]
+    assert list(by_name[1]) == [
+        "residual/sigma^2",
+        "b/cov/sigma^2",
+        "a/cov/sigma^2_0_0",
+        "a/cov/sigma^2_1_0",
+        "a/cov/sigma^2_1_1",
+    ]
+    for name, (theta, trace) in by_name[0].items():
+        assert by_name[1][name][0] == pytest.approx(theta, rel=1e-12)
+        assert by_name[1][name][1] == trace
+    assert by_name[0]["residual/sigma^2"][1] == 180.0 and by_name[0]["a/cov/sigma^2_1_1"][1] == float(
+        (d["Days"] ** 2).sum()
+    )

@@ -87,6 +87,7 @@ from reml_fn.fit.step import (
 )
 from reml_fn.params import param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
+from reml_fn.transforms import columnwise
 
 __all__ = ["solve"]
 
@@ -544,8 +545,7 @@ def _run_chunk(template, batch: Batch, init_flat: Tensor | None, engine: EngineC
         vcov = torch.where(fitted.unsqueeze(-1).unsqueeze(-1), vcov, math.nan)
     natural = theta  # (C, 0): a structure without free parameters
     if k:
-        transforms = [spec.transform for _, spec in param_specs(template) if not spec.fixed]
-        natural = torch.stack([t.forward(column) for t, column in zip(transforms, theta.unbind(-1))], -1)
+        natural = columnwise([spec.transform for _, spec in param_specs(template) if not spec.fixed], theta)
     return {
         "theta": theta,
         "natural": natural,

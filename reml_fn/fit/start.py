@@ -34,7 +34,7 @@ from torch import Tensor
 from reml_fn.fit.boundaries import like
 from reml_fn.params import ParamSpec, param_names, param_specs, tree_from_names
 from reml_fn.reml.engines import select_engine
-from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform
+from reml_fn.transforms import Chain, Exp, Exp2, Exp10, ExpPow2, Sigmoid, Transform, columnwise
 
 __all__ = [
     "all_finite",
@@ -191,11 +191,7 @@ def default_init(
         share = s2.unsqueeze(-1) / (
             usable.sum(-1, keepdim=True).clamp(min=1) * scale.clamp(min=torch.finfo(y.dtype).tiny)
         )
-        transforms = [specs[k].transform for k in variance]
-        if all(t == transforms[0] for t in transforms):  # the usual case: one transform for the vector
-            values = transforms[0].inverse(share)
-        else:
-            values = torch.stack([t.inverse(share[..., j]) for j, t in enumerate(transforms)], dim=-1)
+        values = columnwise([specs[k].transform for k in variance], share, inverse=True)
         theta = theta.index_copy(-1, index, torch.where(usable, values, theta.index_select(-1, index)))
     for k, spec in enumerate(specs):
         if spec.name == "rho" and is_bounded(spec.transform):

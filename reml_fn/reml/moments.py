@@ -44,6 +44,7 @@ from reml_fn.reml.mme import _columns as mme_columns
 from reml_fn.reml.mme import _leaves as mme_leaves
 from reml_fn.reml.mme import _segment_sum as segment_sum
 from reml_fn.structures import Diagonal, Fixed, Identity, Scalar, Unstructured
+from reml_fn.transforms import columnwise
 from reml_fn.tree import derived
 
 __all__ = [
@@ -361,7 +362,7 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
     ok = (info == 0) & torch.isfinite(solution).all() & (sigma2 > 0)
     for test in tests:
         ok = ok & test
-    raw, traces, offset = {}, {}, 0
+    traces, solved, offset = [], [], 0  # solved: the parameter names in the solution's order
     for factor, design in zip(factors, designs):
         values = solution[offset : offset + design.units.shape[0]]
         offset += design.units.shape[0]
@@ -376,15 +377,16 @@ def moment_start(s, y: Tensor, X: Tensor) -> MomentStart | None:
             # when Σ − c·D has a Cholesky factor.
             shifted = sigma - MIN_CORRELATION_EIGENVALUE * torch.diag_embed(variances)
             ok = ok & (torch.linalg.cholesky_ex(shifted)[1] == 0)
-        unit_traces = (design.units * gram).sum((-1, -2))
-        specs = [spec for _, spec in param_specs(factor.cov)]
-        for name, spec, value, trace in zip(param_names(factor.cov), specs, values, unit_traces):
-            raw[f"{factor.prefix}/{name}"] = spec.transform.inverse(value)
-            traces[f"{factor.prefix}/{name}"] = trace
-    residual_name = f"{residual_path}/{param_names(residual)[0]}"
-    raw[residual_name] = residual.specs[0].transform.inverse(sigma2)
-    traces[residual_name] = y.new_full((), float(n), dtype=dtype)
-    names = param_names(s)
-    theta = torch.stack([raw[name] for name in names])
+        traces.append((design.units * gram).sum((-1, -2)))
+        solved += [f"{factor.prefix}/{name}" for name in param_names(factor.cov)]
+    solved.append(f"{residual_path}/{param_names(residual)[0]}")
+    traces.append(y.new_full((1,), float(n), dtype=dtype))  # tr(∂V/∂σ²) = n
+    natural, traces = solution, torch.cat(traces)
+    names = param_names(s)  # every parameter is free (_random_terms): the same names, maybe reordered
+    if names != solved:
+        position = {name: j for j, name in enumerate(solved)}
+        order = [position[name] for name in names]
+        natural, traces = natural[order], traces[order]
+    theta = columnwise([spec.transform for _, spec in param_specs(s)], natural, inverse=True)
     # (Finite wherever ok: its variances are positive, the rest finite with the solution.)
-    return MomentStart(torch.where(ok, theta, 0.0), ok, torch.stack([traces[name] for name in names]))
+    return MomentStart(torch.where(ok, theta, 0.0), ok, traces)
