@@ -21,7 +21,7 @@ from reml_fn.reml.likelihood import check_data
 from reml_fn.reml.ml import ml_loglik_from_reml, ml_terms_and_vcov
 from reml_fn.reml.moments import moment_start
 from reml_fn.structures.base import Structure
-from reml_fn.tree import NAMESPACE
+from reml_fn.tree import NAMESPACE, derived
 
 __all__ = [
     "Batch",
@@ -266,8 +266,8 @@ def check_batch_inputs(s, Y, X, in_dims, x_names, jacobian, chunk_size=None, dat
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
-    if in_dims is None:  # the usual case, every data leaf shared: the leaves only (C++ flattening), no spec
-        leaves, spec = optree.tree_leaves(s, namespace=NAMESPACE), None
+    if in_dims is None:  # the usual case, every data leaf shared: the leaves only (kept on s), no spec
+        leaves, spec = derived(s, "data_leaves", lambda: tuple(optree.tree_leaves(s, namespace=NAMESPACE))), None
     else:
         leaves, spec = pytree.tree_flatten(s)
     dims = _leaf_dims(s, in_dims, leaves, spec)
