@@ -219,16 +219,12 @@ class _Factor(NamedTuple):
 
 
 def _linear_units(cov):
-    def host_units() -> list:
-        # The E_l are constants of the structure (0s and 1s: exact in every dtype), so they are
-        # read once per structure object, on the host, and made into one tensor per call.
-        names = param_names(cov)
-        zero = torch.zeros((), dtype=torch.float64)
-        unit_of = cov._natural_jacobian(dict.fromkeys(names, zero), names)
-        return torch.stack([cast(unit_of[name], torch.float64) for name in names]).tolist()
+    names = param_names(cov)
 
     def units(dtype, device):
-        return torch.tensor(derived(cov, "linear_units", host_units), dtype=dtype, device=device)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        unit_of = cov._natural_jacobian(dict.fromkeys(names, zero), names)
+        return torch.stack([cast(unit_of[name], dtype) for name in names])
 
     return units
 
