@@ -132,12 +132,13 @@ def is_structure(obj: Any) -> bool:
 
 
 def derived(obj: Any, key: str, compute):
-    """``compute()``, kept on ``obj`` under ``key`` after the first call: for data derived from an
-    immutable structure's static fields alone (its parameter specs, its parameters' unit matrices,
-    which terms a model has), which a fit asks for many times. ``replace``, ``fix`` and pytree
-    unflattening make new objects, which compute their own. The value must not refer back to
-    ``obj`` (no reference cycle) and must not be mutated by callers; objects without a
-    ``__dict__`` compute it every time.
+    """``compute()``, kept on ``obj`` under ``key`` after the first call: for what a fit reads from
+    an immutable structure again and again (its parameter specs, its MME layout, which terms a
+    moment start can use, its data leaves), within a fit and across fits of the same object.
+    ``replace``, ``fix`` and pytree unflattening make new objects, which compute their own. The
+    value must not refer back to ``obj`` (no reference cycle: the object would then wait for the
+    cyclic garbage collector) and must not be mutated by callers; objects without a ``__dict__``
+    compute it every time.
 
     Example:
         >>> import reml_fn as rf

@@ -83,9 +83,8 @@ def correlation_pairs(s) -> Tensor:
         >>> correlation_pairs(s).tolist()  # σ²_11 (2), σ²_00 (0) and their covariance σ_10 (1)
         [[2, 0, 1]]
     """
-    return torch.tensor(derived(s, "correlation_pairs", lambda: _correlation_triples(s)), dtype=torch.long).reshape(
-        -1, 3
-    )
+    triples = derived(s, "correlation_pairs", lambda: _correlation_triples(s))
+    return torch.tensor(triples, dtype=torch.long).reshape(-1, 3)
 
 
 def _correlation_triples(s) -> tuple[tuple[int, int, int], ...]:
