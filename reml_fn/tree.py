@@ -94,6 +94,15 @@ def structure(cls: type[T]) -> type[T]:
 
     cls.__init__ = checked_init  # type: ignore[method-assign]
 
+    if "__getstate__" not in cls.__dict__:
+
+        def __getstate__(self):
+            # The fields only: what ``derived`` kept on the object is recomputed by a copy or an
+            # unpickled object (it may hold closures, which do not pickle).
+            return {k: v for k, v in self.__dict__.items() if not k.startswith(_DERIVED_PREFIX)}
+
+        cls.__getstate__ = __getstate__  # type: ignore[attr-defined]
+
     def flatten(obj):
         return [getattr(obj, k) for k in data_names], tuple(getattr(obj, k) for k in static_names)
 
@@ -131,14 +140,18 @@ def is_structure(obj: Any) -> bool:
     return getattr(type(obj), "_is_reml_fn_structure", False)
 
 
+_DERIVED_PREFIX = "_reml_fn_"  # the attribute names ``derived`` keeps values under (never pickled or copied)
+
+
 def derived(obj: Any, key: str, compute):
     """``compute()``, kept on ``obj`` under ``key`` after the first call: for what a fit reads from
     an immutable structure again and again (its parameter specs, its MME layout, which terms a
     moment start can use, its data leaves), within a fit and across fits of the same object.
-    ``replace``, ``fix`` and pytree unflattening make new objects, which compute their own. The
-    value must not refer back to ``obj`` (no reference cycle: the object would then wait for the
-    cyclic garbage collector) and must not be mutated by callers; objects without a ``__dict__``
-    compute it every time.
+    ``replace``, ``fix``, pytree unflattening, ``copy`` and ``pickle`` make new objects, which
+    compute their own (a ``@structure``'s ``__getstate__`` leaves these values out). The value must
+    not refer back to ``obj`` (no reference cycle: the object would then wait for the cyclic
+    garbage collector) and must not be mutated by callers; objects without a ``__dict__`` compute
+    it every time.
 
     Example:
         >>> import reml_fn as rf
@@ -149,7 +162,7 @@ def derived(obj: Any, key: str, compute):
     store = getattr(obj, "__dict__", None)
     if store is None:
         return compute()
-    name = f"_reml_fn_{key}"
+    name = _DERIVED_PREFIX + key
     if name not in store:
         store[name] = compute()  # bypasses a frozen dataclass's __setattr__; not a field
     return store[name]

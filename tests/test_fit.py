@@ -300,3 +300,21 @@ def test_a_non_finite_value_in_a_structures_shared_data_is_named(bad):
         ValueError, match=r"the structure's data g\.covariates \(shape \(12, 2\)\) contains NaN or inf \(rows \[5\]\)"
     ):
         rf.fit(s, y, torch.ones(12, 1, dtype=torch.float64))
+
+
+def test_a_fitted_structure_pickles_and_copies_without_what_the_fit_kept_on_it():
+    # What a fit keeps on a structure (reml_fn.tree.derived) includes closures, which do not
+    # pickle: a structure fitted here and then sent to Dask workers must still pickle, and the copy
+    # must fit to the same answer.
+    import copy
+    import pickle
+
+    d = datasets.load("sleepstudy")
+    g = torch.unique(d["Subject"], return_inverse=True)[1]
+    X = torch.stack([torch.ones(180, dtype=torch.float64), d["Days"]], 1)
+    s = rf.Sum(Subject=rf.Grouped(g, covariates=X, cov=rf.Unstructured(2)), residual=rf.Scalar(180))
+    first = rf.fit(s, d["Reaction"], X)
+    assert any(key.startswith("_reml_fn_") for key in vars(s))
+    for other in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s), copy.copy(s)):
+        assert not any(key.startswith("_reml_fn_") for key in vars(other))
+        assert float(rf.fit(other, d["Reaction"], X).loglik) == float(first.loglik)
