@@ -49,6 +49,23 @@ def test_matrix_and_derivatives_from_one_pass_equal_the_separate_calls(pair):
     assert (D is None and expected_D is None) or torch.equal(D, expected_D)
 
 
+def test_a_structure_with_its_own_jacobian_keeps_it_in_the_one_pass_path():
+    # A Parametric subclass may override _jacobian itself; the engines' one-pass matrix and
+    # Jacobian must then run that override, not the natural-value chain rule.
+    from reml_fn.reml.covariance_blocks import matrix_and_derivative_stack
+
+    class Halved(rf.Scalar):
+        def _jacobian(self, params):
+            return {name: 0.5 * value for name, value in super()._jacobian(params).items()}
+
+    s = Halved(2)
+    params = s.init_params(torch.float64)
+    G, names, D = matrix_and_derivative_stack(s, params, "cov", "closed", torch.float64)
+    assert names == ["cov/sigma^2"]
+    assert torch.equal(D[0], 0.5 * rf.Scalar(2).jacobian(params)["sigma^2"])
+    assert torch.equal(G, torch.eye(2, dtype=torch.float64))
+
+
 def _paths(tree, prefix=""):
     out = []
     for key, value in tree.items():

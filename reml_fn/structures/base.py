@@ -184,7 +184,11 @@ class Parametric(Structure):
         return self._jacobian_at(params, self._natural(params))
 
     def _build_and_jacobian(self, params: Mapping) -> tuple[Tensor, dict]:
-        # The natural values once for both (an evaluation of the likelihood needs both).
+        # The natural values once for both (an evaluation of the likelihood needs both), unless a
+        # subclass defines its own _build or _jacobian: then those are what must run.
+        cls = type(self)
+        if cls._build is not Parametric._build or cls._jacobian is not Parametric._jacobian:
+            return super()._build_and_jacobian(params)
         natural = self._natural(params)
         return self._build_natural(natural), self._jacobian_at(params, natural)
 
