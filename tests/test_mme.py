@@ -614,3 +614,57 @@ def test_propagate_terms_not_of_grouped_shape_stay_as_they_are():
         u=rf.Propagate(Z=overlapping, G=rf.Kronecker(a=rf.Unstructured(2), b=rf.Identity(2))), e=rf.Scalar(n)
     )
     assert grouped_form(swapped)[1] == {}
+
+
+def _dense_projection(s, params, X):
+    """P = V⁻¹ − V⁻¹X(XᵀV⁻¹X)⁻¹XᵀV⁻¹ from the structure's n×n V."""
+    V_inv = torch.linalg.inv(s.build(params))
+    VX = V_inv @ X
+    return V_inv - VX @ torch.linalg.solve(X.mT @ VX, VX.mT)
+
+
+def _design_of(term, dtype):
+    """A random term's Z (n, q): group indicators times covariates for Grouped, Z itself for Propagate."""
+    from reml_fn.reml import mme
+
+    if isinstance(term, rf.Grouped):
+        columns = mme._columns(term, dtype)
+        Z = torch.zeros(columns.codes.shape[0], columns.m, columns.k, dtype=dtype)
+        Z[torch.arange(columns.codes.shape[0]), columns.codes] = columns.x
+        return Z.reshape(columns.codes.shape[0], -1), columns.k
+    return term.children[0].matrix.to(dtype), None
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("name", ["crossed", "propagate_and_grouped", "intercept_and_slope", "nested_sums_and_fixed"])
+def test_selected_blocks_of_the_inverse_equal_the_dense_inverses(name, paired):
+    """The AI traces read selected blocks of ZᵀPZ (P = V⁻¹ − V⁻¹X(XᵀV⁻¹X)⁻¹XᵀV⁻¹) from the blocked
+    factor without forming Ω⁻¹: Σ_g of the blocked term's k×k diagonal blocks, and per rest term the
+    sum of its diagonal blocks (Grouped) or its whole block (Propagate). Each must equal the same
+    blocks of Zᵀ P Z from the dense n×n V, with the column-pair path forced on and off."""
+    from reml_fn.reml import mme
+
+    s, values = MODELS_[name]
+    params = rf.unflatten_params(s, torch.tensor(values))
+    with pytest.MonkeyPatch.context() as patch:
+        if paired:
+            patch.setattr(mme, "PAIR_LIST_MIN_SIZE", 1)
+            patch.setattr(mme, "PAIR_LIST_MAX_DENSITY", 1.0)
+        model, grouped, stats = mme._inputs(s, params, Y, XMAT, None)
+        fac = mme._evaluate(model, grouped, stats, XMAT, "closed")
+        blocked, rest = mme._ztpz_blocked(fac), mme._ztpz_rest(fac) if model.rest else []
+    assert (stats.pairs.numel() > 0) == (paired and bool(model.rest))
+    P = _dense_projection(s, params, XMAT)
+
+    def dense_blocks(term):
+        Z, k = _design_of(term, torch.float64)
+        full = Z.mT @ P @ Z
+        if k is None:  # a Propagate term: the whole block
+            return full
+        m = full.shape[-1] // k
+        return torch.diagonal(full.reshape(m, k, m, k), dim1=0, dim2=2).permute(2, 0, 1).sum(0)
+
+    close(blocked, dense_blocks(model.blocked[1]), 1e-9)
+    assert len(rest) == len(model.rest)
+    for (_, term), block in zip(model.rest, rest):
+        close(block, dense_blocks(term), 1e-9)
