@@ -235,17 +235,22 @@ def raw_bounds(
     return torch.minimum(torch.where(variance, floor, fixed_lower), theta0), torch.maximum(fixed_upper, theta0)
 
 
+def _numerical_rank(X: Tensor) -> int:
+    """``torch.linalg.matrix_rank(X)``'s answer, the singular values above max(n, p)·ε·σ_max,
+    counted on the host from one ``svdvals`` call (matrix_rank adds a dozen tensor operations)."""
+    values = torch.linalg.svdvals(X).tolist()
+    tolerance = max(X.shape) * torch.finfo(X.dtype).eps * (values[0] if values else 0.0)
+    return sum(value > tolerance for value in values)
+
+
 def dependent_columns(X: Tensor) -> list[int]:
     """Indices of columns of X that are linear combinations of the columns before them."""
-    # The usual case, full rank, in one decomposition: matrix_rank's own test (σ_min above
-    # max(n, p)·ε·σ_max) on the singular values, read on the host.
-    values = torch.linalg.svdvals(X).tolist()
-    if not values or values[-1] > max(X.shape) * torch.finfo(X.dtype).eps * values[0]:
+    if _numerical_rank(X) == X.shape[1]:  # the usual case: one decomposition
         return []
     dependent = []
     rank = 0
     for j in range(X.shape[1]):
-        new_rank = int(torch.linalg.matrix_rank(X[:, : j + 1]))
+        new_rank = _numerical_rank(X[:, : j + 1])
         if new_rank == rank:
             dependent.append(j)
         rank = new_rank
